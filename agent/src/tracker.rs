@@ -1,0 +1,820 @@
+//! The convergence tracker: the heart of the agent. It takes expectation updates (what
+//! kube-proxy should program, with the time the agent observed them) and dataplane readings
+//! (what the kernel routes, with the time that state took effect) and returns lags and states.
+//!
+//! It owns no clock, no kernel handle and no API client: every input carries its timestamps.
+//! It must never report a removal as converged while the last reading that could confirm it
+//! still routes to the endpoint, or could not tell (the safety rule).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::expected::ServiceExpectation;
+use crate::model::{
+    ChangeKind, ChangeReason, EndpointKey, Protocol, ServicePortName, ServiceRef, Timestamp, Trigger, TriggerSource,
+};
+
+/// How a dataplane reading was triggered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadTrigger {
+    /// A kernel notification (nf_tables generation change).
+    Event,
+    /// A periodic poll.
+    Poll,
+    /// New pending changes asked for a check.
+    Pending,
+    /// The first read after start-up.
+    Initial,
+}
+
+impl ReadTrigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadTrigger::Event => "event",
+            ReadTrigger::Poll => "poll",
+            ReadTrigger::Pending => "pending",
+            ReadTrigger::Initial => "initial",
+        }
+    }
+}
+
+/// What a successful reading says is routed, keyed the way the tracker asks.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RoutedView {
+    /// Endpoints routed by a service whose port name is known.
+    pub named: HashSet<(ServicePortName, Protocol, SocketAddr)>,
+    /// Endpoints routed by rules that could not be attributed to a service port. They count as
+    /// routed for every key with the same protocol and address (safety first).
+    pub unattributed: HashSet<(Protocol, SocketAddr)>,
+    /// Service ports whose rules could not be fully understood: their keys are `unknown`.
+    pub uncertain: HashSet<ServicePortName>,
+    /// Address families the reader could not read: every key in them is `unknown`.
+    pub unreadable_v4: bool,
+    pub unreadable_v6: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routed {
+    Yes,
+    No,
+    Unknown,
+}
+
+impl RoutedView {
+    pub fn routes(&self, key: &EndpointKey) -> Routed {
+        let unreadable = if key.endpoint.is_ipv4() { self.unreadable_v4 } else { self.unreadable_v6 };
+        if unreadable || self.uncertain.contains(&key.port_name) {
+            return Routed::Unknown;
+        }
+        let named = self.named.contains(&(key.port_name.clone(), key.protocol, key.endpoint));
+        if named || self.unattributed.contains(&(key.protocol, key.endpoint)) {
+            Routed::Yes
+        } else {
+            Routed::No
+        }
+    }
+}
+
+/// When a reading's state took effect, and how it was obtained.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReadingMeta {
+    pub started: Timestamp,
+    pub finished: Timestamp,
+    /// The latest time at which the state seen by this reading can have come into effect: the
+    /// kernel notification time for event-driven readers, the read time for polls.
+    pub programmed_at: Timestamp,
+    /// How much earlier the state may really have taken effect.
+    pub error_bound: Duration,
+    pub trigger: ReadTrigger,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ReadingOutcome {
+    Routed(RoutedView),
+    /// The reading failed; `kind` is a short fixed string for metric labels.
+    Failed { kind: &'static str },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reading {
+    pub meta: ReadingMeta,
+    pub outcome: ReadingOutcome,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PendingState {
+    Pending,
+    /// The last reading could not tell whether the endpoint is routed.
+    Unknown,
+    /// Pending for longer than the change timeout; still tracked so it is never dropped.
+    TimedOut,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PendingChange {
+    pub key: EndpointKey,
+    pub kind: ChangeKind,
+    pub reason: ChangeReason,
+    pub observed: Timestamp,
+    pub trigger: Option<Trigger>,
+    pub resource_version: u64,
+    pub state: PendingState,
+    /// The change already showed in a reading that could not confirm it on its own
+    /// (programmed_at, error bound).
+    #[serde(skip)]
+    candidate: Option<(Timestamp, Duration)>,
+    /// False for a removal of an endpoint the kernel may never have routed (an addition that
+    /// was cancelled before it was programmed): it must converge, but its lag means nothing.
+    #[serde(skip)]
+    sampled: bool,
+}
+
+/// A finished measurement.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LagSample {
+    pub key: EndpointKey,
+    pub kind: ChangeKind,
+    pub reason: ChangeReason,
+    /// t_programmed − t_observed, clamped at zero.
+    pub lag: f64,
+    /// The kernel was already programmed before the agent saw the change.
+    pub lag_clamped: bool,
+    /// t_programmed − t_trigger, clamped at zero, with the trigger's source.
+    pub end_to_end: Option<(f64, TriggerSource)>,
+    pub end_to_end_clamped: bool,
+    pub programmed_at: Timestamp,
+    pub error_bound: Duration,
+    pub read_trigger: ReadTrigger,
+    pub resource_version: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Converged(LagSample),
+    /// Converged, but the lag is not meaningful (see `PendingChange::sampled`).
+    ConvergedUnsampled { key: EndpointKey, kind: ChangeKind },
+    TimedOut { key: EndpointKey, kind: ChangeKind, reason: ChangeReason },
+    /// Reverted by the API before the node converged (flapping).
+    Superseded { key: EndpointKey, kind: ChangeKind },
+}
+
+#[derive(Clone, Debug)]
+pub struct TrackerConfig {
+    pub change_timeout: Duration,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        Self { change_timeout: Duration::from_secs(300) }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Tracker {
+    config: TrackerConfig,
+    services: HashMap<ServiceRef, ServiceExpectation>,
+    pending: BTreeMap<EndpointKey, PendingChange>,
+    last_view: Option<(RoutedView, ReadingMeta)>,
+    synced: bool,
+    stale: usize,
+    /// Highest slice resourceVersion folded into the expectation.
+    observed_resource_version: u64,
+}
+
+impl Tracker {
+    pub fn new(config: TrackerConfig) -> Self {
+        Self { config, ..Default::default() }
+    }
+
+    /// True once the initial lists are in: before that, updates set a baseline and create no
+    /// changes, so start-up never invents lags from history.
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    pub fn mark_synced(&mut self) {
+        self.synced = true;
+    }
+
+    pub fn observed_resource_version(&self) -> u64 {
+        self.observed_resource_version
+    }
+
+    pub fn service(&self, svc: &ServiceRef) -> Option<&ServiceExpectation> {
+        self.services.get(svc)
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = (&ServiceRef, &ServiceExpectation)> {
+        self.services.iter()
+    }
+
+    /// Replaces one Service's expectation, observed at `at`, and returns flapping outcomes.
+    /// Applying the same expectation twice (a relist) creates nothing.
+    pub fn update_service(&mut self, svc: &ServiceRef, new: ServiceExpectation, at: Timestamp) -> Vec<Outcome> {
+        self.observed_resource_version = self.observed_resource_version.max(new.resource_version);
+        let old = self.services.remove(svc).unwrap_or_default();
+        let mut outcomes = Vec::new();
+        if self.synced {
+            for key in old.expected.difference(&new.expected) {
+                let reason = classify_removal(key, &old, &new);
+                self.on_removed(key.clone(), reason, &new, at, &mut outcomes);
+            }
+            for key in new.expected.difference(&old.expected) {
+                self.on_added(key.clone(), &new, at, &mut outcomes);
+            }
+        }
+        if new.expected.is_empty() && new.conditions.is_empty() && !new.service_exists {
+            // Keep removals pending for a deleted Service, but forget the Service itself.
+        } else {
+            self.services.insert(svc.clone(), new);
+        }
+        outcomes
+    }
+
+    fn on_removed(
+        &mut self,
+        key: EndpointKey,
+        reason: ChangeReason,
+        new: &ServiceExpectation,
+        at: Timestamp,
+        out: &mut Vec<Outcome>,
+    ) {
+        let mut sampled = true;
+        if let Some(prev) = self.pending.remove(&key) {
+            out.push(Outcome::Superseded { key: key.clone(), kind: prev.kind });
+            // The addition may never have reached the kernel; converge the removal for safety
+            // but only measure it if the kernel had programmed the addition.
+            sampled = prev.candidate.is_some();
+        }
+        self.insert_pending(key, ChangeKind::Removed, reason, new, at, sampled);
+    }
+
+    fn on_added(&mut self, key: EndpointKey, new: &ServiceExpectation, at: Timestamp, out: &mut Vec<Outcome>) {
+        if let Some(prev) = self.pending.remove(&key) {
+            out.push(Outcome::Superseded { key: key.clone(), kind: prev.kind });
+            if prev.candidate.is_none() {
+                // The removal never reached the kernel: nothing changes there, nothing to time.
+                return;
+            }
+        }
+        self.insert_pending(key, ChangeKind::Added, ChangeReason::Added, new, at, true);
+    }
+
+    fn insert_pending(
+        &mut self,
+        key: EndpointKey,
+        kind: ChangeKind,
+        reason: ChangeReason,
+        new: &ServiceExpectation,
+        at: Timestamp,
+        sampled: bool,
+    ) {
+        let candidate = self.last_view.as_ref().and_then(|(view, meta)| {
+            (view.routes(&key) == desired(kind)).then_some((meta.programmed_at, meta.error_bound))
+        });
+        let change = PendingChange {
+            key: key.clone(),
+            kind,
+            reason,
+            observed: at,
+            trigger: new.trigger,
+            resource_version: new.resource_version,
+            state: PendingState::Pending,
+            candidate,
+            sampled,
+        };
+        self.pending.insert(key, change);
+    }
+
+    /// Folds a dataplane reading in and returns the changes it completed.
+    pub fn apply_reading(&mut self, reading: &Reading) -> Vec<Outcome> {
+        let meta = reading.meta;
+        let mut done = Vec::new();
+        for change in self.pending.values_mut() {
+            let routed = match &reading.outcome {
+                ReadingOutcome::Routed(view) => view.routes(&change.key),
+                ReadingOutcome::Failed { .. } => Routed::Unknown,
+            };
+            // A reading that began before the agent saw the change cannot confirm it: the kernel
+            // may have routed the endpoint again after that reading's snapshot.
+            let can_confirm = meta.started >= change.observed;
+            if routed == Routed::Unknown {
+                change.candidate = None;
+                if can_confirm && change.state != PendingState::TimedOut {
+                    change.state = PendingState::Unknown;
+                }
+                continue;
+            }
+            if routed != desired(change.kind) {
+                change.candidate = None;
+                // Seen routed: the removal now has a real lag to measure.
+                change.sampled |= change.kind == ChangeKind::Removed;
+                if can_confirm && change.state == PendingState::Unknown {
+                    change.state = PendingState::Pending;
+                }
+                continue;
+            }
+            let (at, bound) = *change.candidate.get_or_insert((meta.programmed_at, meta.error_bound));
+            if can_confirm {
+                done.push((change.key.clone(), at, bound));
+            }
+        }
+        let mut outcomes = Vec::with_capacity(done.len());
+        for (key, at, bound) in done {
+            let Some(change) = self.pending.remove(&key) else { continue };
+            outcomes.push(finish(change, at, bound, meta.trigger));
+        }
+        if let ReadingOutcome::Routed(view) = &reading.outcome {
+            self.stale = self.count_stale(view);
+            self.last_view = Some((view.clone(), meta));
+        } else {
+            self.last_view = None;
+        }
+        outcomes
+    }
+
+    /// Marks changes pending longer than the timeout. They stay pending (a hold must keep
+    /// waiting), and are reported once.
+    pub fn expire(&mut self, now: Timestamp) -> Vec<Outcome> {
+        let timeout = self.config.change_timeout;
+        self.pending
+            .values_mut()
+            .filter(|c| c.state != PendingState::TimedOut && now.seconds_since(c.observed) > timeout.as_secs_f64())
+            .map(|c| {
+                c.state = PendingState::TimedOut;
+                Outcome::TimedOut { key: c.key.clone(), kind: c.kind, reason: c.reason }
+            })
+            .collect()
+    }
+
+    pub fn pending(&self) -> impl Iterator<Item = &PendingChange> {
+        self.pending.values()
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn oldest_pending_age(&self, now: Timestamp) -> f64 {
+        self.pending.values().map(|c| now.seconds_since(c.observed)).fold(0.0, f64::max)
+    }
+
+    /// Routed endpoints of known Services that are neither expected nor pending removal.
+    pub fn stale_endpoints(&self) -> usize {
+        self.stale
+    }
+
+    fn count_stale(&self, view: &RoutedView) -> usize {
+        if !self.synced {
+            return 0;
+        }
+        view.named
+            .iter()
+            .filter(|(spn, proto, addr)| {
+                let Some(exp) = self.services.get(&spn.service) else { return false };
+                let key = EndpointKey::new(spn.clone(), *proto, *addr);
+                !exp.expected.contains(&key) && !self.pending.contains_key(&key)
+            })
+            .count()
+    }
+}
+
+fn desired(kind: ChangeKind) -> Routed {
+    match kind {
+        ChangeKind::Removed => Routed::No,
+        ChangeKind::Added => Routed::Yes,
+    }
+}
+
+fn classify_removal(key: &EndpointKey, old: &ServiceExpectation, new: &ServiceExpectation) -> ChangeReason {
+    if !new.service_exists {
+        return ChangeReason::ServiceDeleted;
+    }
+    match new.conditions.get(&key.ip()) {
+        Some(c) if c.terminating => ChangeReason::Deleted,
+        Some(c) if !c.ready => ChangeReason::Unready,
+        Some(_) => ChangeReason::Isolated,
+        None if old.conditions.get(&key.ip()).is_some_and(|c| c.terminating) => ChangeReason::Deleted,
+        None => ChangeReason::Isolated,
+    }
+}
+
+fn finish(change: PendingChange, at: Timestamp, bound: Duration, read_trigger: ReadTrigger) -> Outcome {
+    if !change.sampled {
+        return Outcome::ConvergedUnsampled { key: change.key, kind: change.kind };
+    }
+    let raw = at.seconds_since(change.observed);
+    let end_to_end_raw = change.trigger.map(|t| (at.seconds_since(t.time), t.source));
+    Outcome::Converged(LagSample {
+        lag: raw.max(0.0),
+        lag_clamped: raw < 0.0,
+        end_to_end: end_to_end_raw.map(|(v, s)| (v.max(0.0), s)),
+        end_to_end_clamped: end_to_end_raw.is_some_and(|(v, _)| v < 0.0),
+        key: change.key,
+        kind: change.kind,
+        reason: change.reason,
+        programmed_at: at,
+        error_bound: bound,
+        read_trigger,
+        resource_version: change.resource_version,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::expected::builders::*;
+    use crate::expected::{expect_service, SliceRecord};
+
+    const NODE: &str = "node-a";
+
+    fn t(ms: i64) -> Timestamp {
+        Timestamp::from_millis(ms)
+    }
+
+    fn expectation(slices: &[SliceRecord]) -> (ServiceRef, ServiceExpectation) {
+        let (r, spec) = svc("ns1/svc1");
+        let refs: Vec<&SliceRecord> = slices.iter().collect();
+        (r.clone(), expect_service(&r, Some(&spec), &refs, NODE))
+    }
+
+    fn key(ip: &str) -> EndpointKey {
+        key_port(ip, "p80")
+    }
+
+    fn key_port(ip: &str, port: &str) -> EndpointKey {
+        let addr: std::net::IpAddr = ip.parse().unwrap();
+        EndpointKey::new(ServicePortName::new("ns1", "svc1", port), Protocol::Tcp, SocketAddr::new(addr, 80))
+    }
+
+    fn view(keys: &[&EndpointKey]) -> RoutedView {
+        RoutedView {
+            named: keys.iter().map(|k| (k.port_name.clone(), k.protocol, k.endpoint)).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn reading(started_ms: i64, programmed_ms: i64, keys: &[&EndpointKey]) -> Reading {
+        Reading {
+            meta: ReadingMeta {
+                started: t(started_ms),
+                finished: t(started_ms + 1),
+                programmed_at: t(programmed_ms),
+                error_bound: Duration::ZERO,
+                trigger: ReadTrigger::Event,
+            },
+            outcome: ReadingOutcome::Routed(view(keys)),
+        }
+    }
+
+    fn failed(started_ms: i64) -> Reading {
+        Reading {
+            meta: ReadingMeta {
+                started: t(started_ms),
+                finished: t(started_ms + 1),
+                programmed_at: t(started_ms),
+                error_bound: Duration::ZERO,
+                trigger: ReadTrigger::Poll,
+            },
+            outcome: ReadingOutcome::Failed { kind: "exec" },
+        }
+    }
+
+    /// A synced tracker with 10.180.0.1 and 10.180.0.2 expected and routed.
+    fn steady() -> (Tracker, ServiceRef) {
+        let mut tr = Tracker::new(TrackerConfig::default());
+        let (r, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build()]);
+        assert!(tr.update_service(&r, e, t(0)).is_empty());
+        tr.mark_synced();
+        assert!(tr.apply_reading(&reading(1, 1, &[&key("10.180.0.1"), &key("10.180.0.2")])).is_empty());
+        (tr, r)
+    }
+
+    fn samples(out: &[Outcome]) -> Vec<&LagSample> {
+        out.iter()
+            .filter_map(|o| match o {
+                Outcome::Converged(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn deletion_is_tracked_until_the_kernel_drops_the_endpoint() {
+        let (mut tr, r) = steady();
+        let (_, e) =
+            expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").terminating().trigger_ms(900).build()]);
+        assert!(tr.update_service(&r, e, t(1000)).is_empty());
+        let p: Vec<_> = tr.pending().collect();
+        assert_eq!(p.len(), 1);
+        assert_eq!((p[0].kind, p[0].reason), (ChangeKind::Removed, ChangeReason::Deleted));
+        // Still routed: safety rule, nothing converges.
+        assert!(tr.apply_reading(&reading(1100, 1100, &[&key("10.180.0.1"), &key("10.180.0.2")])).is_empty());
+        assert_eq!(tr.pending_count(), 1);
+        let out = tr.apply_reading(&reading(1500, 1400, &[&key("10.180.0.1")]));
+        let s = samples(&out);
+        assert_eq!(s.len(), 1);
+        assert!((s[0].lag - 0.4).abs() < 1e-9);
+        let (e2e, src) = s[0].end_to_end.unwrap();
+        assert!((e2e - 0.5).abs() < 1e-9);
+        assert_eq!(src, TriggerSource::LastChangeTriggerTime);
+        assert_eq!(tr.pending_count(), 0);
+    }
+
+    #[test]
+    fn label_change_is_isolated_and_unready_is_unready() {
+        let (mut tr, r) = steady();
+        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
+        tr.update_service(&r, e, t(1000));
+        assert_eq!(tr.pending().next().unwrap().reason, ChangeReason::Isolated);
+        let (mut tr, r) = steady();
+        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").unready().build()]);
+        tr.update_service(&r, e, t(1000));
+        assert_eq!(tr.pending().next().unwrap().reason, ChangeReason::Unready);
+    }
+
+    #[test]
+    fn endpoint_vanishing_after_terminating_stays_a_deletion() {
+        let (mut tr, r) = steady();
+        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").terminating().build()]);
+        tr.update_service(&r, e, t(1000));
+        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
+        tr.update_service(&r, e, t(2000));
+        let p: Vec<_> = tr.pending().collect();
+        assert_eq!(p.len(), 1, "the final removal from the slice is not a second change");
+        assert_eq!((p[0].reason, p[0].observed), (ChangeReason::Deleted, t(1000)));
+    }
+
+    #[test]
+    fn addition_converges_when_routed() {
+        let (mut tr, r) = steady();
+        let (_, e) = expectation(&[slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .endpoint("10.180.0.2")
+            .endpoint("10.180.0.3")
+            .build()]);
+        tr.update_service(&r, e, t(1000));
+        let p = tr.pending().next().unwrap();
+        assert_eq!((p.kind, p.reason), (ChangeKind::Added, ChangeReason::Added));
+        let out = tr.apply_reading(&reading(1200, 1150, &[&key("10.180.0.1"), &key("10.180.0.2"), &key("10.180.0.3")]));
+        let s = samples(&out);
+        assert_eq!((s[0].kind, s[0].reason), (ChangeKind::Added, ChangeReason::Added));
+        assert!((s[0].lag - 0.15).abs() < 1e-9);
+    }
+
+    #[test]
+    fn flapping_removal_then_readd_before_convergence_records_nothing() {
+        let (mut tr, r) = steady();
+        let both = || expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build()]).1;
+        let (_, gone) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
+        tr.update_service(&r, gone, t(1000));
+        let out = tr.update_service(&r, both(), t(1100));
+        assert!(matches!(&out[..], [Outcome::Superseded { kind: ChangeKind::Removed, .. }]));
+        assert_eq!(tr.pending_count(), 0, "the kernel never dropped it: nothing to measure");
+        assert!(tr.apply_reading(&reading(1200, 1200, &[&key("10.180.0.1"), &key("10.180.0.2")])).is_empty());
+    }
+
+    #[test]
+    fn flapping_after_the_kernel_dropped_it_measures_the_readdition() {
+        let (mut tr, r) = steady();
+        let (_, gone) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
+        tr.update_service(&r, gone, t(1000));
+        // A reading that started before the change was observed shows it gone: not a confirmation.
+        assert!(tr.apply_reading(&reading(990, 995, &[&key("10.180.0.1")])).is_empty());
+        let (_, both) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build()]);
+        tr.update_service(&r, both, t(1100));
+        let p = tr.pending().next().unwrap();
+        assert_eq!(p.kind, ChangeKind::Added);
+        let out = tr.apply_reading(&reading(1300, 1250, &[&key("10.180.0.1"), &key("10.180.0.2")]));
+        assert!((samples(&out)[0].lag - 0.15).abs() < 1e-9);
+    }
+
+    #[test]
+    fn addition_cancelled_before_programming_still_needs_a_confirming_read() {
+        let (mut tr, r) = steady();
+        let (_, three) = expectation(&[slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .endpoint("10.180.0.2")
+            .endpoint("10.180.0.3")
+            .build()]);
+        tr.update_service(&r, three, t(1000));
+        let (_, two) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build()]);
+        tr.update_service(&r, two, t(1100));
+        let p = tr.pending().next().unwrap();
+        assert_eq!(p.kind, ChangeKind::Removed, "safety: the kernel may have added it meanwhile");
+        let k3 = key("10.180.0.3");
+        assert!(tr.apply_reading(&reading(1200, 1200, &[&key("10.180.0.1"), &k3])).is_empty());
+        let out = tr.apply_reading(&reading(1300, 1300, &[&key("10.180.0.1")]));
+        assert!(matches!(&out[..], [Outcome::Converged(_)]), "it was programmed once, so the removal is timed");
+    }
+
+    #[test]
+    fn terminating_fallback_keeps_last_endpoints_until_gone() {
+        let mut tr = Tracker::new(TrackerConfig::default());
+        let (r, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
+        tr.update_service(&r, e, t(0));
+        tr.mark_synced();
+        // The only endpoint turns terminating: kube-proxy keeps it (fallback), so no change.
+        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").terminating().build()]);
+        assert!(tr.update_service(&r, e, t(1000)).is_empty());
+        assert_eq!(tr.pending_count(), 0);
+        // A ready endpoint appears: the terminating one now leaves, as a deletion.
+        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").terminating().endpoint("10.180.0.9").build()]);
+        tr.update_service(&r, e, t(2000));
+        let mut kinds: Vec<_> = tr.pending().map(|p| (p.key.endpoint.to_string(), p.reason)).collect();
+        kinds.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            kinds,
+            [("10.180.0.1:80".to_string(), ChangeReason::Deleted), ("10.180.0.9:80".to_string(), ChangeReason::Added)]
+        );
+    }
+
+    #[test]
+    fn multi_slice_move_is_not_a_removal() {
+        let mut tr = Tracker::new(TrackerConfig::default());
+        let (r, e) = expectation(&[
+            slice("ns1/svc1").endpoint("10.180.0.1").build(),
+            slice("ns1/svc1").endpoint("10.180.0.2").build(),
+        ]);
+        tr.update_service(&r, e, t(0));
+        tr.mark_synced();
+        // 10.180.0.2 moves to the first slice; the second slice is emptied.
+        let (_, e) = expectation(&[
+            slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build(),
+            slice("ns1/svc1").build(),
+        ]);
+        assert!(tr.update_service(&r, e, t(1000)).is_empty());
+        assert_eq!(tr.pending_count(), 0);
+        // Transiently in both slices, one copy terminating: still one endpoint, still expected.
+        let (_, e) = expectation(&[
+            slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build(),
+            slice("ns1/svc1").endpoint("10.180.0.2").terminating().build(),
+        ]);
+        assert!(tr.update_service(&r, e, t(1100)).is_empty());
+        assert_eq!(tr.pending_count(), 0);
+    }
+
+    #[test]
+    fn service_deletion_removes_every_endpoint() {
+        let (mut tr, r) = steady();
+        let gone = expect_service(&r, None, &[], NODE);
+        tr.update_service(&r, gone, t(1000));
+        let reasons: Vec<_> = tr.pending().map(|p| p.reason).collect();
+        assert_eq!(reasons, [ChangeReason::ServiceDeleted, ChangeReason::ServiceDeleted]);
+        let out = tr.apply_reading(&reading(1100, 1050, &[]));
+        assert_eq!(samples(&out).len(), 2);
+        assert!(tr.service(&r).is_none());
+    }
+
+    #[test]
+    fn ipv6_and_dual_stack_keys_are_independent() {
+        let mut tr = Tracker::new(TrackerConfig::default());
+        let (r, e) = expectation(&[
+            slice("ns1/svc1").endpoint("10.180.0.1").build(),
+            slice("ns1/svc1").endpoint("fd00:10:180::1").build(),
+        ]);
+        tr.update_service(&r, e, t(0));
+        tr.mark_synced();
+        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build(), slice("ns1/svc1").build()]);
+        tr.update_service(&r, e, t(1000));
+        let p: Vec<_> = tr.pending().map(|p| p.key.endpoint.to_string()).collect();
+        assert_eq!(p, ["[fd00:10:180::1]:80"]);
+        // The IPv6 family could not be read: the IPv6 change is unknown, never converged.
+        let mut v = view(&[&key("10.180.0.1")]);
+        v.unreadable_v6 = true;
+        let r6 = Reading { outcome: ReadingOutcome::Routed(v), ..reading(1100, 1100, &[]) };
+        assert!(tr.apply_reading(&r6).is_empty());
+        assert_eq!(tr.pending().next().unwrap().state, PendingState::Unknown);
+        assert_eq!(samples(&tr.apply_reading(&reading(1200, 1200, &[&key("10.180.0.1")]))).len(), 1);
+    }
+
+    #[test]
+    fn named_and_unnamed_ports_are_distinct_keys() {
+        let mut tr = Tracker::new(TrackerConfig::default());
+        let (r, mut spec) = svc("ns1/svc1");
+        spec.ports[0].name = String::new();
+        let s = slice("ns1/svc1").port("", Protocol::Tcp, 80).endpoint("10.180.0.1").build();
+        tr.update_service(&r, expect_service(&r, Some(&spec), &[&s], NODE), t(0));
+        tr.mark_synced();
+        let s = slice("ns1/svc1").port("", Protocol::Tcp, 80).build();
+        tr.update_service(&r, expect_service(&r, Some(&spec), &[&s], NODE), t(1000));
+        assert_eq!(tr.pending().next().unwrap().key.port_name.to_string(), "ns1/svc1");
+        // A route under the named port does not keep the unnamed key pending.
+        let out = tr.apply_reading(&reading(1100, 1100, &[&key_port("10.180.0.1", "p80")]));
+        assert_eq!(samples(&out).len(), 1);
+        assert_eq!(samples(&out)[0].key, key_port("10.180.0.1", ""));
+    }
+
+    #[test]
+    fn relist_with_the_same_state_creates_nothing_and_a_diff_creates_exactly_it() {
+        let (mut tr, r) = steady();
+        let (_, same) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build()]);
+        assert!(tr.update_service(&r, same, t(5000)).is_empty());
+        assert_eq!(tr.pending_count(), 0);
+        // While the watch was down, .2 was removed and .3 added: the relist shows both once.
+        let (_, diff) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.3").build()]);
+        tr.update_service(&r, diff.clone(), t(6000));
+        tr.update_service(&r, diff, t(6001));
+        let mut got: Vec<_> = tr.pending().map(|p| (p.key.endpoint.to_string(), p.kind, p.observed)).collect();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            got,
+            [("10.180.0.2:80".into(), ChangeKind::Removed, t(6000)), ("10.180.0.3:80".into(), ChangeKind::Added, t(6000))]
+        );
+    }
+
+    #[test]
+    fn startup_with_rules_in_place_invents_no_lag() {
+        let mut tr = Tracker::new(TrackerConfig::default());
+        let (r, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
+        tr.update_service(&r, e, t(0));
+        assert!(tr.apply_reading(&reading(10, 10, &[&key("10.180.0.1")])).is_empty());
+        tr.mark_synced();
+        assert!(tr.apply_reading(&reading(20, 20, &[&key("10.180.0.1")])).is_empty());
+        assert_eq!(tr.pending_count(), 0);
+        assert_eq!(tr.stale_endpoints(), 0);
+    }
+
+    #[test]
+    fn kube_proxy_faster_than_the_watch_gives_a_clamped_zero_lag() {
+        let (mut tr, r) = steady();
+        // The kernel dropped .2 at 900 and the agent read it at 950; the watch delivered at 1000.
+        assert!(tr.apply_reading(&reading(950, 900, &[&key("10.180.0.1")])).is_empty());
+        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").trigger_ms(800).build()]);
+        tr.update_service(&r, e, t(1000));
+        let out = tr.apply_reading(&reading(1010, 900, &[&key("10.180.0.1")]));
+        let s = samples(&out);
+        assert_eq!(s[0].lag, 0.0);
+        assert!(s[0].lag_clamped);
+        assert!((s[0].end_to_end.unwrap().0 - 0.1).abs() < 1e-9, "uses the earlier reading's time");
+    }
+
+    #[test]
+    fn clock_skew_on_end_to_end_lag_is_clamped_and_flagged() {
+        let (mut tr, r) = steady();
+        // The API server's clock is 5 s ahead of this node.
+        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").trigger_ms(6000).build()]);
+        tr.update_service(&r, e, t(1000));
+        let out = tr.apply_reading(&reading(1100, 1100, &[&key("10.180.0.1")]));
+        let s = samples(&out);
+        assert!((s[0].lag - 0.1).abs() < 1e-9);
+        assert_eq!(s[0].end_to_end.unwrap().0, 0.0);
+        assert!(s[0].end_to_end_clamped);
+        assert!(!s[0].lag_clamped);
+    }
+
+    #[test]
+    fn failed_or_uncertain_reads_make_changes_unknown_never_converged() {
+        let (mut tr, r) = steady();
+        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
+        tr.update_service(&r, e, t(1000));
+        assert!(tr.apply_reading(&failed(1100)).is_empty());
+        assert_eq!(tr.pending().next().unwrap().state, PendingState::Unknown);
+        let mut v = view(&[&key("10.180.0.1")]);
+        v.uncertain.insert(key("10.180.0.2").port_name);
+        let uncertain = Reading { outcome: ReadingOutcome::Routed(v), ..reading(1200, 1200, &[]) };
+        assert!(tr.apply_reading(&uncertain).is_empty());
+        assert_eq!(tr.pending().next().unwrap().state, PendingState::Unknown);
+        assert_eq!(samples(&tr.apply_reading(&reading(1300, 1300, &[&key("10.180.0.1")]))).len(), 1);
+    }
+
+    #[test]
+    fn unattributed_routes_keep_a_removal_pending() {
+        let (mut tr, r) = steady();
+        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
+        tr.update_service(&r, e, t(1000));
+        let mut v = view(&[&key("10.180.0.1")]);
+        v.unattributed.insert((Protocol::Tcp, key("10.180.0.2").endpoint));
+        let r1 = Reading { outcome: ReadingOutcome::Routed(v), ..reading(1100, 1100, &[]) };
+        assert!(tr.apply_reading(&r1).is_empty());
+        assert_eq!(tr.pending_count(), 1);
+    }
+
+    #[test]
+    fn timed_out_changes_stay_pending_and_are_reported_once() {
+        let mut tr = Tracker::new(TrackerConfig { change_timeout: Duration::from_secs(10) });
+        let (r, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
+        tr.update_service(&r, e, t(0));
+        tr.mark_synced();
+        let (_, e) = expectation(&[]);
+        tr.update_service(&r, e, t(1000));
+        assert!(tr.expire(t(5000)).is_empty());
+        assert_eq!(tr.expire(t(12_000)).len(), 1);
+        assert!(tr.expire(t(13_000)).is_empty());
+        assert_eq!(tr.pending().next().unwrap().state, PendingState::TimedOut);
+        assert!((tr.oldest_pending_age(t(13_000)) - 12.0).abs() < 1e-9);
+        assert_eq!(samples(&tr.apply_reading(&reading(14_000, 14_000, &[]))).len(), 1);
+    }
+
+    #[test]
+    fn stale_endpoints_are_counted_after_sync() {
+        let (mut tr, _) = steady();
+        tr.apply_reading(&reading(100, 100, &[&key("10.180.0.1"), &key("10.180.0.2"), &key("10.180.0.7")]));
+        assert_eq!(tr.stale_endpoints(), 1);
+    }
+}
