@@ -234,10 +234,6 @@ pub(crate) mod builders {
             self.0.trigger = Some(Trigger { time: Timestamp::from_millis(ms), source: TriggerSource::LastChangeTriggerTime });
             self
         }
-        pub fn rv(mut self, rv: u64) -> Self {
-            self.0.resource_version = rv;
-            self
-        }
         pub fn build(self) -> SliceRecord {
             self.0
         }

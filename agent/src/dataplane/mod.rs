@@ -1,0 +1,130 @@
+//! Dataplane readers: what this node's kernel routes right now, one reader per kube-proxy mode
+//! behind the `DataplaneReader` trait. Readers report what they see, including what they could
+//! not understand; they never guess that an endpoint is gone.
+
+pub mod iptables;
+pub mod nfnotify;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+use crate::model::{Protocol, ServicePortName};
+
+/// kube-proxy's proxy mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Iptables,
+    Nftables,
+    Ipvs,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Iptables => "iptables",
+            Mode::Nftables => "nftables",
+            Mode::Ipvs => "ipvs",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "iptables" => Ok(Mode::Iptables),
+            "nftables" => Ok(Mode::Nftables),
+            "ipvs" => Ok(Mode::Ipvs),
+            other => Err(format!("unknown mode {other:?} (expected iptables, nftables or ipvs)")),
+        }
+    }
+}
+
+/// How a reader learns that the dataplane changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeSource {
+    /// nf_tables netlink notifications (iptables-nft, nftables mode).
+    NfTablesEvents,
+    /// Nothing notifies: poll.
+    Poll,
+}
+
+/// One service port as the rules show it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ServiceRoutes {
+    /// kube-proxy's service port name when the rules say it.
+    pub name: Option<ServicePortName>,
+    /// A mode-specific id of the service port's rules (the iptables chain hash).
+    #[serde(skip)]
+    pub chain_id: Option<String>,
+    pub protocol: Option<Protocol>,
+    /// `ip:port` destinations, and `*:nodePort` for NodePorts.
+    pub frontends: BTreeSet<String>,
+    /// Endpoints that new connections can be sent to.
+    pub endpoints: BTreeSet<SocketAddr>,
+    /// Some rule of this service port could not be understood: its endpoints are `unknown`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub uncertain: bool,
+}
+
+/// Everything a reader saw in one read.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DataplaneSnapshot {
+    pub services: Vec<ServiceRoutes>,
+    /// A family the reader could not read (e.g. no ip6tables): its keys are `unknown`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unreadable_v4: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unreadable_v6: bool,
+    /// Human-readable notes about rules the reader skipped or could not parse.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("running {program}: {source} (install the package that provides it, e.g. `apt-get install iptables`)")]
+    ToolMissing { program: String, source: std::io::Error },
+    #[error("{program} failed ({status}): {stderr} (the agent needs CAP_NET_ADMIN and the host network namespace)")]
+    ToolFailed { program: String, status: String, stderr: String },
+    #[error("parsing the output of {program}: {reason}")]
+    Unparseable { program: String, reason: String },
+    #[error("{0}")]
+    Netns(#[from] crate::netns::NetnsError),
+    #[error("no kube-proxy rules found for mode {mode}: {detail}")]
+    NotFound { mode: Mode, detail: String },
+}
+
+impl ReadError {
+    /// A short, fixed label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ReadError::ToolMissing { .. } => "tool_missing",
+            ReadError::ToolFailed { .. } => "tool_failed",
+            ReadError::Unparseable { .. } => "unparseable",
+            ReadError::Netns(_) => "netns",
+            ReadError::NotFound { .. } => "not_found",
+        }
+    }
+}
+
+/// A reader of one kube-proxy mode's kernel state. Reads are blocking; the agent runs them on
+/// a blocking thread.
+pub trait DataplaneReader: Send {
+    fn mode(&self) -> Mode;
+    /// The backend within the mode (`nft` or `legacy` for iptables).
+    fn backend(&self) -> &str;
+    fn change_source(&self) -> ChangeSource;
+    fn read(&mut self) -> Result<DataplaneSnapshot, ReadError>;
+}
