@@ -68,7 +68,11 @@ pub struct Conditions {
 }
 
 impl Conditions {
-    pub const READY: Conditions = Conditions { ready: true, serving: true, terminating: false };
+    pub const READY: Conditions = Conditions {
+        ready: true,
+        serving: true,
+        terminating: false,
+    };
 
     fn usable_as_fallback(self) -> bool {
         self.serving && self.terminating
@@ -109,7 +113,10 @@ pub fn expect_service(
     node: &str,
 ) -> ServiceExpectation {
     let mut out = ServiceExpectation {
-        trigger: slices.iter().filter_map(|s| s.trigger).max_by_key(|t| t.time),
+        trigger: slices
+            .iter()
+            .filter_map(|s| s.trigger)
+            .max_by_key(|t| t.time),
         resource_version: slices.iter().map(|s| s.resource_version).max().unwrap_or(0),
         ..Default::default()
     };
@@ -127,12 +134,17 @@ pub fn expect_service(
     out.service_exists = true;
     for port in &spec.ports {
         let spn = ServicePortName::new(&service.namespace, &service.name, &port.name);
-        out.frontends.insert((spn.clone(), port.protocol), spec.frontends(port));
+        out.frontends
+            .insert((spn.clone(), port.protocol), spec.frontends(port));
         // One entry per ip:port: the same endpoint in two slices counts once, and the
         // non-terminating copy wins.
         let mut candidates: BTreeMap<SocketAddr, (Conditions, bool)> = BTreeMap::new();
         for slice in slices {
-            let Some(sp) = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol) else {
+            let Some(sp) = slice
+                .ports
+                .iter()
+                .find(|p| p.name == port.name && p.protocol == port.protocol)
+            else {
                 continue;
             };
             for ep in &slice.endpoints {
@@ -151,11 +163,17 @@ pub fn expect_service(
         }
         let pick = |only_local: bool| -> Vec<SocketAddr> {
             let pool = candidates.iter().filter(|(_, (_, l))| !only_local || *l);
-            let ready: Vec<_> = pool.clone().filter(|(_, (c, _))| c.ready).map(|(a, _)| *a).collect();
+            let ready: Vec<_> = pool
+                .clone()
+                .filter(|(_, (c, _))| c.ready)
+                .map(|(a, _)| *a)
+                .collect();
             if !ready.is_empty() {
                 return ready;
             }
-            pool.filter(|(_, (c, _))| c.usable_as_fallback()).map(|(a, _)| *a).collect()
+            pool.filter(|(_, (c, _))| c.usable_as_fallback())
+                .map(|(a, _)| *a)
+                .collect()
         };
         // Internal traffic uses the cluster set unless iTP=Local; external traffic the cluster
         // set unless eTP=Local. The dataplane routes the union of the chains in use.
@@ -168,7 +186,11 @@ pub fn expect_service(
         if needs_local {
             chosen.extend(pick(true));
         }
-        out.expected.extend(chosen.into_iter().map(|a| EndpointKey::new(spn.clone(), port.protocol, a)));
+        out.expected.extend(
+            chosen
+                .into_iter()
+                .map(|a| EndpointKey::new(spn.clone(), port.protocol, a)),
+        );
     }
     out
 }
@@ -182,7 +204,12 @@ pub(crate) mod builders {
     pub fn svc(ns_name: &str) -> (ServiceRef, ServiceSpec) {
         let (ns, name) = ns_name.split_once('/').expect("ns/name");
         let spec = ServiceSpec {
-            ports: vec![ServicePortSpec { name: "p80".into(), protocol: Protocol::Tcp, port: 80, node_port: None }],
+            ports: vec![ServicePortSpec {
+                name: "p80".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: None,
+            }],
             cluster_ips: vec!["172.30.0.41".parse().unwrap()],
             ..Default::default()
         };
@@ -195,7 +222,11 @@ pub(crate) mod builders {
         let (ns, name) = ns_name.split_once('/').expect("ns/name");
         SliceBuilder(SliceRecord {
             service: ServiceRef::new(ns, name),
-            ports: vec![SlicePort { name: "p80".into(), protocol: Protocol::Tcp, port: 80 }],
+            ports: vec![SlicePort {
+                name: "p80".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+            }],
             endpoints: vec![],
             trigger: None,
             resource_version: 1,
@@ -204,7 +235,11 @@ pub(crate) mod builders {
 
     impl SliceBuilder {
         pub fn port(mut self, name: &str, protocol: Protocol, port: u16) -> Self {
-            self.0.ports = vec![SlicePort { name: name.into(), protocol, port }];
+            self.0.ports = vec![SlicePort {
+                name: name.into(),
+                protocol,
+                port,
+            }];
             self
         }
         pub fn endpoint(mut self, ip: &str) -> Self {
@@ -219,11 +254,19 @@ pub(crate) mod builders {
             self.0.endpoints.last_mut().expect("endpoint() first")
         }
         pub fn terminating(mut self) -> Self {
-            self.last().conditions = Conditions { ready: false, serving: true, terminating: true };
+            self.last().conditions = Conditions {
+                ready: false,
+                serving: true,
+                terminating: true,
+            };
             self
         }
         pub fn unready(mut self) -> Self {
-            self.last().conditions = Conditions { ready: false, serving: false, terminating: false };
+            self.last().conditions = Conditions {
+                ready: false,
+                serving: false,
+                terminating: false,
+            };
             self
         }
         pub fn on(mut self, node: &str) -> Self {
@@ -231,7 +274,10 @@ pub(crate) mod builders {
             self
         }
         pub fn trigger_ms(mut self, ms: i64) -> Self {
-            self.0.trigger = Some(Trigger { time: Timestamp::from_millis(ms), source: TriggerSource::LastChangeTriggerTime });
+            self.0.trigger = Some(Trigger {
+                time: Timestamp::from_millis(ms),
+                source: TriggerSource::LastChangeTriggerTime,
+            });
             self
         }
         pub fn build(self) -> SliceRecord {
@@ -252,7 +298,11 @@ mod tests {
     #[test]
     fn ready_endpoints_are_expected_and_unready_are_not() {
         let (r, spec) = svc("ns1/svc1");
-        let s = slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").unready().build();
+        let s = slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .endpoint("10.180.0.2")
+            .unready()
+            .build();
         let e = expect_service(&r, Some(&spec), &[&s], "node-a");
         assert_eq!(addrs(&e), ["10.180.0.1:80"]);
     }
@@ -260,38 +310,80 @@ mod tests {
     #[test]
     fn terminating_fallback_only_when_nothing_is_ready() {
         let (r, spec) = svc("ns1/svc1");
-        let mixed = slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").terminating().build();
-        assert_eq!(addrs(&expect_service(&r, Some(&spec), &[&mixed], "n")), ["10.180.0.1:80"]);
-        let all_term = slice("ns1/svc1").endpoint("10.180.0.1").terminating().endpoint("10.180.0.2").unready().build();
-        assert_eq!(addrs(&expect_service(&r, Some(&spec), &[&all_term], "n")), ["10.180.0.1:80"]);
+        let mixed = slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .endpoint("10.180.0.2")
+            .terminating()
+            .build();
+        assert_eq!(
+            addrs(&expect_service(&r, Some(&spec), &[&mixed], "n")),
+            ["10.180.0.1:80"]
+        );
+        let all_term = slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .terminating()
+            .endpoint("10.180.0.2")
+            .unready()
+            .build();
+        assert_eq!(
+            addrs(&expect_service(&r, Some(&spec), &[&all_term], "n")),
+            ["10.180.0.1:80"]
+        );
     }
 
     #[test]
     fn local_policy_keeps_only_this_nodes_endpoints() {
         let (r, mut spec) = svc("ns1/svc1");
         spec.internal_local = true;
-        let s = slice("ns1/svc1").endpoint("10.180.0.1").on("node-a").endpoint("10.180.0.2").on("node-b").build();
-        assert_eq!(addrs(&expect_service(&r, Some(&spec), &[&s], "node-a")), ["10.180.0.1:80"]);
-        assert_eq!(addrs(&expect_service(&r, Some(&spec), &[&s], "node-c")), Vec::<String>::new());
+        let s = slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .on("node-a")
+            .endpoint("10.180.0.2")
+            .on("node-b")
+            .build();
+        assert_eq!(
+            addrs(&expect_service(&r, Some(&spec), &[&s], "node-a")),
+            ["10.180.0.1:80"]
+        );
+        assert_eq!(
+            addrs(&expect_service(&r, Some(&spec), &[&s], "node-c")),
+            Vec::<String>::new()
+        );
         // eTP=Local with iTP=Cluster: the cluster chain still routes everything.
         spec.internal_local = false;
         spec.external_local = true;
         spec.has_external = true;
-        assert_eq!(addrs(&expect_service(&r, Some(&spec), &[&s], "node-c")).len(), 2);
+        assert_eq!(
+            addrs(&expect_service(&r, Some(&spec), &[&s], "node-c")).len(),
+            2
+        );
     }
 
     #[test]
     fn local_fallback_keeps_local_terminating_endpoint_even_when_remote_ones_are_ready() {
         let (r, mut spec) = svc("ns1/svc1");
         spec.internal_local = true;
-        let s = slice("ns1/svc1").endpoint("10.180.0.1").on("node-a").terminating().endpoint("10.180.0.2").on("node-b").build();
-        assert_eq!(addrs(&expect_service(&r, Some(&spec), &[&s], "node-a")), ["10.180.0.1:80"]);
+        let s = slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .on("node-a")
+            .terminating()
+            .endpoint("10.180.0.2")
+            .on("node-b")
+            .build();
+        assert_eq!(
+            addrs(&expect_service(&r, Some(&spec), &[&s], "node-a")),
+            ["10.180.0.1:80"]
+        );
     }
 
     #[test]
     fn one_endpoint_in_two_slices_counts_once_and_non_terminating_copy_wins() {
         let (r, spec) = svc("ns1/svc1");
-        let a = slice("ns1/svc1").endpoint("10.180.0.1").terminating().endpoint("10.180.0.3").build();
+        let a = slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .terminating()
+            .endpoint("10.180.0.3")
+            .build();
         let b = slice("ns1/svc1").endpoint("10.180.0.1").build();
         let e = expect_service(&r, Some(&spec), &[&a, &b], "n");
         assert_eq!(addrs(&e), ["10.180.0.1:80", "10.180.0.3:80"]);
@@ -302,15 +394,44 @@ mod tests {
     fn ports_are_matched_by_name_and_protocol() {
         let (r, mut spec) = svc("ns1/svc1");
         spec.ports = vec![
-            ServicePortSpec { name: "".into(), protocol: Protocol::Udp, port: 53, node_port: None },
-            ServicePortSpec { name: "p80".into(), protocol: Protocol::Tcp, port: 80, node_port: None },
+            ServicePortSpec {
+                name: "".into(),
+                protocol: Protocol::Udp,
+                port: 53,
+                node_port: None,
+            },
+            ServicePortSpec {
+                name: "p80".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: None,
+            },
         ];
-        let udp = slice("ns1/svc1").port("", Protocol::Udp, 5353).endpoint("10.180.0.1").build();
-        let tcp = slice("ns1/svc1").port("p80", Protocol::Tcp, 8080).endpoint("10.180.0.1").build();
-        let wrong = slice("ns1/svc1").port("p80", Protocol::Udp, 9999).endpoint("10.180.0.9").build();
+        let udp = slice("ns1/svc1")
+            .port("", Protocol::Udp, 5353)
+            .endpoint("10.180.0.1")
+            .build();
+        let tcp = slice("ns1/svc1")
+            .port("p80", Protocol::Tcp, 8080)
+            .endpoint("10.180.0.1")
+            .build();
+        let wrong = slice("ns1/svc1")
+            .port("p80", Protocol::Udp, 9999)
+            .endpoint("10.180.0.9")
+            .build();
         let e = expect_service(&r, Some(&spec), &[&udp, &tcp, &wrong], "n");
-        let got: Vec<String> = e.expected.iter().map(|k| format!("{} {} {}", k.port_name, k.protocol, k.endpoint)).collect();
-        assert_eq!(got, ["ns1/svc1 udp 10.180.0.1:5353", "ns1/svc1:p80 tcp 10.180.0.1:8080"]);
+        let got: Vec<String> = e
+            .expected
+            .iter()
+            .map(|k| format!("{} {} {}", k.port_name, k.protocol, k.endpoint))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "ns1/svc1 udp 10.180.0.1:5353",
+                "ns1/svc1:p80 tcp 10.180.0.1:8080"
+            ]
+        );
     }
 
     #[test]
@@ -327,6 +448,9 @@ mod tests {
         let (r, spec) = svc("ns1/svc1");
         let v4 = slice("ns1/svc1").endpoint("10.180.0.1").build();
         let v6 = slice("ns1/svc1").endpoint("fd00:10:180::1").build();
-        assert_eq!(addrs(&expect_service(&r, Some(&spec), &[&v4, &v6], "n")), ["10.180.0.1:80", "[fd00:10:180::1]:80"]);
+        assert_eq!(
+            addrs(&expect_service(&r, Some(&spec), &[&v4, &v6], "n")),
+            ["10.180.0.1:80", "[fd00:10:180::1]:80"]
+        );
     }
 }

@@ -12,13 +12,16 @@ use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
-use crate::expected::{Conditions, ServicePortSpec, ServiceSpec, SliceEndpoint, SlicePort, SliceRecord};
+use crate::expected::{
+    Conditions, ServicePortSpec, ServiceSpec, SliceEndpoint, SlicePort, SliceRecord,
+};
 use crate::model::{Protocol, ServiceRef, Timestamp, Trigger, TriggerSource};
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const TRIGGER_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// kube-proxy ignores objects carrying either label.
-pub const KUBE_PROXY_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+pub const KUBE_PROXY_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
 /// Why a whole slice was skipped.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -37,24 +40,50 @@ pub struct SliceProblem {
 }
 
 fn nanos(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> Timestamp {
-    Timestamp::from_nanos(t.0.as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64)
+    Timestamp::from_nanos(
+        t.0.as_nanosecond()
+            .clamp(i64::MIN as i128, i64::MAX as i128) as i64,
+    )
 }
 
 /// The best trigger time a slice carries: the controller's annotation, else the newest
 /// managedFields time.
 fn slice_trigger(slice: &EndpointSlice) -> Option<Trigger> {
-    if let Some(t) = slice.annotations().get(TRIGGER_ANNOTATION).and_then(|v| Timestamp::parse_rfc3339(v)) {
-        return Some(Trigger { time: t, source: TriggerSource::LastChangeTriggerTime });
+    if let Some(t) = slice
+        .annotations()
+        .get(TRIGGER_ANNOTATION)
+        .and_then(|v| Timestamp::parse_rfc3339(v))
+    {
+        return Some(Trigger {
+            time: t,
+            source: TriggerSource::LastChangeTriggerTime,
+        });
     }
-    let newest = slice.meta().managed_fields.iter().flatten().filter_map(|m| m.time.as_ref()).map(nanos).max()?;
-    Some(Trigger { time: newest, source: TriggerSource::ManagedFields })
+    let newest = slice
+        .meta()
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.time.as_ref())
+        .map(nanos)
+        .max()?;
+    Some(Trigger {
+        time: newest,
+        source: TriggerSource::ManagedFields,
+    })
 }
 
 /// Converts an EndpointSlice, skipping what kube-proxy skips and reporting why.
 pub fn slice_record(slice: &EndpointSlice) -> Result<(SliceRecord, Vec<SliceProblem>), SliceError> {
-    let id = format!("{}/{}", slice.namespace().unwrap_or_default(), slice.name_any());
+    let id = format!(
+        "{}/{}",
+        slice.namespace().unwrap_or_default(),
+        slice.name_any()
+    );
     let service = match slice.labels().get(SERVICE_NAME_LABEL) {
-        Some(name) if !name.is_empty() => ServiceRef::new(slice.namespace().unwrap_or_default(), name.clone()),
+        Some(name) if !name.is_empty() => {
+            ServiceRef::new(slice.namespace().unwrap_or_default(), name.clone())
+        }
         _ => return Err(SliceError::MissingServiceLabel(id)),
     };
     if slice.address_type == "FQDN" {
@@ -64,25 +93,44 @@ pub fn slice_record(slice: &EndpointSlice) -> Result<(SliceRecord, Vec<SliceProb
     let mut ports = Vec::new();
     for p in slice.ports.iter().flatten() {
         let protocol = p.protocol.as_deref().unwrap_or("TCP");
-        match (p.port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0), protocol.parse::<Protocol>()) {
-            (Some(port), Ok(protocol)) => {
-                ports.push(SlicePort { name: p.name.clone().unwrap_or_default(), protocol, port })
-            }
+        match (
+            p.port
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| *n != 0),
+            protocol.parse::<Protocol>(),
+        ) {
+            (Some(port), Ok(protocol)) => ports.push(SlicePort {
+                name: p.name.clone().unwrap_or_default(),
+                protocol,
+                port,
+            }),
             (None, _) => problems.push(SliceProblem {
                 reason: "missing_port",
-                detail: format!("EndpointSlice {id}: port {:?} has no valid number", p.name.as_deref().unwrap_or("")),
+                detail: format!(
+                    "EndpointSlice {id}: port {:?} has no valid number",
+                    p.name.as_deref().unwrap_or("")
+                ),
             }),
-            (_, Err(e)) => problems.push(SliceProblem { reason: "bad_protocol", detail: format!("EndpointSlice {id}: {e}") }),
+            (_, Err(e)) => problems.push(SliceProblem {
+                reason: "bad_protocol",
+                detail: format!("EndpointSlice {id}: {e}"),
+            }),
         }
     }
     let mut endpoints = Vec::new();
     for ep in slice.endpoints.iter().flatten() {
         let Some(first) = ep.addresses.first() else {
-            problems.push(SliceProblem { reason: "no_address", detail: format!("EndpointSlice {id}: endpoint without addresses") });
+            problems.push(SliceProblem {
+                reason: "no_address",
+                detail: format!("EndpointSlice {id}: endpoint without addresses"),
+            });
             continue;
         };
         let Ok(address) = first.parse::<IpAddr>() else {
-            problems.push(SliceProblem { reason: "invalid_ip", detail: format!("EndpointSlice {id}: invalid address {first:?}") });
+            problems.push(SliceProblem {
+                reason: "invalid_ip",
+                detail: format!("EndpointSlice {id}: invalid address {first:?}"),
+            });
             continue;
         };
         let c = ep.conditions.as_ref();
@@ -101,7 +149,10 @@ pub fn slice_record(slice: &EndpointSlice) -> Result<(SliceRecord, Vec<SliceProb
         ports,
         endpoints,
         trigger: slice_trigger(slice),
-        resource_version: slice.resource_version().and_then(|v| v.parse().ok()).unwrap_or(0),
+        resource_version: slice
+            .resource_version()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
     };
     Ok((record, problems))
 }
@@ -115,7 +166,11 @@ pub fn service_spec(svc: &Service) -> Option<ServiceSpec> {
     }
     let cluster_ips: Vec<IpAddr> = match &spec.cluster_ips {
         Some(ips) if !ips.is_empty() => ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
-        _ => spec.cluster_ip.iter().filter_map(|ip| ip.parse().ok()).collect(),
+        _ => spec
+            .cluster_ip
+            .iter()
+            .filter_map(|ip| ip.parse().ok())
+            .collect(),
     };
     if cluster_ips.is_empty() {
         return None; // headless ("None") or not yet allocated
@@ -133,7 +188,12 @@ pub fn service_spec(svc: &Service) -> Option<ServiceSpec> {
             })
         })
         .collect();
-    let external_ips: Vec<IpAddr> = spec.external_ips.iter().flatten().filter_map(|ip| ip.parse().ok()).collect();
+    let external_ips: Vec<IpAddr> = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
     let load_balancer_ips: Vec<IpAddr> = svc
         .status
         .as_ref()
@@ -144,8 +204,9 @@ pub fn service_spec(svc: &Service) -> Option<ServiceSpec> {
         .filter_map(|i| i.ip.as_deref()?.parse().ok())
         .collect();
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
-    let has_external =
-        matches!(type_, "NodePort" | "LoadBalancer") || !external_ips.is_empty() || !load_balancer_ips.is_empty();
+    let has_external = matches!(type_, "NodePort" | "LoadBalancer")
+        || !external_ips.is_empty()
+        || !load_balancer_ips.is_empty();
     Some(ServiceSpec {
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
@@ -167,7 +228,10 @@ pub enum WatchMsg<T> {
     Apply(T, Timestamp),
     Delete(T, Timestamp),
     /// The watch failed and will be retried with backoff. `kind` is a metric label.
-    Failed { kind: &'static str, message: String },
+    Failed {
+        kind: &'static str,
+        message: String,
+    },
 }
 
 /// Which objects to watch.
@@ -207,7 +271,9 @@ where
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
     };
-    let config = watcher::Config::default().labels(&scope.selector()).timeout(290);
+    let config = watcher::Config::default()
+        .labels(&scope.selector())
+        .timeout(290);
     watcher::watcher(api, config).map(move |ev| {
         let now = Timestamp::now();
         match ev {
@@ -216,7 +282,10 @@ where
             Ok(watcher::Event::InitDone) => WatchMsg::InitDone(now),
             Ok(watcher::Event::Apply(o)) => WatchMsg::Apply(convert(&o), now),
             Ok(watcher::Event::Delete(o)) => WatchMsg::Delete(convert(&o), now),
-            Err(e) => WatchMsg::Failed { kind: watch_error_kind(&e), message: e.to_string() },
+            Err(e) => WatchMsg::Failed {
+                kind: watch_error_kind(&e),
+                message: e.to_string(),
+            },
         }
     })
 }
@@ -262,7 +331,14 @@ mod tests {
         assert_eq!(r.service, ServiceRef::new("ns1", "svc1"));
         assert_eq!(r.resource_version, 42);
         assert_eq!(r.ports.len(), 2);
-        assert_eq!(r.ports[1], SlicePort { name: String::new(), protocol: Protocol::Tcp, port: 53 });
+        assert_eq!(
+            r.ports[1],
+            SlicePort {
+                name: String::new(),
+                protocol: Protocol::Tcp,
+                port: 53
+            }
+        );
         assert_eq!(r.endpoints[0].conditions, Conditions::READY);
         assert_eq!(r.endpoints[1].address.to_string(), "10.180.0.2");
         assert!(r.endpoints[1].conditions.terminating);
@@ -279,7 +355,13 @@ mod tests {
             "addressType": "IPv4", "endpoints": []
         }));
         let t = slice_record(&s).unwrap().0.trigger.unwrap();
-        assert_eq!((t.source, t.time.to_rfc3339().as_str()), (TriggerSource::ManagedFields, "2025-01-01T00:00:09.000000000Z"));
+        assert_eq!(
+            (t.source, t.time.to_rfc3339().as_str()),
+            (
+                TriggerSource::ManagedFields,
+                "2025-01-01T00:00:09.000000000Z"
+            )
+        );
     }
 
     #[test]
@@ -292,10 +374,18 @@ mod tests {
         }));
         let (r, problems) = slice_record(&s).unwrap();
         let reasons: Vec<_> = problems.iter().map(|p| p.reason).collect();
-        assert_eq!(reasons, ["missing_port", "bad_protocol", "no_address", "invalid_ip"]);
+        assert_eq!(
+            reasons,
+            ["missing_port", "bad_protocol", "no_address", "invalid_ip"]
+        );
         assert_eq!(r.endpoints.len(), 1);
-        let unlabelled = slice(json!({"metadata": {"name": "x", "namespace": "ns1"}, "addressType": "IPv4", "endpoints": []}));
-        assert_eq!(slice_record(&unlabelled).unwrap_err(), SliceError::MissingServiceLabel("ns1/x".into()));
+        let unlabelled = slice(
+            json!({"metadata": {"name": "x", "namespace": "ns1"}, "addressType": "IPv4", "endpoints": []}),
+        );
+        assert_eq!(
+            slice_record(&unlabelled).unwrap_err(),
+            SliceError::MissingServiceLabel("ns1/x".into())
+        );
     }
 
     #[test]
@@ -311,10 +401,15 @@ mod tests {
         let spec = service_spec(&svc).unwrap();
         assert_eq!(spec.cluster_ips.len(), 2);
         assert!(spec.external_local && spec.has_external && !spec.internal_local);
-        assert_eq!(spec.load_balancer_ips, ["1.2.3.4".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            spec.load_balancer_ips,
+            ["1.2.3.4".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(spec.ports[0].protocol, Protocol::Tcp);
-        let headless: Service =
-            serde_json::from_value(json!({"metadata": {"name": "h"}, "spec": {"clusterIP": "None"}})).unwrap();
+        let headless: Service = serde_json::from_value(
+            json!({"metadata": {"name": "h"}, "spec": {"clusterIP": "None"}}),
+        )
+        .unwrap();
         assert!(service_spec(&headless).is_none());
     }
 }

@@ -1,9 +1,16 @@
 //! kube-converge: measures, per node, how long kube-proxy takes to program endpoint changes
 //! into the kernel, and exports the lag.
 
+pub mod admin;
+pub mod agent;
+pub mod cli;
+pub mod config;
 pub mod dataplane;
 pub mod expected;
+pub mod inspect;
 pub mod k8s;
 pub mod model;
 pub mod netns;
+pub mod resolve;
+pub mod telemetry;
 pub mod tracker;

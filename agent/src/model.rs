@@ -35,12 +35,18 @@ impl Timestamp {
         (self.0 - earlier.0) as f64 / 1e9
     }
 
-    pub fn add(self, d: Duration) -> Self {
-        Self(self.0.saturating_add(d.as_nanos().min(i64::MAX as u128) as i64))
+    pub fn plus(self, d: Duration) -> Self {
+        Self(
+            self.0
+                .saturating_add(d.as_nanos().min(i64::MAX as u128) as i64),
+        )
     }
 
-    pub fn sub(self, d: Duration) -> Self {
-        Self(self.0.saturating_sub(d.as_nanos().min(i64::MAX as u128) as i64))
+    pub fn minus(self, d: Duration) -> Self {
+        Self(
+            self.0
+                .saturating_sub(d.as_nanos().min(i64::MAX as u128) as i64),
+        )
     }
 
     /// RFC 3339 with nanoseconds, as the API server writes `last-change-trigger-time`.
@@ -89,7 +95,8 @@ impl Timestamp {
             "Z" | "z" => 0,
             tz if tz.len() == 6 && (tz.starts_with('+') || tz.starts_with('-')) => {
                 let sign = if tz.starts_with('-') { -1 } else { 1 };
-                sign * (tz.get(1..3)?.parse::<i64>().ok()? * 3600 + tz.get(4..6)?.parse::<i64>().ok()? * 60)
+                sign * (tz.get(1..3)?.parse::<i64>().ok()? * 3600
+                    + tz.get(4..6)?.parse::<i64>().ok()? * 60)
             }
             _ => return None,
         };
@@ -175,7 +182,10 @@ pub struct ServiceRef {
 
 impl ServiceRef {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 }
 
@@ -195,7 +205,10 @@ pub struct ServicePortName {
 
 impl ServicePortName {
     pub fn new(namespace: &str, name: &str, port: &str) -> Self {
-        Self { service: ServiceRef::new(namespace, name), port: port.to_string() }
+        Self {
+            service: ServiceRef::new(namespace, name),
+            port: port.to_string(),
+        }
     }
 
     /// Parses kube-proxy's rendering; tolerates the trailing colon of very old releases.
@@ -208,9 +221,12 @@ impl ServicePortName {
         let dns_ok = |v: &str| {
             !v.is_empty()
                 && v.len() <= 253
-                && v.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+                && v.bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
         };
-        let port_ok = port.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.');
+        let port_ok = port
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.');
         (dns_ok(ns) && dns_ok(name) && port_ok).then(|| Self::new(ns, name, port))
     }
 }
@@ -235,7 +251,11 @@ pub struct EndpointKey {
 
 impl EndpointKey {
     pub fn new(port_name: ServicePortName, protocol: Protocol, endpoint: SocketAddr) -> Self {
-        Self { port_name, protocol, endpoint }
+        Self {
+            port_name,
+            protocol,
+            endpoint,
+        }
     }
 
     pub fn ip(&self) -> IpAddr {
@@ -245,7 +265,11 @@ impl EndpointKey {
 
 impl fmt::Display for EndpointKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{} -> {}", self.port_name, self.protocol, self.endpoint)
+        write!(
+            f,
+            "{}/{} -> {}",
+            self.port_name, self.protocol, self.endpoint
+        )
     }
 }
 
@@ -340,7 +364,12 @@ mod tests {
         assert_eq!(t.as_nanos(), 1_735_689_600_123_456_789);
         let plus = Timestamp::parse_rfc3339("2025-01-01T02:00:00+02:00").unwrap();
         assert_eq!(plus.as_nanos(), 1_735_689_600_000_000_000);
-        assert_eq!(Timestamp::parse_rfc3339("2024-02-29T12:00:00Z").unwrap().to_rfc3339(), "2024-02-29T12:00:00.000000000Z");
+        assert_eq!(
+            Timestamp::parse_rfc3339("2024-02-29T12:00:00Z")
+                .unwrap()
+                .to_rfc3339(),
+            "2024-02-29T12:00:00.000000000Z"
+        );
         assert!(Timestamp::parse_rfc3339("2025-13-01T00:00:00Z").is_none());
         assert!(Timestamp::parse_rfc3339("yesterday").is_none());
         assert!(Timestamp::parse_rfc3339("2025-01-01T00:00:00.Z").is_none());
@@ -348,10 +377,22 @@ mod tests {
 
     #[test]
     fn service_port_names_render_like_kube_proxy() {
-        assert_eq!(ServicePortName::new("ns1", "svc1", "p80").to_string(), "ns1/svc1:p80");
-        assert_eq!(ServicePortName::new("ns1", "svc1", "").to_string(), "ns1/svc1");
-        assert_eq!(ServicePortName::parse("default/hostnames:"), Some(ServicePortName::new("default", "hostnames", "")));
-        assert_eq!(ServicePortName::parse("ns1/svc1:p80"), Some(ServicePortName::new("ns1", "svc1", "p80")));
+        assert_eq!(
+            ServicePortName::new("ns1", "svc1", "p80").to_string(),
+            "ns1/svc1:p80"
+        );
+        assert_eq!(
+            ServicePortName::new("ns1", "svc1", "").to_string(),
+            "ns1/svc1"
+        );
+        assert_eq!(
+            ServicePortName::parse("default/hostnames:"),
+            Some(ServicePortName::new("default", "hostnames", ""))
+        );
+        assert_eq!(
+            ServicePortName::parse("ns1/svc1:p80"),
+            Some(ServicePortName::new("ns1", "svc1", "p80"))
+        );
         assert_eq!(ServicePortName::parse("kubernetes service portals"), None);
         assert_eq!(ServicePortName::parse("ns/svc:p80 cluster IP"), None);
     }

@@ -31,8 +31,13 @@ impl NetNs {
     }
 
     pub fn open(path: &Path) -> Result<Self, NetnsError> {
-        let file = File::open(path).map_err(|source| NetnsError::OpenFailed { path: path.into(), source })?;
-        Ok(Self { target: Some(Arc::new((path.into(), file))) })
+        let file = File::open(path).map_err(|source| NetnsError::OpenFailed {
+            path: path.into(),
+            source,
+        })?;
+        Ok(Self {
+            target: Some(Arc::new((path.into(), file))),
+        })
     }
 
     pub fn path(&self) -> Option<&Path> {
@@ -60,18 +65,29 @@ impl NetNs {
 
     /// Runs `f` on a short-lived thread that has entered the namespace, e.g. to open a netlink
     /// socket there.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, NetnsError> {
-        let Some(target) = self.target.clone() else { return Ok(f()) };
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, NetnsError> {
+        let Some(target) = self.target.clone() else {
+            return Ok(f());
+        };
         std::thread::spawn(move || {
             // SAFETY: setns on this thread only; the thread exits right after `f`.
             if unsafe { libc::setns(target.1.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(NetnsError::EnterFailed { path: target.0.clone(), source: io::Error::last_os_error() });
+                return Err(NetnsError::EnterFailed {
+                    path: target.0.clone(),
+                    source: io::Error::last_os_error(),
+                });
             }
             Ok(f())
         })
         .join()
         .unwrap_or_else(|_| {
-            Err(NetnsError::EnterFailed { path: PathBuf::from("<thread>"), source: io::Error::other("worker panicked") })
+            Err(NetnsError::EnterFailed {
+                path: PathBuf::from("<thread>"),
+                source: io::Error::other("worker panicked"),
+            })
         })
     }
 }

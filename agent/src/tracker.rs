@@ -14,7 +14,8 @@ use serde::Serialize;
 
 use crate::expected::ServiceExpectation;
 use crate::model::{
-    ChangeKind, ChangeReason, EndpointKey, Protocol, ServicePortName, ServiceRef, Timestamp, Trigger, TriggerSource,
+    ChangeKind, ChangeReason, EndpointKey, Protocol, ServicePortName, ServiceRef, Timestamp,
+    Trigger, TriggerSource,
 };
 
 /// How a dataplane reading was triggered.
@@ -66,11 +67,17 @@ pub enum Routed {
 
 impl RoutedView {
     pub fn routes(&self, key: &EndpointKey) -> Routed {
-        let unreadable = if key.endpoint.is_ipv4() { self.unreadable_v4 } else { self.unreadable_v6 };
+        let unreadable = if key.endpoint.is_ipv4() {
+            self.unreadable_v4
+        } else {
+            self.unreadable_v6
+        };
         if unreadable || self.uncertain.contains(&key.port_name) {
             return Routed::Unknown;
         }
-        let named = self.named.contains(&(key.port_name.clone(), key.protocol, key.endpoint));
+        let named = self
+            .named
+            .contains(&(key.port_name.clone(), key.protocol, key.endpoint));
         if named || self.unattributed.contains(&(key.protocol, key.endpoint)) {
             Routed::Yes
         } else {
@@ -96,7 +103,9 @@ pub struct ReadingMeta {
 pub enum ReadingOutcome {
     Routed(RoutedView),
     /// The reading failed; `kind` is a short fixed string for metric labels.
-    Failed { kind: &'static str },
+    Failed {
+        kind: &'static str,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -157,10 +166,20 @@ pub struct LagSample {
 pub enum Outcome {
     Converged(LagSample),
     /// Converged, but the lag is not meaningful (see `PendingChange::sampled`).
-    ConvergedUnsampled { key: EndpointKey, kind: ChangeKind },
-    TimedOut { key: EndpointKey, kind: ChangeKind, reason: ChangeReason },
+    ConvergedUnsampled {
+        key: EndpointKey,
+        kind: ChangeKind,
+    },
+    TimedOut {
+        key: EndpointKey,
+        kind: ChangeKind,
+        reason: ChangeReason,
+    },
     /// Reverted by the API before the node converged (flapping).
-    Superseded { key: EndpointKey, kind: ChangeKind },
+    Superseded {
+        key: EndpointKey,
+        kind: ChangeKind,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -170,7 +189,9 @@ pub struct TrackerConfig {
 
 impl Default for TrackerConfig {
     fn default() -> Self {
-        Self { change_timeout: Duration::from_secs(300) }
+        Self {
+            change_timeout: Duration::from_secs(300),
+        }
     }
 }
 
@@ -188,7 +209,10 @@ pub struct Tracker {
 
 impl Tracker {
     pub fn new(config: TrackerConfig) -> Self {
-        Self { config, ..Default::default() }
+        Self {
+            config,
+            ..Default::default()
+        }
     }
 
     /// True once the initial lists are in: before that, updates set a baseline and create no
@@ -215,7 +239,12 @@ impl Tracker {
 
     /// Replaces one Service's expectation, observed at `at`, and returns flapping outcomes.
     /// Applying the same expectation twice (a relist) creates nothing.
-    pub fn update_service(&mut self, svc: &ServiceRef, new: ServiceExpectation, at: Timestamp) -> Vec<Outcome> {
+    pub fn update_service(
+        &mut self,
+        svc: &ServiceRef,
+        new: ServiceExpectation,
+        at: Timestamp,
+    ) -> Vec<Outcome> {
         self.observed_resource_version = self.observed_resource_version.max(new.resource_version);
         let old = self.services.remove(svc).unwrap_or_default();
         let mut outcomes = Vec::new();
@@ -246,7 +275,10 @@ impl Tracker {
     ) {
         let mut sampled = true;
         if let Some(prev) = self.pending.remove(&key) {
-            out.push(Outcome::Superseded { key: key.clone(), kind: prev.kind });
+            out.push(Outcome::Superseded {
+                key: key.clone(),
+                kind: prev.kind,
+            });
             // The addition may never have reached the kernel; converge the removal for safety
             // but only measure it if the kernel had programmed the addition.
             sampled = prev.candidate.is_some();
@@ -254,9 +286,18 @@ impl Tracker {
         self.insert_pending(key, ChangeKind::Removed, reason, new, at, sampled);
     }
 
-    fn on_added(&mut self, key: EndpointKey, new: &ServiceExpectation, at: Timestamp, out: &mut Vec<Outcome>) {
+    fn on_added(
+        &mut self,
+        key: EndpointKey,
+        new: &ServiceExpectation,
+        at: Timestamp,
+        out: &mut Vec<Outcome>,
+    ) {
         if let Some(prev) = self.pending.remove(&key) {
-            out.push(Outcome::Superseded { key: key.clone(), kind: prev.kind });
+            out.push(Outcome::Superseded {
+                key: key.clone(),
+                kind: prev.kind,
+            });
             if prev.candidate.is_none() {
                 // The removal never reached the kernel: nothing changes there, nothing to time.
                 return;
@@ -319,14 +360,18 @@ impl Tracker {
                 }
                 continue;
             }
-            let (at, bound) = *change.candidate.get_or_insert((meta.programmed_at, meta.error_bound));
+            let (at, bound) = *change
+                .candidate
+                .get_or_insert((meta.programmed_at, meta.error_bound));
             if can_confirm {
                 done.push((change.key.clone(), at, bound));
             }
         }
         let mut outcomes = Vec::with_capacity(done.len());
         for (key, at, bound) in done {
-            let Some(change) = self.pending.remove(&key) else { continue };
+            let Some(change) = self.pending.remove(&key) else {
+                continue;
+            };
             outcomes.push(finish(change, at, bound, meta.trigger));
         }
         if let ReadingOutcome::Routed(view) = &reading.outcome {
@@ -344,10 +389,17 @@ impl Tracker {
         let timeout = self.config.change_timeout;
         self.pending
             .values_mut()
-            .filter(|c| c.state != PendingState::TimedOut && now.seconds_since(c.observed) > timeout.as_secs_f64())
+            .filter(|c| {
+                c.state != PendingState::TimedOut
+                    && now.seconds_since(c.observed) > timeout.as_secs_f64()
+            })
             .map(|c| {
                 c.state = PendingState::TimedOut;
-                Outcome::TimedOut { key: c.key.clone(), kind: c.kind, reason: c.reason }
+                Outcome::TimedOut {
+                    key: c.key.clone(),
+                    kind: c.kind,
+                    reason: c.reason,
+                }
             })
             .collect()
     }
@@ -361,7 +413,10 @@ impl Tracker {
     }
 
     pub fn oldest_pending_age(&self, now: Timestamp) -> f64 {
-        self.pending.values().map(|c| now.seconds_since(c.observed)).fold(0.0, f64::max)
+        self.pending
+            .values()
+            .map(|c| now.seconds_since(c.observed))
+            .fold(0.0, f64::max)
     }
 
     /// Routed endpoints of known Services that are neither expected nor pending removal.
@@ -376,7 +431,9 @@ impl Tracker {
         view.named
             .iter()
             .filter(|(spn, proto, addr)| {
-                let Some(exp) = self.services.get(&spn.service) else { return false };
+                let Some(exp) = self.services.get(&spn.service) else {
+                    return false;
+                };
                 let key = EndpointKey::new(spn.clone(), *proto, *addr);
                 !exp.expected.contains(&key) && !self.pending.contains_key(&key)
             })
@@ -391,7 +448,11 @@ fn desired(kind: ChangeKind) -> Routed {
     }
 }
 
-fn classify_removal(key: &EndpointKey, old: &ServiceExpectation, new: &ServiceExpectation) -> ChangeReason {
+fn classify_removal(
+    key: &EndpointKey,
+    old: &ServiceExpectation,
+    new: &ServiceExpectation,
+) -> ChangeReason {
     if !new.service_exists {
         return ChangeReason::ServiceDeleted;
     }
@@ -399,14 +460,24 @@ fn classify_removal(key: &EndpointKey, old: &ServiceExpectation, new: &ServiceEx
         Some(c) if c.terminating => ChangeReason::Deleted,
         Some(c) if !c.ready => ChangeReason::Unready,
         Some(_) => ChangeReason::Isolated,
-        None if old.conditions.get(&key.ip()).is_some_and(|c| c.terminating) => ChangeReason::Deleted,
+        None if old.conditions.get(&key.ip()).is_some_and(|c| c.terminating) => {
+            ChangeReason::Deleted
+        }
         None => ChangeReason::Isolated,
     }
 }
 
-fn finish(change: PendingChange, at: Timestamp, bound: Duration, read_trigger: ReadTrigger) -> Outcome {
+fn finish(
+    change: PendingChange,
+    at: Timestamp,
+    bound: Duration,
+    read_trigger: ReadTrigger,
+) -> Outcome {
     if !change.sampled {
-        return Outcome::ConvergedUnsampled { key: change.key, kind: change.kind };
+        return Outcome::ConvergedUnsampled {
+            key: change.key,
+            kind: change.kind,
+        };
     }
     let raw = at.seconds_since(change.observed);
     let end_to_end_raw = change.trigger.map(|t| (at.seconds_since(t.time), t.source));
@@ -449,12 +520,19 @@ mod tests {
 
     fn key_port(ip: &str, port: &str) -> EndpointKey {
         let addr: std::net::IpAddr = ip.parse().unwrap();
-        EndpointKey::new(ServicePortName::new("ns1", "svc1", port), Protocol::Tcp, SocketAddr::new(addr, 80))
+        EndpointKey::new(
+            ServicePortName::new("ns1", "svc1", port),
+            Protocol::Tcp,
+            SocketAddr::new(addr, 80),
+        )
     }
 
     fn view(keys: &[&EndpointKey]) -> RoutedView {
         RoutedView {
-            named: keys.iter().map(|k| (k.port_name.clone(), k.protocol, k.endpoint)).collect(),
+            named: keys
+                .iter()
+                .map(|k| (k.port_name.clone(), k.protocol, k.endpoint))
+                .collect(),
             ..Default::default()
         }
     }
@@ -488,10 +566,15 @@ mod tests {
     /// A synced tracker with 10.180.0.1 and 10.180.0.2 expected and routed.
     fn steady() -> (Tracker, ServiceRef) {
         let mut tr = Tracker::new(TrackerConfig::default());
-        let (r, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build()]);
+        let (r, e) = expectation(&[slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .endpoint("10.180.0.2")
+            .build()]);
         assert!(tr.update_service(&r, e, t(0)).is_empty());
         tr.mark_synced();
-        assert!(tr.apply_reading(&reading(1, 1, &[&key("10.180.0.1"), &key("10.180.0.2")])).is_empty());
+        assert!(tr
+            .apply_reading(&reading(1, 1, &[&key("10.180.0.1"), &key("10.180.0.2")]))
+            .is_empty());
         (tr, r)
     }
 
@@ -507,14 +590,27 @@ mod tests {
     #[test]
     fn deletion_is_tracked_until_the_kernel_drops_the_endpoint() {
         let (mut tr, r) = steady();
-        let (_, e) =
-            expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").terminating().trigger_ms(900).build()]);
+        let (_, e) = expectation(&[slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .endpoint("10.180.0.2")
+            .terminating()
+            .trigger_ms(900)
+            .build()]);
         assert!(tr.update_service(&r, e, t(1000)).is_empty());
         let p: Vec<_> = tr.pending().collect();
         assert_eq!(p.len(), 1);
-        assert_eq!((p[0].kind, p[0].reason), (ChangeKind::Removed, ChangeReason::Deleted));
+        assert_eq!(
+            (p[0].kind, p[0].reason),
+            (ChangeKind::Removed, ChangeReason::Deleted)
+        );
         // Still routed: safety rule, nothing converges.
-        assert!(tr.apply_reading(&reading(1100, 1100, &[&key("10.180.0.1"), &key("10.180.0.2")])).is_empty());
+        assert!(tr
+            .apply_reading(&reading(
+                1100,
+                1100,
+                &[&key("10.180.0.1"), &key("10.180.0.2")]
+            ))
+            .is_empty());
         assert_eq!(tr.pending_count(), 1);
         let out = tr.apply_reading(&reading(1500, 1400, &[&key("10.180.0.1")]));
         let s = samples(&out);
@@ -533,7 +629,11 @@ mod tests {
         tr.update_service(&r, e, t(1000));
         assert_eq!(tr.pending().next().unwrap().reason, ChangeReason::Isolated);
         let (mut tr, r) = steady();
-        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").unready().build()]);
+        let (_, e) = expectation(&[slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .endpoint("10.180.0.2")
+            .unready()
+            .build()]);
         tr.update_service(&r, e, t(1000));
         assert_eq!(tr.pending().next().unwrap().reason, ChangeReason::Unready);
     }
@@ -541,13 +641,24 @@ mod tests {
     #[test]
     fn endpoint_vanishing_after_terminating_stays_a_deletion() {
         let (mut tr, r) = steady();
-        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").terminating().build()]);
+        let (_, e) = expectation(&[slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .endpoint("10.180.0.2")
+            .terminating()
+            .build()]);
         tr.update_service(&r, e, t(1000));
         let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
         tr.update_service(&r, e, t(2000));
         let p: Vec<_> = tr.pending().collect();
-        assert_eq!(p.len(), 1, "the final removal from the slice is not a second change");
-        assert_eq!((p[0].reason, p[0].observed), (ChangeReason::Deleted, t(1000)));
+        assert_eq!(
+            p.len(),
+            1,
+            "the final removal from the slice is not a second change"
+        );
+        assert_eq!(
+            (p[0].reason, p[0].observed),
+            (ChangeReason::Deleted, t(1000))
+        );
     }
 
     #[test]
@@ -561,22 +672,51 @@ mod tests {
         tr.update_service(&r, e, t(1000));
         let p = tr.pending().next().unwrap();
         assert_eq!((p.kind, p.reason), (ChangeKind::Added, ChangeReason::Added));
-        let out = tr.apply_reading(&reading(1200, 1150, &[&key("10.180.0.1"), &key("10.180.0.2"), &key("10.180.0.3")]));
+        let out = tr.apply_reading(&reading(
+            1200,
+            1150,
+            &[&key("10.180.0.1"), &key("10.180.0.2"), &key("10.180.0.3")],
+        ));
         let s = samples(&out);
-        assert_eq!((s[0].kind, s[0].reason), (ChangeKind::Added, ChangeReason::Added));
+        assert_eq!(
+            (s[0].kind, s[0].reason),
+            (ChangeKind::Added, ChangeReason::Added)
+        );
         assert!((s[0].lag - 0.15).abs() < 1e-9);
     }
 
     #[test]
     fn flapping_removal_then_readd_before_convergence_records_nothing() {
         let (mut tr, r) = steady();
-        let both = || expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build()]).1;
+        let both = || {
+            expectation(&[slice("ns1/svc1")
+                .endpoint("10.180.0.1")
+                .endpoint("10.180.0.2")
+                .build()])
+            .1
+        };
         let (_, gone) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
         tr.update_service(&r, gone, t(1000));
         let out = tr.update_service(&r, both(), t(1100));
-        assert!(matches!(&out[..], [Outcome::Superseded { kind: ChangeKind::Removed, .. }]));
-        assert_eq!(tr.pending_count(), 0, "the kernel never dropped it: nothing to measure");
-        assert!(tr.apply_reading(&reading(1200, 1200, &[&key("10.180.0.1"), &key("10.180.0.2")])).is_empty());
+        assert!(matches!(
+            &out[..],
+            [Outcome::Superseded {
+                kind: ChangeKind::Removed,
+                ..
+            }]
+        ));
+        assert_eq!(
+            tr.pending_count(),
+            0,
+            "the kernel never dropped it: nothing to measure"
+        );
+        assert!(tr
+            .apply_reading(&reading(
+                1200,
+                1200,
+                &[&key("10.180.0.1"), &key("10.180.0.2")]
+            ))
+            .is_empty());
     }
 
     #[test]
@@ -585,12 +725,21 @@ mod tests {
         let (_, gone) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
         tr.update_service(&r, gone, t(1000));
         // A reading that started before the change was observed shows it gone: not a confirmation.
-        assert!(tr.apply_reading(&reading(990, 995, &[&key("10.180.0.1")])).is_empty());
-        let (_, both) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build()]);
+        assert!(tr
+            .apply_reading(&reading(990, 995, &[&key("10.180.0.1")]))
+            .is_empty());
+        let (_, both) = expectation(&[slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .endpoint("10.180.0.2")
+            .build()]);
         tr.update_service(&r, both, t(1100));
         let p = tr.pending().next().unwrap();
         assert_eq!(p.kind, ChangeKind::Added);
-        let out = tr.apply_reading(&reading(1300, 1250, &[&key("10.180.0.1"), &key("10.180.0.2")]));
+        let out = tr.apply_reading(&reading(
+            1300,
+            1250,
+            &[&key("10.180.0.1"), &key("10.180.0.2")],
+        ));
         assert!((samples(&out)[0].lag - 0.15).abs() < 1e-9);
     }
 
@@ -603,14 +752,26 @@ mod tests {
             .endpoint("10.180.0.3")
             .build()]);
         tr.update_service(&r, three, t(1000));
-        let (_, two) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build()]);
+        let (_, two) = expectation(&[slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .endpoint("10.180.0.2")
+            .build()]);
         tr.update_service(&r, two, t(1100));
         let p = tr.pending().next().unwrap();
-        assert_eq!(p.kind, ChangeKind::Removed, "safety: the kernel may have added it meanwhile");
+        assert_eq!(
+            p.kind,
+            ChangeKind::Removed,
+            "safety: the kernel may have added it meanwhile"
+        );
         let k3 = key("10.180.0.3");
-        assert!(tr.apply_reading(&reading(1200, 1200, &[&key("10.180.0.1"), &k3])).is_empty());
+        assert!(tr
+            .apply_reading(&reading(1200, 1200, &[&key("10.180.0.1"), &k3]))
+            .is_empty());
         let out = tr.apply_reading(&reading(1300, 1300, &[&key("10.180.0.1")]));
-        assert!(matches!(&out[..], [Outcome::Converged(_)]), "it was programmed once, so the removal is timed");
+        assert!(
+            matches!(&out[..], [Outcome::Converged(_)]),
+            "it was programmed once, so the removal is timed"
+        );
     }
 
     #[test]
@@ -620,17 +781,30 @@ mod tests {
         tr.update_service(&r, e, t(0));
         tr.mark_synced();
         // The only endpoint turns terminating: kube-proxy keeps it (fallback), so no change.
-        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").terminating().build()]);
+        let (_, e) = expectation(&[slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .terminating()
+            .build()]);
         assert!(tr.update_service(&r, e, t(1000)).is_empty());
         assert_eq!(tr.pending_count(), 0);
         // A ready endpoint appears: the terminating one now leaves, as a deletion.
-        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").terminating().endpoint("10.180.0.9").build()]);
+        let (_, e) = expectation(&[slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .terminating()
+            .endpoint("10.180.0.9")
+            .build()]);
         tr.update_service(&r, e, t(2000));
-        let mut kinds: Vec<_> = tr.pending().map(|p| (p.key.endpoint.to_string(), p.reason)).collect();
+        let mut kinds: Vec<_> = tr
+            .pending()
+            .map(|p| (p.key.endpoint.to_string(), p.reason))
+            .collect();
         kinds.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(
             kinds,
-            [("10.180.0.1:80".to_string(), ChangeReason::Deleted), ("10.180.0.9:80".to_string(), ChangeReason::Added)]
+            [
+                ("10.180.0.1:80".to_string(), ChangeReason::Deleted),
+                ("10.180.0.9:80".to_string(), ChangeReason::Added)
+            ]
         );
     }
 
@@ -645,15 +819,24 @@ mod tests {
         tr.mark_synced();
         // 10.180.0.2 moves to the first slice; the second slice is emptied.
         let (_, e) = expectation(&[
-            slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build(),
+            slice("ns1/svc1")
+                .endpoint("10.180.0.1")
+                .endpoint("10.180.0.2")
+                .build(),
             slice("ns1/svc1").build(),
         ]);
         assert!(tr.update_service(&r, e, t(1000)).is_empty());
         assert_eq!(tr.pending_count(), 0);
         // Transiently in both slices, one copy terminating: still one endpoint, still expected.
         let (_, e) = expectation(&[
-            slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build(),
-            slice("ns1/svc1").endpoint("10.180.0.2").terminating().build(),
+            slice("ns1/svc1")
+                .endpoint("10.180.0.1")
+                .endpoint("10.180.0.2")
+                .build(),
+            slice("ns1/svc1")
+                .endpoint("10.180.0.2")
+                .terminating()
+                .build(),
         ]);
         assert!(tr.update_service(&r, e, t(1100)).is_empty());
         assert_eq!(tr.pending_count(), 0);
@@ -665,7 +848,10 @@ mod tests {
         let gone = expect_service(&r, None, &[], NODE);
         tr.update_service(&r, gone, t(1000));
         let reasons: Vec<_> = tr.pending().map(|p| p.reason).collect();
-        assert_eq!(reasons, [ChangeReason::ServiceDeleted, ChangeReason::ServiceDeleted]);
+        assert_eq!(
+            reasons,
+            [ChangeReason::ServiceDeleted, ChangeReason::ServiceDeleted]
+        );
         let out = tr.apply_reading(&reading(1100, 1050, &[]));
         assert_eq!(samples(&out).len(), 2);
         assert!(tr.service(&r).is_none());
@@ -680,17 +866,26 @@ mod tests {
         ]);
         tr.update_service(&r, e, t(0));
         tr.mark_synced();
-        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build(), slice("ns1/svc1").build()]);
+        let (_, e) = expectation(&[
+            slice("ns1/svc1").endpoint("10.180.0.1").build(),
+            slice("ns1/svc1").build(),
+        ]);
         tr.update_service(&r, e, t(1000));
         let p: Vec<_> = tr.pending().map(|p| p.key.endpoint.to_string()).collect();
         assert_eq!(p, ["[fd00:10:180::1]:80"]);
         // The IPv6 family could not be read: the IPv6 change is unknown, never converged.
         let mut v = view(&[&key("10.180.0.1")]);
         v.unreadable_v6 = true;
-        let r6 = Reading { outcome: ReadingOutcome::Routed(v), ..reading(1100, 1100, &[]) };
+        let r6 = Reading {
+            outcome: ReadingOutcome::Routed(v),
+            ..reading(1100, 1100, &[])
+        };
         assert!(tr.apply_reading(&r6).is_empty());
         assert_eq!(tr.pending().next().unwrap().state, PendingState::Unknown);
-        assert_eq!(samples(&tr.apply_reading(&reading(1200, 1200, &[&key("10.180.0.1")]))).len(), 1);
+        assert_eq!(
+            samples(&tr.apply_reading(&reading(1200, 1200, &[&key("10.180.0.1")]))).len(),
+            1
+        );
     }
 
     #[test]
@@ -698,12 +893,18 @@ mod tests {
         let mut tr = Tracker::new(TrackerConfig::default());
         let (r, mut spec) = svc("ns1/svc1");
         spec.ports[0].name = String::new();
-        let s = slice("ns1/svc1").port("", Protocol::Tcp, 80).endpoint("10.180.0.1").build();
+        let s = slice("ns1/svc1")
+            .port("", Protocol::Tcp, 80)
+            .endpoint("10.180.0.1")
+            .build();
         tr.update_service(&r, expect_service(&r, Some(&spec), &[&s], NODE), t(0));
         tr.mark_synced();
         let s = slice("ns1/svc1").port("", Protocol::Tcp, 80).build();
         tr.update_service(&r, expect_service(&r, Some(&spec), &[&s], NODE), t(1000));
-        assert_eq!(tr.pending().next().unwrap().key.port_name.to_string(), "ns1/svc1");
+        assert_eq!(
+            tr.pending().next().unwrap().key.port_name.to_string(),
+            "ns1/svc1"
+        );
         // A route under the named port does not keep the unnamed key pending.
         let out = tr.apply_reading(&reading(1100, 1100, &[&key_port("10.180.0.1", "p80")]));
         assert_eq!(samples(&out).len(), 1);
@@ -713,18 +914,30 @@ mod tests {
     #[test]
     fn relist_with_the_same_state_creates_nothing_and_a_diff_creates_exactly_it() {
         let (mut tr, r) = steady();
-        let (_, same) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build()]);
+        let (_, same) = expectation(&[slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .endpoint("10.180.0.2")
+            .build()]);
         assert!(tr.update_service(&r, same, t(5000)).is_empty());
         assert_eq!(tr.pending_count(), 0);
         // While the watch was down, .2 was removed and .3 added: the relist shows both once.
-        let (_, diff) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.3").build()]);
+        let (_, diff) = expectation(&[slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .endpoint("10.180.0.3")
+            .build()]);
         tr.update_service(&r, diff.clone(), t(6000));
         tr.update_service(&r, diff, t(6001));
-        let mut got: Vec<_> = tr.pending().map(|p| (p.key.endpoint.to_string(), p.kind, p.observed)).collect();
+        let mut got: Vec<_> = tr
+            .pending()
+            .map(|p| (p.key.endpoint.to_string(), p.kind, p.observed))
+            .collect();
         got.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(
             got,
-            [("10.180.0.2:80".into(), ChangeKind::Removed, t(6000)), ("10.180.0.3:80".into(), ChangeKind::Added, t(6000))]
+            [
+                ("10.180.0.2:80".into(), ChangeKind::Removed, t(6000)),
+                ("10.180.0.3:80".into(), ChangeKind::Added, t(6000))
+            ]
         );
     }
 
@@ -733,9 +946,13 @@ mod tests {
         let mut tr = Tracker::new(TrackerConfig::default());
         let (r, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
         tr.update_service(&r, e, t(0));
-        assert!(tr.apply_reading(&reading(10, 10, &[&key("10.180.0.1")])).is_empty());
+        assert!(tr
+            .apply_reading(&reading(10, 10, &[&key("10.180.0.1")]))
+            .is_empty());
         tr.mark_synced();
-        assert!(tr.apply_reading(&reading(20, 20, &[&key("10.180.0.1")])).is_empty());
+        assert!(tr
+            .apply_reading(&reading(20, 20, &[&key("10.180.0.1")]))
+            .is_empty());
         assert_eq!(tr.pending_count(), 0);
         assert_eq!(tr.stale_endpoints(), 0);
     }
@@ -744,21 +961,32 @@ mod tests {
     fn kube_proxy_faster_than_the_watch_gives_a_clamped_zero_lag() {
         let (mut tr, r) = steady();
         // The kernel dropped .2 at 900 and the agent read it at 950; the watch delivered at 1000.
-        assert!(tr.apply_reading(&reading(950, 900, &[&key("10.180.0.1")])).is_empty());
-        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").trigger_ms(800).build()]);
+        assert!(tr
+            .apply_reading(&reading(950, 900, &[&key("10.180.0.1")]))
+            .is_empty());
+        let (_, e) = expectation(&[slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .trigger_ms(800)
+            .build()]);
         tr.update_service(&r, e, t(1000));
         let out = tr.apply_reading(&reading(1010, 900, &[&key("10.180.0.1")]));
         let s = samples(&out);
         assert_eq!(s[0].lag, 0.0);
         assert!(s[0].lag_clamped);
-        assert!((s[0].end_to_end.unwrap().0 - 0.1).abs() < 1e-9, "uses the earlier reading's time");
+        assert!(
+            (s[0].end_to_end.unwrap().0 - 0.1).abs() < 1e-9,
+            "uses the earlier reading's time"
+        );
     }
 
     #[test]
     fn clock_skew_on_end_to_end_lag_is_clamped_and_flagged() {
         let (mut tr, r) = steady();
         // The API server's clock is 5 s ahead of this node.
-        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").trigger_ms(6000).build()]);
+        let (_, e) = expectation(&[slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .trigger_ms(6000)
+            .build()]);
         tr.update_service(&r, e, t(1000));
         let out = tr.apply_reading(&reading(1100, 1100, &[&key("10.180.0.1")]));
         let s = samples(&out);
@@ -777,10 +1005,16 @@ mod tests {
         assert_eq!(tr.pending().next().unwrap().state, PendingState::Unknown);
         let mut v = view(&[&key("10.180.0.1")]);
         v.uncertain.insert(key("10.180.0.2").port_name);
-        let uncertain = Reading { outcome: ReadingOutcome::Routed(v), ..reading(1200, 1200, &[]) };
+        let uncertain = Reading {
+            outcome: ReadingOutcome::Routed(v),
+            ..reading(1200, 1200, &[])
+        };
         assert!(tr.apply_reading(&uncertain).is_empty());
         assert_eq!(tr.pending().next().unwrap().state, PendingState::Unknown);
-        assert_eq!(samples(&tr.apply_reading(&reading(1300, 1300, &[&key("10.180.0.1")]))).len(), 1);
+        assert_eq!(
+            samples(&tr.apply_reading(&reading(1300, 1300, &[&key("10.180.0.1")]))).len(),
+            1
+        );
     }
 
     #[test]
@@ -789,15 +1023,21 @@ mod tests {
         let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
         tr.update_service(&r, e, t(1000));
         let mut v = view(&[&key("10.180.0.1")]);
-        v.unattributed.insert((Protocol::Tcp, key("10.180.0.2").endpoint));
-        let r1 = Reading { outcome: ReadingOutcome::Routed(v), ..reading(1100, 1100, &[]) };
+        v.unattributed
+            .insert((Protocol::Tcp, key("10.180.0.2").endpoint));
+        let r1 = Reading {
+            outcome: ReadingOutcome::Routed(v),
+            ..reading(1100, 1100, &[])
+        };
         assert!(tr.apply_reading(&r1).is_empty());
         assert_eq!(tr.pending_count(), 1);
     }
 
     #[test]
     fn timed_out_changes_stay_pending_and_are_reported_once() {
-        let mut tr = Tracker::new(TrackerConfig { change_timeout: Duration::from_secs(10) });
+        let mut tr = Tracker::new(TrackerConfig {
+            change_timeout: Duration::from_secs(10),
+        });
         let (r, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
         tr.update_service(&r, e, t(0));
         tr.mark_synced();
@@ -808,13 +1048,20 @@ mod tests {
         assert!(tr.expire(t(13_000)).is_empty());
         assert_eq!(tr.pending().next().unwrap().state, PendingState::TimedOut);
         assert!((tr.oldest_pending_age(t(13_000)) - 12.0).abs() < 1e-9);
-        assert_eq!(samples(&tr.apply_reading(&reading(14_000, 14_000, &[]))).len(), 1);
+        assert_eq!(
+            samples(&tr.apply_reading(&reading(14_000, 14_000, &[]))).len(),
+            1
+        );
     }
 
     #[test]
     fn stale_endpoints_are_counted_after_sync() {
         let (mut tr, _) = steady();
-        tr.apply_reading(&reading(100, 100, &[&key("10.180.0.1"), &key("10.180.0.2"), &key("10.180.0.7")]));
+        tr.apply_reading(&reading(
+            100,
+            100,
+            &[&key("10.180.0.1"), &key("10.180.0.2"), &key("10.180.0.7")],
+        ));
         assert_eq!(tr.stale_endpoints(), 1);
     }
 }

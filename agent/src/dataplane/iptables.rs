@@ -32,7 +32,11 @@ impl Backend {
     }
 
     pub fn save_program(self, ipv6: bool) -> String {
-        format!("{}-{}-save", if ipv6 { "ip6tables" } else { "iptables" }, self.as_str())
+        format!(
+            "{}-{}-save",
+            if ipv6 { "ip6tables" } else { "iptables" },
+            self.as_str()
+        )
     }
 }
 
@@ -191,14 +195,27 @@ fn parse_nat(text: &str) -> NatTable {
             continue;
         }
         let Some(rest) = line.strip_prefix("-A ") else {
-            table.warnings.push(format!("line {}: not a rule: {line:.120}", lineno + 1));
+            table
+                .warnings
+                .push(format!("line {}: not a rule: {line:.120}", lineno + 1));
             continue;
         };
-        let chain = rest.split_whitespace().next().unwrap_or_default().to_string();
+        let chain = rest
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
         match tokenize(rest) {
-            Some(tokens) => table.chains.entry(chain).or_default().push(parse_rule(&tokens[1..])),
+            Some(tokens) => table
+                .chains
+                .entry(chain)
+                .or_default()
+                .push(parse_rule(&tokens[1..])),
             None => {
-                table.warnings.push(format!("line {}: unbalanced quotes in chain {chain}: {line:.120}", lineno + 1));
+                table.warnings.push(format!(
+                    "line {}: unbalanced quotes in chain {chain}: {line:.120}",
+                    lineno + 1
+                ));
                 table.broken.insert(chain.clone());
                 table.chains.entry(chain).or_default();
             }
@@ -208,17 +225,34 @@ fn parse_nat(text: &str) -> NatTable {
 }
 
 const ENTRY_CHAINS: [&str; 2] = ["KUBE-SERVICES", "KUBE-NODEPORTS"];
-const GROUP_PREFIXES: [&str; 5] = ["KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-XLB-"];
+const GROUP_PREFIXES: [&str; 5] = [
+    "KUBE-SVC-",
+    "KUBE-SVL-",
+    "KUBE-EXT-",
+    "KUBE-FW-",
+    "KUBE-XLB-",
+];
 
 /// The service-port id of a chain: its hash for kube-proxy's per-port chains.
 fn group_id(chain: &str) -> &str {
-    GROUP_PREFIXES.iter().find_map(|p| chain.strip_prefix(p)).unwrap_or(chain)
+    GROUP_PREFIXES
+        .iter()
+        .find_map(|p| chain.strip_prefix(p))
+        .unwrap_or(chain)
 }
 
 /// The service port name in a kube-proxy comment, if the comment names one.
 fn name_from_comment(comment: &str) -> Option<ServicePortName> {
-    const SUFFIXES: [&str; 4] = [" cluster IP", " external IP", " loadbalancer IP", " health check node port"];
-    let base = SUFFIXES.iter().find_map(|s| comment.strip_suffix(s)).unwrap_or(comment);
+    const SUFFIXES: [&str; 4] = [
+        " cluster IP",
+        " external IP",
+        " loadbalancer IP",
+        " health check node port",
+    ];
+    let base = SUFFIXES
+        .iter()
+        .find_map(|s| comment.strip_suffix(s))
+        .unwrap_or(comment);
     let base = base.split_once(" -> ").map_or(base, |(spn, _)| spn);
     ServicePortName::parse(base)
 }
@@ -239,9 +273,13 @@ fn walk(table: &NatTable) -> (Vec<ServiceRoutes>, Vec<String>, bool) {
         if table.broken.contains(entry) {
             entry_broken = true;
         }
-        let Some(rules) = table.chains.get(entry) else { continue };
+        let Some(rules) = table.chains.get(entry) else {
+            continue;
+        };
         for rule in rules {
-            let Some(target) = rule.target.as_deref() else { continue };
+            let Some(target) = rule.target.as_deref() else {
+                continue;
+            };
             if ENTRY_CHAINS.contains(&target) || !table.chains.contains_key(target) {
                 continue;
             }
@@ -255,9 +293,14 @@ fn walk(table: &NatTable) -> (Vec<ServiceRoutes>, Vec<String>, bool) {
                 group.name = rule.comment.as_deref().and_then(name_from_comment);
             }
             if let Some(port) = &rule.dport {
-                match (entry, rule.destination.as_deref().and_then(strip_prefix_len)) {
+                match (
+                    entry,
+                    rule.destination.as_deref().and_then(strip_prefix_len),
+                ) {
                     ("KUBE-SERVICES", Some(ip)) => {
-                        group.frontends.insert(SocketAddr::new(ip, port.parse().unwrap_or(0)).to_string());
+                        group
+                            .frontends
+                            .insert(SocketAddr::new(ip, port.parse().unwrap_or(0)).to_string());
                     }
                     ("KUBE-NODEPORTS", _) => {
                         group.frontends.insert(format!("*:{port}"));
@@ -282,7 +325,9 @@ fn follow(table: &NatTable, start: &str, group: &mut ServiceRoutes, warnings: &m
         if table.broken.contains(&chain) {
             group.uncertain = true;
         }
-        let Some(rules) = table.chains.get(&chain) else { continue };
+        let Some(rules) = table.chains.get(&chain) else {
+            continue;
+        };
         for rule in rules {
             if group.name.is_none() {
                 group.name = rule.comment.as_deref().and_then(name_from_comment);
@@ -297,14 +342,18 @@ fn follow(table: &NatTable, start: &str, group: &mut ServiceRoutes, warnings: &m
                     }
                     Err(_) => {
                         group.uncertain = true;
-                        warnings.push(format!("chain {chain}: cannot parse DNAT destination {dest:?}"));
+                        warnings.push(format!(
+                            "chain {chain}: cannot parse DNAT destination {dest:?}"
+                        ));
                     }
                 },
                 (Some("DNAT"), None) => {
                     group.uncertain = true;
                     warnings.push(format!("chain {chain}: DNAT rule without --to-destination"));
                 }
-                (Some(target), _) if table.chains.contains_key(target) && !ENTRY_CHAINS.contains(&target) => {
+                (Some(target), _)
+                    if table.chains.contains_key(target) && !ENTRY_CHAINS.contains(&target) =>
+                {
                     stack.push(target.to_string());
                 }
                 _ => {}
@@ -320,7 +369,9 @@ pub fn routes_from_save(text: &str) -> (Vec<ServiceRoutes>, Vec<String>, bool) {
 
 /// Counts kube-proxy chains in a save dump, to pick the backend kube-proxy uses.
 fn kube_chain_count(text: &str) -> usize {
-    text.lines().filter(|l| l.starts_with(":KUBE-") || l.starts_with("-A KUBE-")).count()
+    text.lines()
+        .filter(|l| l.starts_with(":KUBE-") || l.starts_with("-A KUBE-"))
+        .count()
 }
 
 /// Picks the backend holding kube-proxy's chains, like kube-proxy's iptables wrapper: the one
@@ -347,7 +398,10 @@ fn run_save(netns: &NetNs, program: &str) -> Result<String, ReadError> {
         .args(["-t", "nat"])
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| ReadError::ToolMissing { program: program.into(), source })?;
+        .map_err(|source| ReadError::ToolMissing {
+            program: program.into(),
+            source,
+        })?;
     if !output.status.success() {
         return Err(ReadError::ToolFailed {
             program: program.into(),
@@ -355,8 +409,10 @@ fn run_save(netns: &NetNs, program: &str) -> Result<String, ReadError> {
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
         });
     }
-    String::from_utf8(output.stdout)
-        .map_err(|_| ReadError::Unparseable { program: program.into(), reason: "output is not UTF-8".into() })
+    String::from_utf8(output.stdout).map_err(|_| ReadError::Unparseable {
+        program: program.into(),
+        reason: "output is not UTF-8".into(),
+    })
 }
 
 pub struct IptablesReader {
@@ -395,7 +451,8 @@ impl DataplaneReader for IptablesReader {
                 Ok(text) => {
                     let (services, warnings, entry_broken) = routes_from_save(&text);
                     snap.services.extend(services);
-                    snap.warnings.extend(warnings.into_iter().map(|w| format!("{program}: {w}")));
+                    snap.warnings
+                        .extend(warnings.into_iter().map(|w| format!("{program}: {w}")));
                     entry_broken
                 }
                 Err(e) => {
@@ -421,10 +478,14 @@ impl DataplaneReader for IptablesReader {
 mod tests {
     use super::*;
 
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/reference/kube-proxy/fixtures");
+    const FIXTURES: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/reference/kube-proxy/fixtures"
+    );
 
     fn fixture(name: &str) -> String {
-        std::fs::read_to_string(format!("{FIXTURES}/{name}")).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+        std::fs::read_to_string(format!("{FIXTURES}/{name}"))
+            .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
     }
 
     fn summary(services: &[ServiceRoutes]) -> Vec<String> {
@@ -433,7 +494,12 @@ mod tests {
             .map(|s| {
                 let name = s.name.as_ref().map_or("?".to_string(), |n| n.to_string());
                 let eps: Vec<String> = s.endpoints.iter().map(|e| e.to_string()).collect();
-                format!("{name} {} [{}] -> [{}]", s.protocol.map_or("?", |p| p.as_str()), s.frontends.iter().cloned().collect::<Vec<_>>().join(","), eps.join(","))
+                format!(
+                    "{name} {} [{}] -> [{}]",
+                    s.protocol.map_or("?", |p| p.as_str()),
+                    s.frontends.iter().cloned().collect::<Vec<_>>().join(","),
+                    eps.join(",")
+                )
             })
             .collect();
         out.sort();
@@ -445,19 +511,38 @@ mod tests {
         let h = |spn: &str, p| port_proto_hash(&ServicePortName::parse(spn).unwrap(), p);
         assert_eq!(h("ns1/svc1:p80", Protocol::Tcp), "XPGD46QRK7WJZT7O");
         assert_eq!(h("ns1/svc1", Protocol::Tcp), "AQI2S6QIMU7PVVRP");
-        assert_eq!(h("default/kubernetes:https", Protocol::Tcp), "NPX46M4PTMTKRN6Y");
-        assert_eq!(h("kube-system/kube-dns:dns", Protocol::Udp), "TCOU7JCQXEZGVUNU");
+        assert_eq!(
+            h("default/kubernetes:https", Protocol::Tcp),
+            "NPX46M4PTMTKRN6Y"
+        );
+        assert_eq!(
+            h("kube-system/kube-dns:dns", Protocol::Udp),
+            "TCOU7JCQXEZGVUNU"
+        );
     }
 
     #[test]
     fn tokenizer_handles_quotes_and_escapes() {
-        assert_eq!(tokenize(r#"-A X -m comment --comment "a \"b\" c" -j Y"#).unwrap(), ["-A", "X", "-m", "comment", "--comment", "a \"b\" c", "-j", "Y"]);
+        assert_eq!(
+            tokenize(r#"-A X -m comment --comment "a \"b\" c" -j Y"#).unwrap(),
+            [
+                "-A",
+                "X",
+                "-m",
+                "comment",
+                "--comment",
+                "a \"b\" c",
+                "-j",
+                "Y"
+            ]
+        );
         assert!(tokenize(r#"-A X --comment "open"#).is_none());
     }
 
     #[test]
     fn overall_fixture_restore_input() {
-        let (services, _, broken) = routes_from_save(&fixture("ipt_TestOverallIPTablesRules_531be81.txt"));
+        let (services, _, broken) =
+            routes_from_save(&fixture("ipt_TestOverallIPTablesRules_531be81.txt"));
         assert!(!broken);
         assert_eq!(
             summary(&services),
@@ -486,7 +571,10 @@ mod tests {
             ["ns1/svc1:p80 tcp [*:30080,172.30.0.41:80] -> [10.180.0.1:80,10.180.1.1:80,10.180.2.1:80]"]
         );
         let (s, _, _) = routes_from_save(&fixture("ipt_TestParseIPTablesData_basic_531be81.txt"));
-        assert_eq!(summary(&s), ["ns1/svc1:p80 tcp [10.20.30.41:80] -> [10.180.0.1:80]"]);
+        assert_eq!(
+            summary(&s),
+            ["ns1/svc1:p80 tcp [10.20.30.41:80] -> [10.180.0.1:80]"]
+        );
     }
 
     const NO_COMMENTS: &str = "*nat
@@ -508,7 +596,10 @@ COMMIT
     #[test]
     fn large_cluster_mode_without_comments_and_leftover_sep_chain() {
         let (s, _, _) = routes_from_save(NO_COMMENTS);
-        assert_eq!(summary(&s), ["ns1/svc1:p80 tcp [172.30.0.41:80] -> [10.180.0.1:80,10.180.2.1:80]"]);
+        assert_eq!(
+            summary(&s),
+            ["ns1/svc1:p80 tcp [172.30.0.41:80] -> [10.180.0.1:80,10.180.2.1:80]"]
+        );
         // Without even the entry comment the hash still identifies the service port.
         let bare = NO_COMMENTS.replace(" -m comment --comment \"ns1/svc1:p80 cluster IP\"", "");
         let (s, _, _) = routes_from_save(&bare);
@@ -528,7 +619,10 @@ COMMIT
 COMMIT
 ";
         let (s, _, _) = routes_from_save(text);
-        assert_eq!(summary(&s), ["ns1/svc1:p80 tcp [[fd00:172:30::41]:80] -> [[fd00:10:180::1]:80]"]);
+        assert_eq!(
+            summary(&s),
+            ["ns1/svc1:p80 tcp [[fd00:172:30::41]:80] -> [[fd00:10:180::1]:80]"]
+        );
     }
 
     #[test]
@@ -539,12 +633,20 @@ COMMIT
         );
         let (s, warnings, _) = routes_from_save(&bad);
         assert!(s[0].uncertain);
-        assert!(warnings.iter().any(|w| w.contains("unbalanced quotes")), "{warnings:?}");
-        let weird = NO_COMMENTS.replace("--to-destination 10.180.2.1:80", "--to-destination 10.180.2.1-10.180.2.9");
+        assert!(
+            warnings.iter().any(|w| w.contains("unbalanced quotes")),
+            "{warnings:?}"
+        );
+        let weird = NO_COMMENTS.replace(
+            "--to-destination 10.180.2.1:80",
+            "--to-destination 10.180.2.1-10.180.2.9",
+        );
         let (s, warnings, _) = routes_from_save(&weird);
         assert!(s[0].uncertain);
         assert!(warnings.iter().any(|w| w.contains("cannot parse DNAT")));
-        let (_, _, entry_broken) = routes_from_save("*nat\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -m comment --comment \"x\n");
+        let (_, _, entry_broken) = routes_from_save(
+            "*nat\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -m comment --comment \"x\n",
+        );
         assert!(entry_broken);
     }
 }

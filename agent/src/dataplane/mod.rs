@@ -46,7 +46,9 @@ impl FromStr for Mode {
             "iptables" => Ok(Mode::Iptables),
             "nftables" => Ok(Mode::Nftables),
             "ipvs" => Ok(Mode::Ipvs),
-            other => Err(format!("unknown mode {other:?} (expected iptables, nftables or ipvs)")),
+            other => Err(format!(
+                "unknown mode {other:?} (expected iptables, nftables or ipvs)"
+            )),
         }
     }
 }
@@ -95,9 +97,16 @@ pub struct DataplaneSnapshot {
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error("running {program}: {source} (install the package that provides it, e.g. `apt-get install iptables`)")]
-    ToolMissing { program: String, source: std::io::Error },
+    ToolMissing {
+        program: String,
+        source: std::io::Error,
+    },
     #[error("{program} failed ({status}): {stderr} (the agent needs CAP_NET_ADMIN and the host network namespace)")]
-    ToolFailed { program: String, status: String, stderr: String },
+    ToolFailed {
+        program: String,
+        status: String,
+        stderr: String,
+    },
     #[error("parsing the output of {program}: {reason}")]
     Unparseable { program: String, reason: String },
     #[error("{0}")]
@@ -127,4 +136,34 @@ pub trait DataplaneReader: Send {
     fn backend(&self) -> &str;
     fn change_source(&self) -> ChangeSource;
     fn read(&mut self) -> Result<DataplaneSnapshot, ReadError>;
+}
+
+/// Opens the reader for `mode` (`None`: detect). Detection looks at what exists in the kernel:
+/// kube-proxy's chains in iptables-nft or iptables-legacy.
+pub fn open_reader(
+    mode: Option<Mode>,
+    backend: Option<iptables::Backend>,
+    netns: &crate::netns::NetNs,
+) -> Result<Box<dyn DataplaneReader>, ReadError> {
+    match mode {
+        Some(Mode::Iptables) | None => {
+            let backend = match backend {
+                Some(b) => Some(b),
+                None => iptables::detect_backend(netns),
+            };
+            match backend {
+                Some(b) => Ok(Box::new(iptables::IptablesReader::new(b, netns.clone()))),
+                None => Err(ReadError::NotFound {
+                    mode: Mode::Iptables,
+                    detail: "no KUBE- chains in the nat table of iptables-nft or iptables-legacy; is kube-proxy \
+                             running in iptables mode on this node? (use --mode to choose explicitly)"
+                        .into(),
+                }),
+            }
+        }
+        Some(m @ (Mode::Nftables | Mode::Ipvs)) => Err(ReadError::NotFound {
+            mode: m,
+            detail: format!("this build has no {m} reader yet; only iptables mode is supported"),
+        }),
+    }
 }

@@ -54,7 +54,9 @@ pub fn parse_generations(buf: &[u8]) -> Result<Vec<u32>, i32> {
                     break;
                 }
                 if atype == NFTA_GEN_ID && alen >= 8 {
-                    out.push(u32::from_be_bytes(msg[a + 4..a + 8].try_into().unwrap_or_default()));
+                    out.push(u32::from_be_bytes(
+                        msg[a + 4..a + 8].try_into().unwrap_or_default(),
+                    ));
                 }
                 a += (alen + 3) & !3;
             }
@@ -178,7 +180,11 @@ mod tests {
         buf.extend(other);
         buf.extend(newgen(42));
         assert_eq!(parse_generations(&buf), Ok(vec![41, 42]));
-        assert_eq!(parse_generations(&buf[..10]), Ok(vec![]), "a truncated header is ignored");
+        assert_eq!(
+            parse_generations(&buf[..10]),
+            Ok(vec![]),
+            "a truncated header is ignored"
+        );
     }
 
     #[test]

@@ -1,0 +1,612 @@
+//! The node agent's runtime: watchers and the dataplane loop feed one core task that owns the
+//! caches and the tracker. Work flows stream → bounded channel → core; the core never does
+//! I/O itself, so a slow API server or a slow read cannot corrupt its state.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
+use tokio::sync::{mpsc, Notify};
+
+use crate::admin::{self, Health};
+use crate::dataplane::nfnotify::{self, GenerationProbe, Notification};
+use crate::dataplane::{
+    self, iptables::Backend, ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError,
+};
+use crate::expected::{expect_service, ServiceSpec, SliceRecord};
+use crate::k8s::{self, SliceError, SliceProblem, WatchMsg, WatchScope};
+use crate::model::{ServiceRef, Timestamp};
+use crate::netns::NetNs;
+use crate::resolve::ServiceCatalog;
+use crate::telemetry::Metrics;
+use crate::tracker::{ReadTrigger, Reading, ReadingMeta, ReadingOutcome, Tracker, TrackerConfig};
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub scope: WatchScope,
+    pub mode: Option<Mode>,
+    pub backend: Option<Backend>,
+    pub netns: NetNs,
+    pub poll_interval: Duration,
+    pub resync_interval: Duration,
+    pub change_timeout: Duration,
+    pub listen: SocketAddr,
+}
+
+type SliceId = (String, String);
+
+#[derive(Debug)]
+struct SliceItem {
+    id: SliceId,
+    record: Result<(SliceRecord, Vec<SliceProblem>), SliceError>,
+}
+
+#[derive(Debug)]
+struct ServiceItem {
+    service: ServiceRef,
+    spec: Option<ServiceSpec>,
+}
+
+#[derive(Debug)]
+enum Input {
+    Slice(WatchMsg<SliceItem>),
+    Service(WatchMsg<ServiceItem>),
+    Reading {
+        mode: Mode,
+        backend: String,
+        result: Result<DataplaneSnapshot, ReadError>,
+        meta: ReadingMeta,
+        took: Duration,
+    },
+    ReaderUnavailable(ReadError, ReadingMeta),
+}
+
+/// Runs the agent with kube's standard config discovery until an error or Ctrl-C.
+pub async fn run(config: AgentConfig, metrics: Metrics) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.context(
+        "building the Kubernetes client (in-cluster service account, or KUBECONFIG / ~/.kube/config): check that one of them is present and valid",
+    )?;
+    run_with_client(client, config, metrics).await
+}
+
+/// Runs the agent with a given client (tests use a fake API server).
+pub async fn run_with_client(
+    client: kube::Client,
+    config: AgentConfig,
+    metrics: Metrics,
+) -> anyhow::Result<()> {
+    let health = Arc::new(Health::default());
+    let (addr, server) = admin::serve(config.listen, metrics.clone(), health.clone())
+        .await
+        .with_context(|| format!("binding the admin server to {}", config.listen))?;
+    tracing::info!(%addr, node = %config.node_name, "admin server listening (/metrics, /healthz, /readyz)");
+
+    let (tx, rx) = mpsc::channel::<Input>(1024);
+    let scope = config.scope.clone();
+    let slices = k8s::watch::<EndpointSlice, _>(client.clone(), &scope, |s| SliceItem {
+        id: (s.namespace().unwrap_or_default(), s.name_any()),
+        record: k8s::slice_record(s),
+    });
+    let services = k8s::watch::<Service, _>(client, &scope, |s| ServiceItem {
+        service: ServiceRef::new(s.namespace().unwrap_or_default(), s.name_any()),
+        spec: k8s::service_spec(s),
+    });
+    let pending_wakeup = Arc::new(Notify::new());
+    let pending_count = Arc::new(AtomicUsize::new(0));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(async move { server.await.context("admin server failed") });
+    tasks.spawn(forward(slices, tx.clone(), Input::Slice));
+    tasks.spawn(forward(services, tx.clone(), Input::Service));
+    tasks.spawn(dataplane_loop(
+        config.clone(),
+        tx,
+        pending_wakeup.clone(),
+        pending_count.clone(),
+    ));
+    let core = Core::new(&config, metrics, health, pending_wakeup, pending_count);
+    tasks.spawn(core.run(rx));
+
+    // Every task runs for the agent's lifetime: the first one to end, ends the agent.
+    let first = tokio::select! {
+        r = tasks.join_next() => r,
+        _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted, shutting down"); return Ok(()); }
+    };
+    tasks.abort_all();
+    match first {
+        Some(Ok(Ok(()))) | None => Ok(()),
+        Some(Ok(Err(e))) => Err(e),
+        Some(Err(e)) => Err(anyhow::anyhow!("agent task panicked: {e}")),
+    }
+}
+
+async fn forward<T>(
+    stream: impl Stream<Item = WatchMsg<T>> + Send + 'static,
+    tx: mpsc::Sender<Input>,
+    wrap: fn(WatchMsg<T>) -> Input,
+) -> anyhow::Result<()> {
+    let mut stream = std::pin::pin!(stream);
+    while let Some(msg) = stream.next().await {
+        if let WatchMsg::Failed { .. } = &msg {
+            // kube-runtime's watcher retries on the next poll; pace it so an unreachable API
+            // server is not hammered.
+            let failed = tx.send(wrap(msg)).await.is_err();
+            if failed {
+                break;
+            }
+            tokio::time::sleep(k8s::WATCH_RETRY).await;
+            continue;
+        }
+        if tx.send(wrap(msg)).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The core: owns caches and tracker, turns inputs into metrics.
+struct Core {
+    node: String,
+    tracker: Tracker,
+    slices: HashMap<SliceId, SliceRecord>,
+    by_service: HashMap<ServiceRef, BTreeSet<SliceId>>,
+    services: HashMap<ServiceRef, ServiceSpec>,
+    slice_init: Option<Vec<SliceItem>>,
+    service_init: Option<Vec<ServiceItem>>,
+    slice_lists: u64,
+    service_lists: u64,
+    metrics: Metrics,
+    health: Arc<Health>,
+    mode_label: String,
+    pending_wakeup: Arc<Notify>,
+    pending_count: Arc<AtomicUsize>,
+}
+
+impl Core {
+    fn new(
+        config: &AgentConfig,
+        metrics: Metrics,
+        health: Arc<Health>,
+        pending_wakeup: Arc<Notify>,
+        pending_count: Arc<AtomicUsize>,
+    ) -> Self {
+        Self {
+            node: config.node_name.clone(),
+            tracker: Tracker::new(TrackerConfig {
+                change_timeout: config.change_timeout,
+            }),
+            slices: HashMap::new(),
+            by_service: HashMap::new(),
+            services: HashMap::new(),
+            slice_init: None,
+            service_init: None,
+            slice_lists: 0,
+            service_lists: 0,
+            metrics,
+            health,
+            mode_label: "unknown".into(),
+            pending_wakeup,
+            pending_count,
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Input>) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(input) => self.handle(input),
+                    None => return Ok(()),
+                },
+                _ = tick.tick() => {
+                    let outcomes = self.tracker.expire(Timestamp::now());
+                    for o in &outcomes {
+                        if let crate::tracker::Outcome::TimedOut { key, reason, .. } = o {
+                            tracing::warn!(%key, reason = reason.as_str(), "change still not reflected in the kernel after the change timeout");
+                        }
+                    }
+                    self.metrics.record_outcomes(&self.mode_label, &outcomes);
+                }
+            }
+            self.metrics.refresh_gauges(&self.tracker, Timestamp::now());
+            self.pending_count
+                .store(self.tracker.pending_count(), Ordering::Relaxed);
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Slice(msg) => self.on_slice(msg),
+            Input::Service(msg) => self.on_service(msg),
+            Input::Reading {
+                mode,
+                backend,
+                result,
+                meta,
+                took,
+            } => {
+                self.metrics
+                    .dataplane_read_duration
+                    .observe(took.as_secs_f64());
+                self.mode_label = mode.as_str().into();
+                self.metrics.set_info(mode.as_str(), &backend);
+                self.metrics
+                    .dataplane_reads
+                    .with_label_values(&[meta.trigger.as_str()])
+                    .inc();
+                let outcome = match result {
+                    Ok(snap) => {
+                        for w in &snap.warnings {
+                            tracing::warn!(warning = %w, "dataplane rule not understood; affected endpoints are unknown");
+                        }
+                        if !snap.warnings.is_empty() {
+                            self.metrics
+                                .dataplane_read_errors
+                                .with_label_values(&["partial"])
+                                .inc();
+                        }
+                        self.health.dataplane_read.store(true, Ordering::Relaxed);
+                        let catalog = ServiceCatalog::build(self.tracker.services());
+                        ReadingOutcome::Routed(catalog.view(&snap))
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "dataplane read failed; pending changes are unknown");
+                        self.metrics
+                            .dataplane_read_errors
+                            .with_label_values(&[e.kind()])
+                            .inc();
+                        ReadingOutcome::Failed { kind: e.kind() }
+                    }
+                };
+                self.apply_reading(Reading { meta, outcome });
+            }
+            Input::ReaderUnavailable(e, meta) => {
+                self.metrics
+                    .dataplane_read_errors
+                    .with_label_values(&[e.kind()])
+                    .inc();
+                self.metrics.set_info("unknown", "unknown");
+                self.apply_reading(Reading {
+                    meta,
+                    outcome: ReadingOutcome::Failed { kind: e.kind() },
+                });
+            }
+        }
+    }
+
+    fn apply_reading(&mut self, reading: Reading) {
+        let outcomes = self.tracker.apply_reading(&reading);
+        for o in &outcomes {
+            if let crate::tracker::Outcome::Converged(s) = o {
+                tracing::info!(key = %s.key, change = s.kind.as_str(), reason = s.reason.as_str(), lag_seconds = s.lag,
+                    end_to_end_seconds = s.end_to_end.map(|e| e.0), trigger = s.read_trigger.as_str(), "converged");
+            }
+        }
+        self.metrics.record_outcomes(&self.mode_label, &outcomes);
+    }
+
+    fn on_slice(&mut self, msg: WatchMsg<SliceItem>) {
+        match msg {
+            WatchMsg::InitStart => {
+                self.slice_lists += 1;
+                if self.slice_lists > 1 {
+                    self.metrics
+                        .watch_restarts
+                        .with_label_values(&["endpointslices"])
+                        .inc();
+                }
+                self.slice_init = Some(Vec::new());
+            }
+            WatchMsg::InitItem(item) => self.slice_init.get_or_insert_with(Vec::new).push(item),
+            WatchMsg::InitDone(at) => {
+                let items = self.slice_init.take().unwrap_or_default();
+                let mut touched: BTreeSet<ServiceRef> = self.by_service.keys().cloned().collect();
+                self.slices.clear();
+                self.by_service.clear();
+                for item in items {
+                    if let Some(svc) = self.insert_slice(item) {
+                        touched.insert(svc);
+                    }
+                }
+                self.health.slices_listed.store(true, Ordering::Relaxed);
+                self.recompute_all(touched, at);
+            }
+            WatchMsg::Apply(item, at) => {
+                let mut touched = BTreeSet::new();
+                if let Some(old) = self.remove_slice(&item.id) {
+                    touched.insert(old);
+                }
+                if let Some(svc) = self.insert_slice(item) {
+                    touched.insert(svc);
+                }
+                self.recompute_all(touched, at);
+            }
+            WatchMsg::Delete(item, at) => {
+                let touched: BTreeSet<_> = self.remove_slice(&item.id).into_iter().collect();
+                self.recompute_all(touched, at);
+            }
+            WatchMsg::Failed { kind, message } => {
+                self.watch_failed("endpointslices", kind, &message)
+            }
+        }
+    }
+
+    fn on_service(&mut self, msg: WatchMsg<ServiceItem>) {
+        match msg {
+            WatchMsg::InitStart => {
+                self.service_lists += 1;
+                if self.service_lists > 1 {
+                    self.metrics
+                        .watch_restarts
+                        .with_label_values(&["services"])
+                        .inc();
+                }
+                self.service_init = Some(Vec::new());
+            }
+            WatchMsg::InitItem(item) => self.service_init.get_or_insert_with(Vec::new).push(item),
+            WatchMsg::InitDone(at) => {
+                let items = self.service_init.take().unwrap_or_default();
+                let mut touched: BTreeSet<ServiceRef> = self.services.keys().cloned().collect();
+                self.services.clear();
+                for item in items {
+                    touched.insert(item.service.clone());
+                    if let Some(spec) = item.spec {
+                        self.services.insert(item.service, spec);
+                    }
+                }
+                self.health.services_listed.store(true, Ordering::Relaxed);
+                self.recompute_all(touched, at);
+            }
+            WatchMsg::Apply(item, at) => {
+                match item.spec {
+                    Some(spec) => self.services.insert(item.service.clone(), spec),
+                    None => self.services.remove(&item.service),
+                };
+                self.recompute_all([item.service].into(), at);
+            }
+            WatchMsg::Delete(item, at) => {
+                self.services.remove(&item.service);
+                self.recompute_all([item.service].into(), at);
+            }
+            WatchMsg::Failed { kind, message } => self.watch_failed("services", kind, &message),
+        }
+    }
+
+    fn watch_failed(&self, resource: &str, kind: &'static str, message: &str) {
+        self.metrics
+            .watch_errors
+            .with_label_values(&[resource, kind])
+            .inc();
+        tracing::warn!(resource, kind, error = %message, "watch failed; retrying (is the API server reachable and are RBAC rights granted?)");
+    }
+
+    fn insert_slice(&mut self, item: SliceItem) -> Option<ServiceRef> {
+        match item.record {
+            Ok((record, problems)) => {
+                for p in problems {
+                    self.metrics.malformed.with_label_values(&[p.reason]).inc();
+                    tracing::warn!(problem = %p.detail, "skipping malformed part of an EndpointSlice, as kube-proxy does");
+                }
+                let svc = record.service.clone();
+                self.by_service
+                    .entry(svc.clone())
+                    .or_default()
+                    .insert(item.id.clone());
+                self.slices.insert(item.id, record);
+                Some(svc)
+            }
+            Err(e) => {
+                let reason = match e {
+                    SliceError::MissingServiceLabel(_) => "missing_service_label",
+                    SliceError::Fqdn(_) => "fqdn",
+                };
+                self.metrics.malformed.with_label_values(&[reason]).inc();
+                tracing::debug!(error = %e, "ignoring EndpointSlice");
+                None
+            }
+        }
+    }
+
+    fn remove_slice(&mut self, id: &SliceId) -> Option<ServiceRef> {
+        let old = self.slices.remove(id)?;
+        if let Some(set) = self.by_service.get_mut(&old.service) {
+            set.remove(id);
+            if set.is_empty() {
+                self.by_service.remove(&old.service);
+            }
+        }
+        Some(old.service)
+    }
+
+    fn recompute_all(&mut self, touched: BTreeSet<ServiceRef>, at: Timestamp) {
+        let synced_now = self.health.slices_listed.load(Ordering::Relaxed)
+            && self.health.services_listed.load(Ordering::Relaxed);
+        let before = self.tracker.pending_count();
+        for svc in touched {
+            let slices: Vec<&SliceRecord> = self
+                .by_service
+                .get(&svc)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| self.slices.get(id))
+                .collect();
+            let exp = expect_service(&svc, self.services.get(&svc), &slices, &self.node);
+            let outcomes = self.tracker.update_service(&svc, exp, at);
+            self.metrics.record_outcomes(&self.mode_label, &outcomes);
+        }
+        if synced_now && !self.tracker.is_synced() {
+            self.tracker.mark_synced();
+            tracing::info!(
+                services = self.services.len(),
+                slices = self.slices.len(),
+                "initial lists complete; tracking changes"
+            );
+        }
+        if self.tracker.pending_count() > before || self.tracker.pending().any(|c| c.observed == at)
+        {
+            self.pending_wakeup.notify_one();
+        }
+    }
+}
+
+/// Reads the dataplane on kernel notifications, on new pending changes and on a timer.
+async fn dataplane_loop(
+    config: AgentConfig,
+    tx: mpsc::Sender<Input>,
+    pending_wakeup: Arc<Notify>,
+    pending_count: Arc<AtomicUsize>,
+) -> anyhow::Result<()> {
+    let mut reader: Option<Box<dyn DataplaneReader>> = None;
+    let mut probe: Option<GenerationProbe> = None;
+    let (ntx, mut nrx) = mpsc::unbounded_channel::<Notification>();
+    let mut listening = false;
+    let mut seen: VecDeque<(u32, Timestamp)> = VecDeque::new();
+    let mut overrun = false;
+    let mut prev_started: Option<Timestamp> = None;
+    let mut trigger = ReadTrigger::Initial;
+    loop {
+        if reader.is_none() {
+            let (mode, backend, netns) = (config.mode, config.backend, config.netns.clone());
+            let opened =
+                tokio::task::spawn_blocking(move || dataplane::open_reader(mode, backend, &netns))
+                    .await?;
+            match opened {
+                Ok(r) => {
+                    tracing::info!(mode = %r.mode(), backend = r.backend(), "dataplane reader ready");
+                    if r.change_source() == ChangeSource::NfTablesEvents && !listening {
+                        match nfnotify::spawn_listener(&config.netns, ntx.clone()) {
+                            Ok(_) => listening = true,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot subscribe to nf_tables notifications; polling instead")
+                            }
+                        }
+                        probe = GenerationProbe::open(&config.netns)
+                            .map_err(|e| tracing::warn!(error = %e, "cannot query the nf_tables generation"))
+                            .ok();
+                    }
+                    reader = Some(r);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no dataplane reader; pending changes stay unknown");
+                    let now = Timestamp::now();
+                    let meta = ReadingMeta {
+                        started: now,
+                        finished: now,
+                        programmed_at: now,
+                        error_bound: Duration::ZERO,
+                        trigger,
+                    };
+                    if tx.send(Input::ReaderUnavailable(e, meta)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        if let Some(mut r) = reader.take() {
+            let events = listening && r.change_source() == ChangeSource::NfTablesEvents;
+            let mut p = probe.take();
+            let started = Timestamp::now();
+            let clock = Instant::now();
+            let (r_back, p_back, g1, result, g2) = tokio::task::spawn_blocking(move || {
+                let g1 = p.as_mut().and_then(|p| p.current().ok());
+                let result = r.read();
+                let g2 = p.as_mut().and_then(|p| p.current().ok());
+                (r, p, g1, result, g2)
+            })
+            .await?;
+            let elapsed = clock.elapsed();
+            let finished = Timestamp::now();
+            while let Ok(n) = nrx.try_recv() {
+                note(&mut seen, &mut overrun, n);
+            }
+            let window = prev_started.map_or(Duration::ZERO, |p| {
+                Duration::from_secs_f64(finished.seconds_since(p).max(0.0))
+            });
+            // The state seen took effect when its generation was announced; when that is not
+            // known for sure, the read's end is a safe upper bound.
+            let (programmed_at, error_bound) = match (events, g1, g2) {
+                (true, Some(a), Some(b)) if a == b && !overrun => seen
+                    .iter()
+                    .find(|(g, _)| *g == b)
+                    .map_or((finished, window), |(_, at)| (*at, Duration::ZERO)),
+                _ => (finished, window),
+            };
+            overrun = false;
+            prev_started = Some(started);
+            let meta = ReadingMeta {
+                started,
+                finished,
+                programmed_at,
+                error_bound,
+                trigger,
+            };
+            let (mode, backend) = (r_back.mode(), r_back.backend().to_string());
+            let rebuild = matches!(
+                &result,
+                Err(ReadError::ToolMissing { .. } | ReadError::NotFound { .. })
+            );
+            if let Err(e) = &result {
+                tracing::debug!(error = %e, "dataplane read failed");
+            }
+            if tx
+                .send(Input::Reading {
+                    mode,
+                    backend,
+                    result,
+                    meta,
+                    took: elapsed,
+                })
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+            if !rebuild {
+                reader = Some(r_back);
+                probe = p_back;
+            }
+        }
+        let idle = if pending_count.load(Ordering::Relaxed) > 0 {
+            config.poll_interval
+        } else {
+            config.resync_interval
+        };
+        let wait = match &reader {
+            Some(r) if r.change_source() == ChangeSource::NfTablesEvents && listening => {
+                config.resync_interval
+            }
+            Some(_) => idle,
+            None => config.poll_interval.max(Duration::from_secs(5)),
+        };
+        trigger = tokio::select! {
+            Some(n) = nrx.recv() => {
+                note(&mut seen, &mut overrun, n);
+                ReadTrigger::Event
+            }
+            _ = pending_wakeup.notified() => ReadTrigger::Pending,
+            _ = tokio::time::sleep(wait) => ReadTrigger::Poll,
+        };
+    }
+}
+
+fn note(seen: &mut VecDeque<(u32, Timestamp)>, overrun: &mut bool, n: Notification) {
+    match n {
+        Notification::Generation(g) => {
+            if !seen.iter().any(|(s, _)| *s == g.generation) {
+                seen.push_back((g.generation, g.at));
+                if seen.len() > 256 {
+                    seen.pop_front();
+                }
+            }
+        }
+        Notification::Overrun(_) => *overrun = true,
+    }
+}

@@ -1,0 +1,84 @@
+//! Runs the selected command: the glue between parsed configuration and the library.
+
+use anyhow::Context;
+
+use crate::agent::{self, AgentConfig};
+use crate::config::{
+    AgentArgs, BackendArg, Cli, Command, DataplaneArgs, InspectArgs, ModeArg, OutputFormat,
+};
+use crate::dataplane::{iptables::Backend, Mode};
+use crate::k8s::WatchScope;
+use crate::netns::NetNs;
+use crate::telemetry::{self, Metrics};
+
+fn mode(arg: ModeArg) -> Option<Mode> {
+    match arg {
+        ModeArg::Auto => None,
+        ModeArg::Iptables => Some(Mode::Iptables),
+        ModeArg::Nftables => Some(Mode::Nftables),
+        ModeArg::Ipvs => Some(Mode::Ipvs),
+    }
+}
+
+fn backend(arg: BackendArg) -> Option<Backend> {
+    match arg {
+        BackendArg::Auto => None,
+        BackendArg::Nft => Some(Backend::Nft),
+        BackendArg::Legacy => Some(Backend::Legacy),
+    }
+}
+
+fn netns(args: &DataplaneArgs) -> anyhow::Result<NetNs> {
+    Ok(match &args.netns {
+        Some(p) => NetNs::open(p)?,
+        None => NetNs::current(),
+    })
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    telemetry::init_logging(cli.log_format);
+    match cli.command {
+        Command::Agent(args) => run_agent(args).await,
+        Command::Inspect(args) => run_inspect(args).await,
+    }
+}
+
+async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    if args.node_name.trim().is_empty() {
+        anyhow::bail!(
+            "--node-name (or NODE_NAME) is empty; set it from the downward API (spec.nodeName)"
+        );
+    }
+    let metrics = Metrics::new().context("registering metrics")?;
+    let config = AgentConfig {
+        node_name: args.node_name,
+        scope: WatchScope {
+            namespace: args.namespace,
+            label_selector: args.label_selector,
+        },
+        mode: mode(args.dataplane.mode),
+        backend: backend(args.dataplane.iptables_backend),
+        netns: netns(&args.dataplane)?,
+        poll_interval: args.poll_interval,
+        resync_interval: args.resync_interval,
+        change_timeout: args.change_timeout,
+        listen: args.listen,
+    };
+    agent::run(config, metrics).await
+}
+
+async fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let (m, b, ns) = (
+        mode(args.dataplane.mode),
+        backend(args.dataplane.iptables_backend),
+        netns(&args.dataplane)?,
+    );
+    let report = tokio::task::spawn_blocking(move || crate::inspect::inspect(m, b, &ns))
+        .await?
+        .context("reading the dataplane")?;
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Table => print!("{}", report.to_table()),
+    }
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! Command-line and environment configuration (clap derive; every flag has an `env`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::telemetry::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kube-converge",
+    version,
+    about = "When does traffic to a removed pod actually stop, on every node?"
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        env = "KUBE_CONVERGE_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent: watch EndpointSlices, read the dataplane, export lags.
+    Agent(AgentArgs),
+    /// Show what this node's kube-proxy dataplane routes right now, read from the kernel.
+    Inspect(InspectArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    Auto,
+    Iptables,
+    Nftables,
+    Ipvs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    Auto,
+    Nft,
+    Legacy,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct DataplaneArgs {
+    /// kube-proxy's mode; `auto` detects it from the kernel.
+    #[arg(long, env = "KUBE_CONVERGE_MODE", value_enum, default_value = "auto")]
+    pub mode: ModeArg,
+    /// iptables backend; `auto` picks the one holding kube-proxy's chains.
+    #[arg(
+        long,
+        env = "KUBE_CONVERGE_IPTABLES_BACKEND",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub iptables_backend: BackendArg,
+    /// Read the dataplane of another network namespace (e.g. /run/netns/NAME).
+    #[arg(long, env = "KUBE_CONVERGE_NETNS")]
+    pub netns: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct AgentArgs {
+    /// This node's name, as in EndpointSlice `nodeName`.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Watch only this namespace (default: all).
+    #[arg(long, env = "KUBE_CONVERGE_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Watch only Services and EndpointSlices matching this label selector.
+    #[arg(long, env = "KUBE_CONVERGE_LABEL_SELECTOR")]
+    pub label_selector: Option<String>,
+    #[command(flatten)]
+    pub dataplane: DataplaneArgs,
+    /// Poll interval where the kernel does not notify (iptables-legacy), while changes are pending.
+    #[arg(long, env = "KUBE_CONVERGE_POLL_INTERVAL", value_parser = parse_duration, default_value = "1s")]
+    pub poll_interval: Duration,
+    /// Full re-read interval when nothing is pending (safety net and stale-endpoint check).
+    #[arg(long, env = "KUBE_CONVERGE_RESYNC_INTERVAL", value_parser = parse_duration, default_value = "30s")]
+    pub resync_interval: Duration,
+    /// A change pending longer than this is reported timed out (it stays tracked).
+    #[arg(long, env = "KUBE_CONVERGE_CHANGE_TIMEOUT", value_parser = parse_duration, default_value = "5m")]
+    pub change_timeout: Duration,
+    /// Address of the HTTP server for /metrics, /healthz and /readyz.
+    #[arg(long, env = "KUBE_CONVERGE_LISTEN", default_value = "0.0.0.0:9108")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Json,
+    Table,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub dataplane: DataplaneArgs,
+    /// Output format.
+    #[arg(
+        short = 'o',
+        long,
+        env = "KUBE_CONVERGE_OUTPUT",
+        value_enum,
+        default_value = "table"
+    )]
+    pub output: OutputFormat,
+}
+
+/// Parses `250ms`, `1s`, `5m`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 1s, 5m"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit {unit:?} in {s:?}: use ms, s, m or h"
+            ))
+        }
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn cli_parses_agent_flags() {
+        let cli = Cli::try_parse_from([
+            "kube-converge",
+            "agent",
+            "--node-name",
+            "n1",
+            "--poll-interval",
+            "200ms",
+        ])
+        .unwrap();
+        let Command::Agent(a) = cli.command else {
+            panic!("not agent")
+        };
+        assert_eq!(
+            (a.node_name.as_str(), a.poll_interval),
+            ("n1", Duration::from_millis(200))
+        );
+    }
+}

@@ -1,0 +1,148 @@
+//! Attributes a dataplane snapshot's service ports to the Services the agent knows, producing
+//! the tracker's `RoutedView`. Names come from the rules when they carry them, else from the
+//! iptables chain hash of a known port, else from a known frontend. Whatever cannot be
+//! attributed still counts as routed for its address (safety first).
+
+use std::collections::HashMap;
+
+use crate::dataplane::iptables::port_proto_hash;
+use crate::dataplane::DataplaneSnapshot;
+use crate::expected::ServiceExpectation;
+use crate::model::{Protocol, ServicePortName, ServiceRef};
+use crate::tracker::RoutedView;
+
+const ALL_PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+/// Lookup tables built from the known Services.
+#[derive(Debug, Default)]
+pub struct ServiceCatalog {
+    by_hash: HashMap<String, (ServicePortName, Protocol)>,
+    by_frontend: HashMap<String, (ServicePortName, Protocol)>,
+}
+
+impl ServiceCatalog {
+    pub fn build<'a>(
+        services: impl Iterator<Item = (&'a ServiceRef, &'a ServiceExpectation)>,
+    ) -> Self {
+        let mut cat = Self::default();
+        for (_, exp) in services {
+            for ((spn, proto), frontends) in &exp.frontends {
+                cat.by_hash
+                    .insert(port_proto_hash(spn, *proto), (spn.clone(), *proto));
+                for f in frontends {
+                    cat.by_frontend.insert(f.to_string(), (spn.clone(), *proto));
+                }
+            }
+        }
+        cat
+    }
+
+    pub fn view(&self, snap: &DataplaneSnapshot) -> RoutedView {
+        let mut view = RoutedView {
+            unreadable_v4: snap.unreadable_v4,
+            unreadable_v6: snap.unreadable_v6,
+            ..Default::default()
+        };
+        for svc in &snap.services {
+            let from_catalog = || {
+                svc.chain_id
+                    .as_ref()
+                    .and_then(|h| self.by_hash.get(h))
+                    .or_else(|| svc.frontends.iter().find_map(|f| self.by_frontend.get(f)))
+            };
+            let resolved = match (&svc.name, svc.protocol) {
+                (Some(n), Some(p)) => Some((n.clone(), p)),
+                (Some(n), None) => from_catalog().filter(|(cn, _)| cn == n).cloned(),
+                (None, _) => from_catalog().cloned(),
+            };
+            match resolved {
+                Some((spn, proto)) => {
+                    if svc.uncertain {
+                        view.uncertain.insert(spn.clone());
+                    }
+                    view.named
+                        .extend(svc.endpoints.iter().map(|e| (spn.clone(), proto, *e)));
+                }
+                None => {
+                    if svc.uncertain {
+                        // Rules we cannot read and cannot attribute: nothing can be confirmed.
+                        view.unreadable_v4 = true;
+                        view.unreadable_v6 = true;
+                    }
+                    let protos: Vec<Protocol> =
+                        svc.protocol.map_or(ALL_PROTOCOLS.to_vec(), |p| vec![p]);
+                    for e in &svc.endpoints {
+                        view.unattributed.extend(protos.iter().map(|p| (*p, *e)));
+                    }
+                }
+            }
+        }
+        view
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::ServiceRoutes;
+    use crate::expected::builders::{slice, svc};
+    use crate::expected::expect_service;
+    use crate::model::EndpointKey;
+    use crate::tracker::Routed;
+
+    fn catalog() -> ServiceCatalog {
+        let (r, spec) = svc("ns1/svc1");
+        let s = slice("ns1/svc1").endpoint("10.180.0.1").build();
+        let exp = expect_service(&r, Some(&spec), &[&s], "n");
+        ServiceCatalog::build([(&r, &exp)].into_iter())
+    }
+
+    fn key() -> EndpointKey {
+        EndpointKey::new(
+            ServicePortName::new("ns1", "svc1", "p80"),
+            Protocol::Tcp,
+            "10.180.0.1:80".parse().unwrap(),
+        )
+    }
+
+    fn routes(f: impl FnOnce(&mut ServiceRoutes)) -> DataplaneSnapshot {
+        let mut r = ServiceRoutes {
+            endpoints: ["10.180.0.1:80".parse().unwrap()].into(),
+            ..Default::default()
+        };
+        f(&mut r);
+        DataplaneSnapshot {
+            services: vec![r],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn names_come_from_rules_hash_or_frontend() {
+        let cat = catalog();
+        let by_name = routes(|r| {
+            r.name = ServicePortName::parse("ns1/svc1:p80");
+            r.protocol = Some(Protocol::Tcp);
+        });
+        assert_eq!(cat.view(&by_name).routes(&key()), Routed::Yes);
+        let by_hash = routes(|r| r.chain_id = Some("XPGD46QRK7WJZT7O".into()));
+        assert!(cat.view(&by_hash).named.contains(&(
+            key().port_name,
+            Protocol::Tcp,
+            key().endpoint
+        )));
+        let by_frontend = routes(|r| {
+            r.frontends.insert("172.30.0.41:80".into());
+        });
+        assert!(cat.view(&by_frontend).unattributed.is_empty());
+    }
+
+    #[test]
+    fn unattributed_routes_still_count_and_uncertain_ones_block_everything() {
+        let cat = catalog();
+        let unknown = routes(|_| {});
+        assert_eq!(cat.view(&unknown).routes(&key()), Routed::Yes);
+        let broken = routes(|r| r.uncertain = true);
+        assert_eq!(cat.view(&broken).routes(&key()), Routed::Unknown);
+    }
+}

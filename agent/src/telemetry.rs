@@ -1,0 +1,237 @@
+//! Prometheus metrics and log setup. One registry is built at start-up and each metric family
+//! is registered here; metric labels never carry pod names, endpoint IPs or error text.
+
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::model::Timestamp;
+use crate::tracker::{LagSample, Outcome, PendingState, Tracker};
+
+/// Lag buckets: 1 ms doubling to 16.4 s (kube-proxy's sync_proxy_rules buckets) merged with
+/// the landmarks of kube-proxy's network_programming_duration buckets up to 300 s.
+pub const LAG_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.25, 0.256, 0.5, 0.512, 1.0, 1.024,
+    2.0, 2.048, 4.096, 5.0, 8.192, 10.0, 16.384, 30.0, 60.0, 120.0, 180.0, 240.0, 300.0,
+];
+
+const READ_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub lag: HistogramVec,
+    pub end_to_end_lag: HistogramVec,
+    pub lag_clamped: IntCounterVec,
+    pub changes: IntCounterVec,
+    pub pending: IntGaugeVec,
+    pub oldest_pending: prometheus::Gauge,
+    pub stale_endpoints: IntGauge,
+    pub holds_in_progress: IntGauge,
+    pub dataplane_reads: IntCounterVec,
+    pub dataplane_read_errors: IntCounterVec,
+    pub dataplane_read_duration: Histogram,
+    pub watch_restarts: IntCounterVec,
+    pub watch_errors: IntCounterVec,
+    pub status_writes: IntCounterVec,
+    pub malformed: IntCounterVec,
+    pub info: GaugeVec,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace("kube_converge")
+}
+
+fn hist(name: &str, help: &str, buckets: &[f64]) -> HistogramOpts {
+    HistogramOpts::new(name, help)
+        .namespace("kube_converge")
+        .buckets(buckets.to_vec())
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let m = Self {
+            lag: HistogramVec::new(
+                hist("lag_seconds", "Time from the agent observing an endpoint change to this node's kernel reflecting it.", LAG_BUCKETS),
+                &["mode", "change", "reason"],
+            )?,
+            end_to_end_lag: HistogramVec::new(
+                hist("end_to_end_lag_seconds", "Time from the API-side trigger of an endpoint change to this node's kernel reflecting it (negative values clamped to 0).", LAG_BUCKETS),
+                &["mode", "change", "reason", "trigger_source"],
+            )?,
+            lag_clamped: IntCounterVec::new(
+                opts("lag_clamped_total", "Lags clamped to zero: `lag` when kube-proxy was faster than the agent's watch, `end_to_end` on clock skew."),
+                &["lag"],
+            )?,
+            changes: IntCounterVec::new(
+                opts("changes_total", "Endpoint changes by outcome (converged, converged_unsampled, timed_out, superseded)."),
+                &["change", "outcome"],
+            )?,
+            pending: IntGaugeVec::new(opts("pending_changes", "Endpoint changes not yet reflected in this node's kernel, by state."), &["state"])?,
+            oldest_pending: prometheus::Gauge::with_opts(opts(
+                "oldest_pending_change_seconds",
+                "Age of the oldest pending change; a growing value means kube-proxy is stuck on this node.",
+            ))?,
+            stale_endpoints: IntGauge::with_opts(opts("stale_endpoints", "Endpoints this node still routes that are no longer expected and no longer pending."))?,
+            holds_in_progress: IntGauge::with_opts(opts("holds_in_progress", "Hold requests currently waiting for convergence."))?,
+            dataplane_reads: IntCounterVec::new(opts("dataplane_reads_total", "Dataplane reads by trigger."), &["trigger"])?,
+            dataplane_read_errors: IntCounterVec::new(opts("dataplane_read_errors_total", "Dataplane read errors by kind."), &["kind"])?,
+            dataplane_read_duration: Histogram::with_opts(hist("dataplane_read_duration_seconds", "Duration of one full dataplane read.", READ_BUCKETS))?,
+            watch_restarts: IntCounterVec::new(opts("watch_restarts_total", "Relists of a watched resource (after 410 Gone or a broken watch)."), &["resource"])?,
+            watch_errors: IntCounterVec::new(opts("watch_errors_total", "Watch errors by resource and kind."), &["resource", "kind"])?,
+            status_writes: IntCounterVec::new(opts("status_writes_total", "Node status writes by result."), &["result"])?,
+            malformed: IntCounterVec::new(opts("malformed_objects_total", "Objects or endpoints skipped as malformed, by reason."), &["reason"])?,
+            info: GaugeVec::new(opts("info", "Agent information: dataplane mode, backend and version."), &["mode", "backend", "version"])?,
+            registry,
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.lag.clone()),
+            Box::new(m.end_to_end_lag.clone()),
+            Box::new(m.lag_clamped.clone()),
+            Box::new(m.changes.clone()),
+            Box::new(m.pending.clone()),
+            Box::new(m.oldest_pending.clone()),
+            Box::new(m.stale_endpoints.clone()),
+            Box::new(m.holds_in_progress.clone()),
+            Box::new(m.dataplane_reads.clone()),
+            Box::new(m.dataplane_read_errors.clone()),
+            Box::new(m.dataplane_read_duration.clone()),
+            Box::new(m.watch_restarts.clone()),
+            Box::new(m.watch_errors.clone()),
+            Box::new(m.status_writes.clone()),
+            Box::new(m.malformed.clone()),
+            Box::new(m.info.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c)?;
+        }
+        for state in ["pending", "unknown", "timed_out"] {
+            m.pending.with_label_values(&[state]).set(0);
+        }
+        Ok(m)
+    }
+
+    pub fn set_info(&self, mode: &str, backend: &str) {
+        self.info.reset();
+        self.info
+            .with_label_values(&[mode, backend, env!("CARGO_PKG_VERSION")])
+            .set(1.0);
+    }
+
+    pub fn record_outcomes(&self, mode: &str, outcomes: &[Outcome]) {
+        for o in outcomes {
+            match o {
+                Outcome::Converged(s) => self.record_sample(mode, s),
+                Outcome::ConvergedUnsampled { kind, .. } => self
+                    .changes
+                    .with_label_values(&[kind.as_str(), "converged_unsampled"])
+                    .inc(),
+                Outcome::TimedOut { kind, .. } => self
+                    .changes
+                    .with_label_values(&[kind.as_str(), "timed_out"])
+                    .inc(),
+                Outcome::Superseded { kind, .. } => self
+                    .changes
+                    .with_label_values(&[kind.as_str(), "superseded"])
+                    .inc(),
+            }
+        }
+    }
+
+    fn record_sample(&self, mode: &str, s: &LagSample) {
+        let (change, reason) = (s.kind.as_str(), s.reason.as_str());
+        self.changes.with_label_values(&[change, "converged"]).inc();
+        self.lag
+            .with_label_values(&[mode, change, reason])
+            .observe(s.lag);
+        if s.lag_clamped {
+            self.lag_clamped.with_label_values(&["lag"]).inc();
+        }
+        if let Some((e2e, source)) = s.end_to_end {
+            self.end_to_end_lag
+                .with_label_values(&[mode, change, reason, source.as_str()])
+                .observe(e2e);
+        }
+        if s.end_to_end_clamped {
+            self.lag_clamped.with_label_values(&["end_to_end"]).inc();
+        }
+    }
+
+    /// Refreshes the gauges derived from the tracker's state.
+    pub fn refresh_gauges(&self, tracker: &Tracker, now: Timestamp) {
+        let (mut pending, mut unknown, mut timed_out) = (0, 0, 0);
+        for c in tracker.pending() {
+            match c.state {
+                PendingState::Pending => pending += 1,
+                PendingState::Unknown => unknown += 1,
+                PendingState::TimedOut => timed_out += 1,
+            }
+        }
+        self.pending.with_label_values(&["pending"]).set(pending);
+        self.pending.with_label_values(&["unknown"]).set(unknown);
+        self.pending
+            .with_label_values(&["timed_out"])
+            .set(timed_out);
+        self.oldest_pending.set(tracker.oldest_pending_age(now));
+        self.stale_endpoints.set(tracker.stale_endpoints() as i64);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs go to stderr; `RUST_LOG` overrides the default `info` filter.
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_sorted_and_span_1ms_to_300s() {
+        assert!(LAG_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(
+            (LAG_BUCKETS[0], *LAG_BUCKETS.last().unwrap()),
+            (0.001, 300.0)
+        );
+    }
+
+    #[test]
+    fn registry_exports_every_family() {
+        let m = Metrics::new().unwrap();
+        m.set_info("iptables", "nft");
+        m.dataplane_reads.with_label_values(&["event"]).inc();
+        let text = m.encode();
+        for name in [
+            "kube_converge_info",
+            "kube_converge_pending_changes",
+            "kube_converge_dataplane_reads_total",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+}
