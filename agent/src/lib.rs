@@ -6,6 +6,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod emulate;
 pub mod expected;
 pub mod inspect;
 pub mod k8s;

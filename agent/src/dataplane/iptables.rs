@@ -47,7 +47,7 @@ pub fn port_proto_hash(spn: &ServicePortName, protocol: Protocol) -> String {
     base32_16(&digest[..10])
 }
 
-fn base32_16(bytes: &[u8]) -> String {
+pub(crate) fn base32_16(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let mut out = String::with_capacity(16);
     let (mut acc, mut bits) = (0u32, 0u32);

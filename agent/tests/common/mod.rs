@@ -1,0 +1,104 @@
+//! Shared harness for real-kernel tests: throw-away network namespaces and prerequisite checks.
+#![allow(dead_code)] // each test binary uses a different subset of the harness
+
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Returns false (the test should return early, reported on stderr) when a prerequisite is
+/// missing; under `CI=true` a missing prerequisite fails the test instead.
+pub fn require(tools: &[&str]) -> bool {
+    let mut missing = Vec::new();
+    if unsafe { libc_geteuid() } != 0 {
+        missing.push("root (network namespaces need CAP_SYS_ADMIN)".to_string());
+    }
+    for t in tools {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()))
+            .unwrap_or(false);
+        if !found {
+            missing.push(format!("{t} (apt-get install iptables iproute2)"));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!(
+        "real-kernel test prerequisites missing: {}",
+        missing.join(", ")
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPED: {msg}");
+    false
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// A network namespace deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let name = format!(
+            "kc-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("run ip netns add");
+        assert!(st.success(), "ip netns add {name} failed");
+        Self { name }
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// Runs a command inside the namespace with `input` on stdin; panics on failure.
+    pub fn run_stdin(&self, program: &str, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn ip netns exec");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    pub fn run(&self, program: &str, args: &[&str]) -> Output {
+        self.run_stdin(program, args, "")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
