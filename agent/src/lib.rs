@@ -13,5 +13,6 @@ pub mod k8s;
 pub mod model;
 pub mod netns;
 pub mod resolve;
+pub mod sim;
 pub mod telemetry;
 pub mod tracker;

@@ -1,0 +1,5 @@
+//! The simulated cluster: a fake Kubernetes API server that kube-rs talks to unmodified over
+//! real HTTP. Used by the system tests and (later) by `kube-converge sim`.
+
+pub mod apiserver;
+pub mod selector;

@@ -1,0 +1,358 @@
+//! End-to-end tests of the agent process: slice events come from the fake API server, rules
+//! change in a throw-away namespace at known times, and the exported histograms must get
+//! exactly one sample per change, never shorter than the true lag.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{require, Netns};
+use kube_converge::emulate::{render_nat, sep_chain, EmulatedServicePort};
+use kube_converge::model::{Protocol, ServicePortName, Timestamp};
+use kube_converge::sim::apiserver::FakeApiServer;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+fn spawn_agent(kubeconfig: &std::path::Path, listen: SocketAddr, extra: &[&str]) -> Agent {
+    let child = Command::new(env!("CARGO_BIN_EXE_kube-converge"))
+        .args([
+            "agent",
+            "--node-name",
+            "node-a",
+            "--listen",
+            &listen.to_string(),
+            "--poll-interval",
+            "100ms",
+        ])
+        .args(extra)
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info,kube_converge=debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn the agent");
+    Agent(child)
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+/// Sum of the samples of `name` whose labels contain every `labels` fragment.
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn wait_for(
+    addr: SocketAddr,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> String {
+    let start = Instant::now();
+    loop {
+        if let Some((200, body)) = http_get(addr, "/metrics").await {
+            if pred(&body) {
+                return body;
+            }
+            if start.elapsed() > timeout {
+                panic!("timed out waiting for {what}; metrics:\n{body}");
+            }
+        } else if start.elapsed() > timeout {
+            panic!("timed out waiting for {what}: agent not answering");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn service() -> Value {
+    json!({"kind": "Service", "metadata": {"name": "svc1", "namespace": "ns1"},
+        "spec": {"clusterIP": "172.30.0.41", "clusterIPs": ["172.30.0.41"], "ports": [{"name": "p80", "port": 80, "protocol": "TCP"}]}})
+}
+
+fn slice(endpoints: &[(&str, bool)]) -> Value {
+    let eps: Vec<Value> = endpoints
+        .iter()
+        .map(|(ip, terminating)| {
+            json!({"addresses": [ip], "nodeName": "node-b",
+            "conditions": {"ready": !terminating, "serving": true, "terminating": terminating}})
+        })
+        .collect();
+    json!({"kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": "svc1-abc", "namespace": "ns1", "labels": {"kubernetes.io/service-name": "svc1"},
+            "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": Timestamp::now().to_rfc3339()}},
+        "ports": [{"name": "p80", "port": 80, "protocol": "TCP"}], "endpoints": eps})
+}
+
+fn rules(eps: &[&str], deleted: &[&str]) -> String {
+    let spn = ServicePortName::new("ns1", "svc1", "p80");
+    let port = EmulatedServicePort {
+        name: spn.clone(),
+        protocol: Protocol::Tcp,
+        cluster_ip: "172.30.0.41".parse().unwrap(),
+        port: 80,
+        node_port: None,
+        endpoints: eps
+            .iter()
+            .map(|e| format!("{e}:80").parse().unwrap())
+            .collect(),
+    };
+    let gone: Vec<String> = deleted
+        .iter()
+        .map(|e| sep_chain(&spn, Protocol::Tcp, format!("{e}:80").parse().unwrap()))
+        .collect();
+    render_nat(&[port], true, &gone)
+}
+
+async fn scenario(backend: &str) {
+    if !require(&[
+        "ip",
+        &format!("iptables-{backend}-restore"),
+        &format!("iptables-{backend}-save"),
+    ]) {
+        return;
+    }
+    let api = FakeApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let ns = Netns::new("e2e");
+    let restore = format!("iptables-{backend}-restore");
+    ns.run_stdin(
+        &restore,
+        &["--noflush"],
+        &rules(&["10.180.0.1", "10.180.0.2"], &[]),
+    );
+    api.apply(service());
+    api.apply(slice(&[("10.180.0.1", false), ("10.180.0.2", false)]));
+
+    let listen = free_port();
+    let _agent = spawn_agent(
+        &kubeconfig,
+        listen,
+        &[
+            "--netns",
+            &ns.path(),
+            "--mode",
+            "iptables",
+            "--iptables-backend",
+            backend,
+        ],
+    );
+    let start = Instant::now();
+    loop {
+        if let Some((200, _)) = http_get(listen, "/readyz").await {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "agent never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let hold = Duration::from_millis(400);
+    let pending =
+        |b: &str| metric(b, "kube_converge_pending_changes", &["state=\"pending\""]) == 1.0;
+
+    // Removal: the pod is deleted (terminating); kube-proxy drops it `hold` after the agent saw it.
+    api.apply(slice(&[("10.180.0.1", false), ("10.180.0.2", true)]));
+    wait_for(
+        listen,
+        "the removal to be pending",
+        Duration::from_secs(10),
+        pending,
+    )
+    .await;
+    tokio::time::sleep(hold).await;
+    ns.run_stdin(
+        &restore,
+        &["--noflush"],
+        &rules(&["10.180.0.1"], &["10.180.0.2"]),
+    );
+    let removed = ["change=\"removed\"", "reason=\"deleted\""];
+    let body = wait_for(listen, "the removal sample", Duration::from_secs(10), |b| {
+        metric(b, "kube_converge_lag_seconds_count", &removed) >= 1.0
+    })
+    .await;
+    let lag = metric(&body, "kube_converge_lag_seconds_sum", &removed);
+    assert!(
+        lag >= hold.as_secs_f64(),
+        "measured lag {lag}s is shorter than the true lag (>= {hold:?})"
+    );
+    assert!(
+        lag < hold.as_secs_f64() + 5.0,
+        "measured lag {lag}s is implausibly long"
+    );
+    let e2e = metric(&body, "kube_converge_end_to_end_lag_seconds_sum", &removed);
+    assert!(
+        e2e >= lag,
+        "end-to-end lag {e2e} must include the watch delay on top of {lag}"
+    );
+
+    // Addition: a new pod becomes ready.
+    api.apply(slice(&[("10.180.0.1", false), ("10.180.0.3", false)]));
+    wait_for(
+        listen,
+        "the addition to be pending",
+        Duration::from_secs(10),
+        pending,
+    )
+    .await;
+    tokio::time::sleep(hold).await;
+    ns.run_stdin(
+        &restore,
+        &["--noflush"],
+        &rules(&["10.180.0.1", "10.180.0.3"], &[]),
+    );
+    let added = ["change=\"added\"", "reason=\"added\""];
+    let body = wait_for(
+        listen,
+        "the addition sample",
+        Duration::from_secs(10),
+        |b| metric(b, "kube_converge_lag_seconds_count", &added) >= 1.0,
+    )
+    .await;
+    assert!(metric(&body, "kube_converge_lag_seconds_sum", &added) >= hold.as_secs_f64());
+
+    // Malformed input is counted and survived.
+    let mut bad = slice(&[("10.180.0.1", false), ("10.180.0.3", false)]);
+    bad["metadata"]["name"] = json!("svc1-bad");
+    bad["endpoints"] = json!([{"addresses": ["10.0.0.300"]}, {"addresses": []}]);
+    api.apply(bad);
+    let body = wait_for(
+        listen,
+        "the malformed slice to be counted",
+        Duration::from_secs(10),
+        |b| {
+            metric(
+                b,
+                "kube_converge_malformed_objects_total",
+                &["reason=\"invalid_ip\""],
+            ) >= 1.0
+        },
+    )
+    .await;
+    assert!(
+        metric(
+            &body,
+            "kube_converge_malformed_objects_total",
+            &["reason=\"no_address\""]
+        ) >= 1.0
+    );
+
+    // Exactly one sample per change, even after more reads.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, body) = http_get(listen, "/metrics").await.unwrap();
+    assert_eq!(
+        metric(&body, "kube_converge_lag_seconds_count", &[]),
+        2.0,
+        "one sample per change:\n{body}"
+    );
+    assert_eq!(metric(&body, "kube_converge_pending_changes", &[]), 0.0);
+    assert_eq!(
+        metric(
+            &body,
+            "kube_converge_info",
+            &["mode=\"iptables\"", &format!("backend=\"{backend}\"")]
+        ),
+        1.0
+    );
+    let trigger = if backend == "nft" { "event" } else { "poll" };
+    assert!(
+        metric(
+            &body,
+            "kube_converge_dataplane_reads_total",
+            &[&format!("trigger=\"{trigger}\"")]
+        ) >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_measures_removal_and_addition_with_iptables_nft() {
+    scenario("nft").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_measures_removal_and_addition_with_iptables_legacy() {
+    scenario("legacy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_api_server_keeps_the_agent_alive_and_unready() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let closed = free_port(); // bound then released: nothing listens there
+    std::fs::write(
+        &kubeconfig,
+        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: x\n  cluster:\n    server: http://{closed}\nusers:\n- name: x\n  user: {{}}\ncontexts:\n- name: x\n  context:\n    cluster: x\n    user: x\ncurrent-context: x\n"),
+    )
+    .unwrap();
+    let listen = free_port();
+    let mut agent = spawn_agent(
+        &kubeconfig,
+        listen,
+        &[
+            "--mode",
+            "iptables",
+            "--iptables-backend",
+            "nft",
+            "--netns",
+            "/proc/self/ns/net",
+        ],
+    );
+    let body = wait_for(listen, "watch errors", Duration::from_secs(20), |b| {
+        metric(
+            b,
+            "kube_converge_watch_errors_total",
+            &["resource=\"endpointslices\""],
+        ) >= 2.0
+    })
+    .await;
+    assert!(
+        metric(
+            &body,
+            "kube_converge_watch_errors_total",
+            &["resource=\"services\""]
+        ) >= 1.0
+    );
+    assert_eq!(http_get(listen, "/healthz").await.map(|r| r.0), Some(200));
+    let (code, text) = http_get(listen, "/readyz").await.unwrap();
+    assert_eq!(code, 503);
+    assert!(text.contains("EndpointSlices not listed yet"), "{text}");
+    assert!(
+        agent.0.try_wait().unwrap().is_none(),
+        "the agent must keep running"
+    );
+}
