@@ -524,7 +524,11 @@ async fn dataplane_loop(
             .await?;
             let elapsed = clock.elapsed();
             let finished = Timestamp::now();
+            // Notifications that arrived during the read: if any announces a generation other
+            // than the one read, the state moved on and must be read again right away.
+            let mut moved_on = false;
             while let Ok(n) = nrx.try_recv() {
+                moved_on |= !matches!(n, Notification::Generation(g) if Some(g.generation) == g2 && g1 == g2);
                 note(&mut seen, &mut overrun, n);
             }
             let window = prev_started.map_or(Duration::ZERO, |p| {
@@ -572,6 +576,10 @@ async fn dataplane_loop(
             if !rebuild {
                 reader = Some(r_back);
                 probe = p_back;
+            }
+            if moved_on {
+                trigger = ReadTrigger::Event;
+                continue;
             }
         }
         let idle = if pending_count.load(Ordering::Relaxed) > 0 {

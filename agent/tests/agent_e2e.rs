@@ -356,3 +356,44 @@ async fn unreachable_api_server_keeps_the_agent_alive_and_unready() {
         "the agent must keep running"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_disconnect_and_410_gone_relist_loses_and_duplicates_nothing() {
+    if !require(&["ip", "iptables-nft-restore", "iptables-nft-save"]) {
+        return;
+    }
+    let api = FakeApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let ns = Netns::new("relist");
+    ns.run_stdin("iptables-nft-restore", &["--noflush"], &rules(&["10.180.0.1", "10.180.0.2"], &[]));
+    api.apply(service());
+    api.apply(slice(&[("10.180.0.1", false), ("10.180.0.2", false)]));
+    let listen = free_port();
+    let _agent = spawn_agent(&kubeconfig, listen, &["--netns", &ns.path(), "--mode", "iptables", "--iptables-backend", "nft"]);
+    let start = Instant::now();
+    while http_get(listen, "/readyz").await.map(|r| r.0) != Some(200) {
+        assert!(start.elapsed() < Duration::from_secs(30), "agent never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // History is compacted and every watch is cut: the agent must relist (410 Gone) and diff.
+    api.apply(slice(&[("10.180.0.1", false)]));
+    // Another resource moves the global resourceVersion on; compaction then puts the slice
+    // watch's last version out of reach, so resuming it gets 410 Gone.
+    api.apply(json!({"kind": "Node", "metadata": {"name": "node-z"}}));
+    api.compact();
+    api.close_watches();
+    let body = wait_for(listen, "a relist", Duration::from_secs(20), |b| {
+        metric(b, "kube_converge_watch_restarts_total", &["resource=\"endpointslices\""]) >= 1.0
+            && metric(b, "kube_converge_pending_changes", &["state=\"pending\""]) == 1.0
+    })
+    .await;
+    assert_eq!(metric(&body, "kube_converge_pending_changes", &[]), 1.0, "exactly one change after the relist");
+    ns.run_stdin("iptables-nft-restore", &["--noflush"], &rules(&["10.180.0.1"], &["10.180.0.2"]));
+    wait_for(listen, "the sample", Duration::from_secs(10), |b| metric(b, "kube_converge_lag_seconds_count", &[]) >= 1.0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, body) = http_get(listen, "/metrics").await.unwrap();
+    assert_eq!(metric(&body, "kube_converge_lag_seconds_count", &["reason=\"isolated\""]), 1.0, "{body}");
+    assert_eq!(metric(&body, "kube_converge_lag_seconds_count", &[]), 1.0);
+}

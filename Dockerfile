@@ -1,0 +1,26 @@
+# syntax=docker/dockerfile:1
+# Build: docker build -t kube-converge:dev .
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+# Dependencies first, so they are cached across source changes.
+COPY Cargo.toml Cargo.lock ./
+COPY agent/Cargo.toml agent/Cargo.toml
+RUN mkdir -p agent/src && echo 'fn main() {}' > agent/src/main.rs && touch agent/src/lib.rs \
+    && cargo build --release --locked -p kube-converge \
+    && rm -rf agent/src
+COPY agent agent
+RUN touch agent/src/main.rs agent/src/lib.rs && cargo build --release --locked -p kube-converge
+
+FROM debian:bookworm-slim
+# iptables-save (nft and legacy backends) is what the iptables reader runs.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends iptables ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/kube-converge /usr/local/bin/kube-converge
+LABEL org.opencontainers.image.title="kube-converge" \
+      org.opencontainers.image.description="Per-node kube-proxy dataplane convergence lag, measured from the kernel" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/kube-converge/kube-converge"
+USER 0
+ENTRYPOINT ["/usr/local/bin/kube-converge"]
+CMD ["agent"]
