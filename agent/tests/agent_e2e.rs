@@ -367,14 +367,32 @@ async fn watch_disconnect_and_410_gone_relist_loses_and_duplicates_nothing() {
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
     let ns = Netns::new("relist");
-    ns.run_stdin("iptables-nft-restore", &["--noflush"], &rules(&["10.180.0.1", "10.180.0.2"], &[]));
+    ns.run_stdin(
+        "iptables-nft-restore",
+        &["--noflush"],
+        &rules(&["10.180.0.1", "10.180.0.2"], &[]),
+    );
     api.apply(service());
     api.apply(slice(&[("10.180.0.1", false), ("10.180.0.2", false)]));
     let listen = free_port();
-    let _agent = spawn_agent(&kubeconfig, listen, &["--netns", &ns.path(), "--mode", "iptables", "--iptables-backend", "nft"]);
+    let _agent = spawn_agent(
+        &kubeconfig,
+        listen,
+        &[
+            "--netns",
+            &ns.path(),
+            "--mode",
+            "iptables",
+            "--iptables-backend",
+            "nft",
+        ],
+    );
     let start = Instant::now();
     while http_get(listen, "/readyz").await.map(|r| r.0) != Some(200) {
-        assert!(start.elapsed() < Duration::from_secs(30), "agent never became ready");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "agent never became ready"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // History is compacted and every watch is cut: the agent must relist (410 Gone) and diff.
@@ -385,15 +403,38 @@ async fn watch_disconnect_and_410_gone_relist_loses_and_duplicates_nothing() {
     api.compact();
     api.close_watches();
     let body = wait_for(listen, "a relist", Duration::from_secs(20), |b| {
-        metric(b, "kube_converge_watch_restarts_total", &["resource=\"endpointslices\""]) >= 1.0
+        metric(
+            b,
+            "kube_converge_watch_restarts_total",
+            &["resource=\"endpointslices\""],
+        ) >= 1.0
             && metric(b, "kube_converge_pending_changes", &["state=\"pending\""]) == 1.0
     })
     .await;
-    assert_eq!(metric(&body, "kube_converge_pending_changes", &[]), 1.0, "exactly one change after the relist");
-    ns.run_stdin("iptables-nft-restore", &["--noflush"], &rules(&["10.180.0.1"], &["10.180.0.2"]));
-    wait_for(listen, "the sample", Duration::from_secs(10), |b| metric(b, "kube_converge_lag_seconds_count", &[]) >= 1.0).await;
+    assert_eq!(
+        metric(&body, "kube_converge_pending_changes", &[]),
+        1.0,
+        "exactly one change after the relist"
+    );
+    ns.run_stdin(
+        "iptables-nft-restore",
+        &["--noflush"],
+        &rules(&["10.180.0.1"], &["10.180.0.2"]),
+    );
+    wait_for(listen, "the sample", Duration::from_secs(10), |b| {
+        metric(b, "kube_converge_lag_seconds_count", &[]) >= 1.0
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (_, body) = http_get(listen, "/metrics").await.unwrap();
-    assert_eq!(metric(&body, "kube_converge_lag_seconds_count", &["reason=\"isolated\""]), 1.0, "{body}");
+    assert_eq!(
+        metric(
+            &body,
+            "kube_converge_lag_seconds_count",
+            &["reason=\"isolated\""]
+        ),
+        1.0,
+        "{body}"
+    );
     assert_eq!(metric(&body, "kube_converge_lag_seconds_count", &[]), 1.0);
 }
