@@ -136,19 +136,17 @@ fn rules(eps: &[&str], deleted: &[&str]) -> String {
     render_nat(&[port], true, &gone)
 }
 
-async fn scenario(backend: &str) {
-    if !require(&[
-        "ip",
-        &format!("iptables-{backend}-restore"),
-        &format!("iptables-{backend}-save"),
-    ]) {
-        return;
-    }
+/// One node: a fake API server holding svc1 with two ready endpoints, a namespace whose
+/// iptables rules route both, and a ready agent reading that namespace.
+async fn start_node(
+    backend: &str,
+    tag: &str,
+) -> (FakeApiServer, Netns, SocketAddr, Agent, tempfile::TempDir) {
     let api = FakeApiServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let ns = Netns::new("e2e");
+    let ns = Netns::new(tag);
     let restore = format!("iptables-{backend}-restore");
     ns.run_stdin(
         &restore,
@@ -157,31 +155,37 @@ async fn scenario(backend: &str) {
     );
     api.apply(service());
     api.apply(slice(&[("10.180.0.1", false), ("10.180.0.2", false)]));
-
     let listen = free_port();
-    let _agent = spawn_agent(
-        &kubeconfig,
-        listen,
-        &[
-            "--netns",
-            &ns.path(),
-            "--mode",
-            "iptables",
-            "--iptables-backend",
-            backend,
-        ],
-    );
+    let args = [
+        "--netns",
+        &ns.path(),
+        "--mode",
+        "iptables",
+        "--iptables-backend",
+        backend,
+    ];
+    let agent = spawn_agent(&kubeconfig, listen, &args);
     let start = Instant::now();
-    loop {
-        if let Some((200, _)) = http_get(listen, "/readyz").await {
-            break;
-        }
+    while http_get(listen, "/readyz").await.map(|r| r.0) != Some(200) {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "agent never became ready"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    (api, ns, listen, agent, dir)
+}
+
+async fn scenario(backend: &str) {
+    if !require(&[
+        "ip",
+        &format!("iptables-{backend}-restore"),
+        &format!("iptables-{backend}-save"),
+    ]) {
+        return;
+    }
+    let restore = format!("iptables-{backend}-restore");
+    let (api, ns, listen, _agent, _dir) = start_node(backend, "e2e").await;
     let hold = Duration::from_millis(400);
     let pending =
         |b: &str| metric(b, "kube_converge_pending_changes", &["state=\"pending\""]) == 1.0;
@@ -362,39 +366,7 @@ async fn watch_disconnect_and_410_gone_relist_loses_and_duplicates_nothing() {
     if !require(&["ip", "iptables-nft-restore", "iptables-nft-save"]) {
         return;
     }
-    let api = FakeApiServer::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let ns = Netns::new("relist");
-    ns.run_stdin(
-        "iptables-nft-restore",
-        &["--noflush"],
-        &rules(&["10.180.0.1", "10.180.0.2"], &[]),
-    );
-    api.apply(service());
-    api.apply(slice(&[("10.180.0.1", false), ("10.180.0.2", false)]));
-    let listen = free_port();
-    let _agent = spawn_agent(
-        &kubeconfig,
-        listen,
-        &[
-            "--netns",
-            &ns.path(),
-            "--mode",
-            "iptables",
-            "--iptables-backend",
-            "nft",
-        ],
-    );
-    let start = Instant::now();
-    while http_get(listen, "/readyz").await.map(|r| r.0) != Some(200) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "agent never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (api, ns, listen, _agent, _dir) = start_node("nft", "relist").await;
     // History is compacted and every watch is cut: the agent must relist (410 Gone) and diff.
     api.apply(slice(&[("10.180.0.1", false)]));
     // Another resource moves the global resourceVersion on; compaction then puts the slice
