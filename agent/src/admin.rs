@@ -76,13 +76,11 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
     health: Arc<Health>,
-) -> std::io::Result<(
-    SocketAddr,
-    impl std::future::Future<Output = std::io::Result<()>>,
-)> {
+) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = std::io::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    Ok((local, async move {
-        axum::serve(listener, router(metrics, health)).await
-    }))
+    Ok((
+        local,
+        async move { axum::serve(listener, router(metrics, health)).await },
+    ))
 }

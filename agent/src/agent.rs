@@ -17,9 +17,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::admin::{self, Health};
 use crate::dataplane::nfnotify::{self, GenerationProbe, Notification};
-use crate::dataplane::{
-    self, iptables::Backend, ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError,
-};
+use crate::dataplane::{self, iptables::Backend, ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError};
 use crate::expected::{expect_service, ServiceSpec, SliceRecord};
 use crate::k8s::{self, SliceError, SliceProblem, WatchMsg, WatchScope};
 use crate::model::{ServiceRef, Timestamp};
@@ -78,11 +76,7 @@ pub async fn run(config: AgentConfig, metrics: Metrics) -> anyhow::Result<()> {
 }
 
 /// Runs the agent with a given client (tests use a fake API server).
-pub async fn run_with_client(
-    client: kube::Client,
-    config: AgentConfig,
-    metrics: Metrics,
-) -> anyhow::Result<()> {
+pub async fn run_with_client(client: kube::Client, config: AgentConfig, metrics: Metrics) -> anyhow::Result<()> {
     let health = Arc::new(Health::default());
     let (addr, server) = admin::serve(config.listen, metrics.clone(), health.clone())
         .await
@@ -233,9 +227,7 @@ impl Core {
                 meta,
                 took,
             } => {
-                self.metrics
-                    .dataplane_read_duration
-                    .observe(took.as_secs_f64());
+                self.metrics.dataplane_read_duration.observe(took.as_secs_f64());
                 self.mode_label = mode.as_str().into();
                 self.metrics.set_info(mode.as_str(), &backend);
                 self.metrics
@@ -248,10 +240,7 @@ impl Core {
                             tracing::warn!(warning = %w, "dataplane rule not understood; affected endpoints are unknown");
                         }
                         if !snap.warnings.is_empty() {
-                            self.metrics
-                                .dataplane_read_errors
-                                .with_label_values(&["partial"])
-                                .inc();
+                            self.metrics.dataplane_read_errors.with_label_values(&["partial"]).inc();
                         }
                         self.health.dataplane_read.store(true, Ordering::Relaxed);
                         let catalog = ServiceCatalog::build(self.tracker.services());
@@ -259,20 +248,14 @@ impl Core {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "dataplane read failed; pending changes are unknown");
-                        self.metrics
-                            .dataplane_read_errors
-                            .with_label_values(&[e.kind()])
-                            .inc();
+                        self.metrics.dataplane_read_errors.with_label_values(&[e.kind()]).inc();
                         ReadingOutcome::Failed { kind: e.kind() }
                     }
                 };
                 self.apply_reading(Reading { meta, outcome });
             }
             Input::ReaderUnavailable(e, meta) => {
-                self.metrics
-                    .dataplane_read_errors
-                    .with_label_values(&[e.kind()])
-                    .inc();
+                self.metrics.dataplane_read_errors.with_label_values(&[e.kind()]).inc();
                 self.metrics.set_info("unknown", "unknown");
                 self.apply_reading(Reading {
                     meta,
@@ -298,10 +281,7 @@ impl Core {
             WatchMsg::InitStart => {
                 self.slice_lists += 1;
                 if self.slice_lists > 1 {
-                    self.metrics
-                        .watch_restarts
-                        .with_label_values(&["endpointslices"])
-                        .inc();
+                    self.metrics.watch_restarts.with_label_values(&["endpointslices"]).inc();
                 }
                 self.slice_init = Some(Vec::new());
             }
@@ -333,9 +313,7 @@ impl Core {
                 let touched: BTreeSet<_> = self.remove_slice(&item.id).into_iter().collect();
                 self.recompute_all(touched, at);
             }
-            WatchMsg::Failed { kind, message } => {
-                self.watch_failed("endpointslices", kind, &message)
-            }
+            WatchMsg::Failed { kind, message } => self.watch_failed("endpointslices", kind, &message),
         }
     }
 
@@ -344,10 +322,7 @@ impl Core {
             WatchMsg::InitStart => {
                 self.service_lists += 1;
                 if self.service_lists > 1 {
-                    self.metrics
-                        .watch_restarts
-                        .with_label_values(&["services"])
-                        .inc();
+                    self.metrics.watch_restarts.with_label_values(&["services"]).inc();
                 }
                 self.service_init = Some(Vec::new());
             }
@@ -381,10 +356,7 @@ impl Core {
     }
 
     fn watch_failed(&self, resource: &str, kind: &'static str, message: &str) {
-        self.metrics
-            .watch_errors
-            .with_label_values(&[resource, kind])
-            .inc();
+        self.metrics.watch_errors.with_label_values(&[resource, kind]).inc();
         tracing::warn!(resource, kind, error = %message, "watch failed; retrying (is the API server reachable and are RBAC rights granted?)");
     }
 
@@ -396,10 +368,7 @@ impl Core {
                     tracing::warn!(problem = %p.detail, "skipping malformed part of an EndpointSlice, as kube-proxy does");
                 }
                 let svc = record.service.clone();
-                self.by_service
-                    .entry(svc.clone())
-                    .or_default()
-                    .insert(item.id.clone());
+                self.by_service.entry(svc.clone()).or_default().insert(item.id.clone());
                 self.slices.insert(item.id, record);
                 Some(svc)
             }
@@ -427,8 +396,8 @@ impl Core {
     }
 
     fn recompute_all(&mut self, touched: BTreeSet<ServiceRef>, at: Timestamp) {
-        let synced_now = self.health.slices_listed.load(Ordering::Relaxed)
-            && self.health.services_listed.load(Ordering::Relaxed);
+        let synced_now =
+            self.health.slices_listed.load(Ordering::Relaxed) && self.health.services_listed.load(Ordering::Relaxed);
         let before = self.tracker.pending_count();
         for svc in touched {
             let slices: Vec<&SliceRecord> = self
@@ -450,8 +419,7 @@ impl Core {
                 "initial lists complete; tracking changes"
             );
         }
-        if self.tracker.pending_count() > before || self.tracker.pending().any(|c| c.observed == at)
-        {
+        if self.tracker.pending_count() > before || self.tracker.pending().any(|c| c.observed == at) {
             self.pending_wakeup.notify_one();
         }
     }
@@ -475,9 +443,7 @@ async fn dataplane_loop(
     loop {
         if reader.is_none() {
             let (mode, backend, netns) = (config.mode, config.backend, config.netns.clone());
-            let opened =
-                tokio::task::spawn_blocking(move || dataplane::open_reader(mode, backend, &netns))
-                    .await?;
+            let opened = tokio::task::spawn_blocking(move || dataplane::open_reader(mode, backend, &netns)).await?;
             match opened {
                 Ok(r) => {
                     tracing::info!(mode = %r.mode(), backend = r.backend(), "dataplane reader ready");
@@ -507,6 +473,19 @@ async fn dataplane_loop(
                     if tx.send(Input::ReaderUnavailable(e, meta)).await.is_err() {
                         return Ok(());
                     }
+                }
+            }
+        }
+        // With --mode auto, a resync also re-checks the mode: kube-proxy may have been
+        // reconfigured (it cleans up the old mode's rules when it starts in the new one).
+        if config.mode.is_none() && trigger == ReadTrigger::Poll {
+            if let Some(current) = reader.as_ref().map(|r| r.mode()) {
+                let netns = config.netns.clone();
+                let detected = tokio::task::spawn_blocking(move || dataplane::detect_mode(&netns)).await?;
+                if let Some((mode, _)) = detected.filter(|(m, _)| *m != current) {
+                    tracing::warn!(from = %current, to = %mode, "kube-proxy's mode changed; switching readers");
+                    reader = None;
+                    continue;
                 }
             }
         }
@@ -553,10 +532,7 @@ async fn dataplane_loop(
                 trigger,
             };
             let (mode, backend) = (r_back.mode(), r_back.backend().to_string());
-            let rebuild = matches!(
-                &result,
-                Err(ReadError::ToolMissing { .. } | ReadError::NotFound { .. })
-            );
+            let rebuild = matches!(&result, Err(ReadError::ToolMissing { .. } | ReadError::NotFound { .. }));
             if let Err(e) = &result {
                 tracing::debug!(error = %e, "dataplane read failed");
             }
@@ -588,9 +564,7 @@ async fn dataplane_loop(
             config.resync_interval
         };
         let wait = match &reader {
-            Some(r) if r.change_source() == ChangeSource::NfTablesEvents && listening => {
-                config.resync_interval
-            }
+            Some(r) if r.change_source() == ChangeSource::NfTablesEvents && listening => config.resync_interval,
             Some(_) => idle,
             None => config.poll_interval.max(Duration::from_secs(5)),
         };

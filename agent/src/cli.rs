@@ -3,9 +3,7 @@
 use anyhow::Context;
 
 use crate::agent::{self, AgentConfig};
-use crate::config::{
-    AgentArgs, BackendArg, Cli, Command, DataplaneArgs, InspectArgs, ModeArg, OutputFormat,
-};
+use crate::config::{AgentArgs, BackendArg, Cli, Command, DataplaneArgs, InspectArgs, ModeArg, OutputFormat};
 use crate::dataplane::{iptables::Backend, Mode};
 use crate::k8s::WatchScope;
 use crate::netns::NetNs;
@@ -45,9 +43,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     if args.node_name.trim().is_empty() {
-        anyhow::bail!(
-            "--node-name (or NODE_NAME) is empty; set it from the downward API (spec.nodeName)"
-        );
+        anyhow::bail!("--node-name (or NODE_NAME) is empty; set it from the downward API (spec.nodeName)");
     }
     let metrics = Metrics::new().context("registering metrics")?;
     let config = AgentConfig {

@@ -57,12 +57,7 @@ pub struct DataplaneArgs {
     #[arg(long, env = "KUBE_CONVERGE_MODE", value_enum, default_value = "auto")]
     pub mode: ModeArg,
     /// iptables backend; `auto` picks the one holding kube-proxy's chains.
-    #[arg(
-        long,
-        env = "KUBE_CONVERGE_IPTABLES_BACKEND",
-        value_enum,
-        default_value = "auto"
-    )]
+    #[arg(long, env = "KUBE_CONVERGE_IPTABLES_BACKEND", value_enum, default_value = "auto")]
     pub iptables_backend: BackendArg,
     /// Read the dataplane of another network namespace (e.g. /run/netns/NAME).
     #[arg(long, env = "KUBE_CONVERGE_NETNS")]
@@ -107,22 +102,14 @@ pub struct InspectArgs {
     #[command(flatten)]
     pub dataplane: DataplaneArgs,
     /// Output format.
-    #[arg(
-        short = 'o',
-        long,
-        env = "KUBE_CONVERGE_OUTPUT",
-        value_enum,
-        default_value = "table"
-    )]
+    #[arg(short = 'o', long, env = "KUBE_CONVERGE_OUTPUT", value_enum, default_value = "table")]
     pub output: OutputFormat,
 }
 
 /// Parses `250ms`, `1s`, `5m`, `1h` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let value: f64 = num
         .parse()
@@ -132,11 +119,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit {unit:?} in {s:?}: use ms, s, m or h"
-            ))
-        }
+        _ => return Err(format!("invalid duration unit {unit:?} in {s:?}: use ms, s, m or h")),
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("invalid duration {s:?}"));

@@ -24,10 +24,7 @@ pub struct EmulatedServicePort {
 /// `KUBE-SEP-` hash: base32(sha256(spn + proto + endpoint))[:16].
 pub fn sep_chain(spn: &ServicePortName, protocol: Protocol, endpoint: SocketAddr) -> String {
     let digest = Sha256::digest(format!("{spn}{protocol}{endpoint}").as_bytes());
-    format!(
-        "KUBE-SEP-{}",
-        crate::dataplane::iptables::base32_16(&digest[..10])
-    )
+    format!("KUBE-SEP-{}", crate::dataplane::iptables::base32_16(&digest[..10]))
 }
 
 fn host_cidr(ip: IpAddr) -> String {
@@ -40,11 +37,7 @@ fn host_cidr(ip: IpAddr) -> String {
 /// Renders a full nat table for `services`. `comments: false` mimics large-cluster mode (no
 /// comments on SVC→SEP and SEP rules). `deleted_chains` are removed with `-X`, as kube-proxy
 /// does for the chains of removed endpoints. Load with `iptables-restore --noflush`.
-pub fn render_nat(
-    services: &[EmulatedServicePort],
-    comments: bool,
-    deleted_chains: &[String],
-) -> String {
+pub fn render_nat(services: &[EmulatedServicePort], comments: bool, deleted_chains: &[String]) -> String {
     let mut chains = vec![
         "KUBE-SERVICES".to_string(),
         "KUBE-NODEPORTS".into(),
@@ -60,12 +53,12 @@ pub fn render_nat(
         }
     };
     let _ = writeln!(rules, "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000");
+    let _ = writeln!(rules, "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN");
+    let _ = writeln!(rules, "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000");
     let _ = writeln!(
         rules,
-        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN"
+        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE"
     );
-    let _ = writeln!(rules, "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000");
-    let _ = writeln!(rules, "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE");
     for svc in services {
         let (spn, p) = (&svc.name, svc.protocol.as_str());
         let hash = port_proto_hash(spn, svc.protocol);
@@ -97,18 +90,11 @@ pub fn render_nat(
             let sep = sep_chain(spn, svc.protocol, *ep);
             chains.push(sep.clone());
             let stat = if i + 1 < n {
-                format!(
-                    "-m statistic --mode random --probability {:.10} ",
-                    1.0 / (n - i) as f64
-                )
+                format!("-m statistic --mode random --probability {:.10} ", 1.0 / (n - i) as f64)
             } else {
                 String::new()
             };
-            let _ = writeln!(
-                rules,
-                "-A {svc_chain} {}{stat}-j {sep}",
-                c(&format!("{spn} -> {ep}"))
-            );
+            let _ = writeln!(rules, "-A {svc_chain} {}{stat}-j {sep}", c(&format!("{spn} -> {ep}")));
             let _ = writeln!(
                 rules,
                 "-A {sep} {}-s {} -j KUBE-MARK-MASQ",
@@ -165,14 +151,10 @@ mod tests {
             cluster_ip: "172.30.0.41".parse().unwrap(),
             port: 80,
             node_port: Some(30080),
-            endpoints: vec![
-                "10.180.0.1:80".parse().unwrap(),
-                "10.180.0.2:80".parse().unwrap(),
-            ],
+            endpoints: vec!["10.180.0.1:80".parse().unwrap(), "10.180.0.2:80".parse().unwrap()],
         };
         for comments in [true, false] {
-            let (s, w, _) =
-                routes_from_save(&render_nat(std::slice::from_ref(&svc), comments, &[]));
+            let (s, w, _) = routes_from_save(&render_nat(std::slice::from_ref(&svc), comments, &[]));
             assert!(w.is_empty(), "{w:?}");
             assert_eq!(s.len(), 1);
             assert_eq!(s[0].endpoints.len(), 2);
@@ -181,5 +163,149 @@ mod tests {
                 Some("ns1/svc1:p80")
             );
         }
+    }
+}
+
+/// kube-proxy's nftables `hashAndTruncate`: base32(sha256(name))[:8] + "-" + name.
+pub fn nft_chain_base(name: &str) -> String {
+    let digest = Sha256::digest(name.as_bytes());
+    let h = crate::dataplane::iptables::base32_16(&digest[..10]);
+    format!("{}-{name}", &h[..8])
+}
+
+fn nft_port_base(svc: &EmulatedServicePort) -> String {
+    let spn = &svc.name;
+    nft_chain_base(&format!(
+        "{}/{}/{}/{}",
+        spn.service.namespace, spn.service.name, svc.protocol, spn.port
+    ))
+}
+
+/// The `endpoint-…` chain of one endpoint (`:` of IPv6 addresses becomes `.`).
+pub fn nft_endpoint_chain(svc: &EmulatedServicePort, ep: SocketAddr) -> String {
+    let spn = &svc.name;
+    let ip = ep.ip().to_string().replace(':', ".");
+    format!(
+        "endpoint-{}",
+        nft_chain_base(&format!(
+            "{}/{}/{}/{}__{ip}/{}",
+            spn.service.namespace,
+            spn.service.name,
+            svc.protocol,
+            spn.port,
+            ep.port()
+        ))
+    )
+}
+
+/// Renders one kube-proxy nftables sync as an `nft -f` transaction for `family` (`ip` or
+/// `ip6`): the table, its dispatch maps and chains, every service and endpoint chain
+/// rewritten, `flush` for chains that just went stale and `delete` for chains stale long
+/// enough (kube-proxy deletes them at least 1 s later).
+pub fn render_nft(family: &str, services: &[EmulatedServicePort], flush: &[String], delete: &[String]) -> String {
+    let t = format!("{family} kube-proxy");
+    let addr = if family == "ip6" { "ipv6_addr" } else { "ipv4_addr" };
+    let daddr = if family == "ip6" { "ip6 daddr" } else { "ip daddr" };
+    let saddr = if family == "ip6" { "ip6 saddr" } else { "ip saddr" };
+    let mut o = String::new();
+    let _ = writeln!(o, "add table {t} {{ comment \"rules for kube-proxy\" ; }}");
+    let _ = writeln!(
+        o,
+        "add map {t} service-ips {{ type {addr} . inet_proto . inet_service : verdict ; }}"
+    );
+    let _ = writeln!(
+        o,
+        "add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; }}"
+    );
+    for c in ["services", "mark-for-masquerade"] {
+        let _ = writeln!(o, "add chain {t} {c}\nflush chain {t} {c}");
+    }
+    let _ = writeln!(
+        o,
+        "add chain {t} nat-prerouting {{ type nat hook prerouting priority -100 ; }}"
+    );
+    let _ = writeln!(
+        o,
+        "flush chain {t} nat-prerouting\nadd rule {t} nat-prerouting jump services"
+    );
+    let _ = writeln!(o, "add rule {t} mark-for-masquerade mark set mark or 0x4000");
+    let _ = writeln!(
+        o,
+        "add rule {t} services {daddr} . meta l4proto . th dport vmap @service-ips"
+    );
+    let _ = writeln!(
+        o,
+        "add rule {t} services fib daddr type local meta l4proto . th dport vmap @service-nodeports"
+    );
+    let _ = writeln!(o, "flush map {t} service-ips\nflush map {t} service-nodeports");
+    // Every chain is declared (and flushed) before any rule refers to it, as kube-proxy does.
+    let mut rules = String::new();
+    for svc in services.iter().filter(|s| !s.endpoints.is_empty()) {
+        let base = nft_port_base(svc);
+        let (chain, p) = (format!("service-{base}"), svc.protocol.as_str());
+        let _ = writeln!(o, "add chain {t} {chain}\nflush chain {t} {chain}");
+        let mut eps = svc.endpoints.clone();
+        eps.sort_by_key(|e| e.to_string());
+        for ep in &eps {
+            let ec = nft_endpoint_chain(svc, *ep);
+            let _ = writeln!(o, "add chain {t} {ec}\nflush chain {t} {ec}");
+            let _ = writeln!(rules, "add rule {t} {ec} {saddr} {} jump mark-for-masquerade", ep.ip());
+            let _ = writeln!(rules, "add rule {t} {ec} meta l4proto {p} dnat to {ep}");
+        }
+        let vmap: Vec<String> = eps
+            .iter()
+            .enumerate()
+            .map(|(i, e)| format!("{i} : goto {}", nft_endpoint_chain(svc, *e)))
+            .collect();
+        let _ = writeln!(
+            rules,
+            "add rule {t} {chain} numgen random mod {} vmap {{ {} }}",
+            eps.len(),
+            vmap.join(" , ")
+        );
+        let _ = writeln!(
+            rules,
+            "add element {t} service-ips {{ {} . {p} . {} : goto {chain} }}",
+            svc.cluster_ip, svc.port
+        );
+        if let Some(np) = svc.node_port {
+            let ext = format!("external-{base}");
+            let _ = writeln!(o, "add chain {t} {ext}\nflush chain {t} {ext}");
+            let _ = writeln!(
+                rules,
+                "add rule {t} {ext} jump mark-for-masquerade\nadd rule {t} {ext} goto {chain}"
+            );
+            let _ = writeln!(rules, "add element {t} service-nodeports {{ {p} . {np} : goto {ext} }}");
+        }
+    }
+    o.push_str(&rules);
+    for c in flush {
+        let _ = writeln!(o, "add chain {t} {c}\nflush chain {t} {c}");
+    }
+    for c in delete {
+        let _ = writeln!(o, "delete chain {t} {c}");
+    }
+    o
+}
+
+#[cfg(test)]
+mod nft_tests {
+    use super::*;
+
+    #[test]
+    fn nft_names_match_kube_proxy() {
+        assert_eq!(nft_chain_base("ns1/svc1/tcp/p80"), "ULMVA6XW-ns1/svc1/tcp/p80");
+        let svc = EmulatedServicePort {
+            name: ServicePortName::new("ns1", "svc1", "p80"),
+            protocol: Protocol::Tcp,
+            cluster_ip: "172.30.0.41".parse().unwrap(),
+            port: 80,
+            node_port: None,
+            endpoints: vec![],
+        };
+        assert_eq!(
+            nft_endpoint_chain(&svc, "10.180.0.1:80".parse().unwrap()),
+            "endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80"
+        );
     }
 }

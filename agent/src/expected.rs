@@ -113,10 +113,7 @@ pub fn expect_service(
     node: &str,
 ) -> ServiceExpectation {
     let mut out = ServiceExpectation {
-        trigger: slices
-            .iter()
-            .filter_map(|s| s.trigger)
-            .max_by_key(|t| t.time),
+        trigger: slices.iter().filter_map(|s| s.trigger).max_by_key(|t| t.time),
         resource_version: slices.iter().map(|s| s.resource_version).max().unwrap_or(0),
         ..Default::default()
     };
@@ -134,8 +131,7 @@ pub fn expect_service(
     out.service_exists = true;
     for port in &spec.ports {
         let spn = ServicePortName::new(&service.namespace, &service.name, &port.name);
-        out.frontends
-            .insert((spn.clone(), port.protocol), spec.frontends(port));
+        out.frontends.insert((spn.clone(), port.protocol), spec.frontends(port));
         // One entry per ip:port: the same endpoint in two slices counts once, and the
         // non-terminating copy wins.
         let mut candidates: BTreeMap<SocketAddr, (Conditions, bool)> = BTreeMap::new();
@@ -163,11 +159,7 @@ pub fn expect_service(
         }
         let pick = |only_local: bool| -> Vec<SocketAddr> {
             let pool = candidates.iter().filter(|(_, (_, l))| !only_local || *l);
-            let ready: Vec<_> = pool
-                .clone()
-                .filter(|(_, (c, _))| c.ready)
-                .map(|(a, _)| *a)
-                .collect();
+            let ready: Vec<_> = pool.clone().filter(|(_, (c, _))| c.ready).map(|(a, _)| *a).collect();
             if !ready.is_empty() {
                 return ready;
             }
@@ -353,10 +345,7 @@ mod tests {
         spec.internal_local = false;
         spec.external_local = true;
         spec.has_external = true;
-        assert_eq!(
-            addrs(&expect_service(&r, Some(&spec), &[&s], "node-c")).len(),
-            2
-        );
+        assert_eq!(addrs(&expect_service(&r, Some(&spec), &[&s], "node-c")).len(), 2);
     }
 
     #[test]
@@ -427,10 +416,7 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            [
-                "ns1/svc1 udp 10.180.0.1:5353",
-                "ns1/svc1:p80 tcp 10.180.0.1:8080"
-            ]
+            ["ns1/svc1 udp 10.180.0.1:5353", "ns1/svc1:p80 tcp 10.180.0.1:8080"]
         );
     }
 

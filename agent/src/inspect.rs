@@ -27,11 +27,7 @@ pub struct InspectService {
     pub uncertain: bool,
 }
 
-pub fn inspect(
-    mode: Option<Mode>,
-    backend: Option<Backend>,
-    netns: &NetNs,
-) -> Result<InspectReport, ReadError> {
+pub fn inspect(mode: Option<Mode>, backend: Option<Backend>, netns: &NetNs) -> Result<InspectReport, ReadError> {
     let mut reader = dataplane::open_reader(mode, backend, netns)?;
     let snap = reader.read()?;
     Ok(report(reader.mode(), reader.backend(), snap))

@@ -12,16 +12,13 @@ use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
-use crate::expected::{
-    Conditions, ServicePortSpec, ServiceSpec, SliceEndpoint, SlicePort, SliceRecord,
-};
+use crate::expected::{Conditions, ServicePortSpec, ServiceSpec, SliceEndpoint, SlicePort, SliceRecord};
 use crate::model::{Protocol, ServiceRef, Timestamp, Trigger, TriggerSource};
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const TRIGGER_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// kube-proxy ignores objects carrying either label.
-pub const KUBE_PROXY_SELECTOR: &str =
-    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+pub const KUBE_PROXY_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
 /// Why a whole slice was skipped.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -40,10 +37,7 @@ pub struct SliceProblem {
 }
 
 fn nanos(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> Timestamp {
-    Timestamp::from_nanos(
-        t.0.as_nanosecond()
-            .clamp(i64::MIN as i128, i64::MAX as i128) as i64,
-    )
+    Timestamp::from_nanos(t.0.as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64)
 }
 
 /// The best trigger time a slice carries: the controller's annotation, else the newest
@@ -75,15 +69,9 @@ fn slice_trigger(slice: &EndpointSlice) -> Option<Trigger> {
 
 /// Converts an EndpointSlice, skipping what kube-proxy skips and reporting why.
 pub fn slice_record(slice: &EndpointSlice) -> Result<(SliceRecord, Vec<SliceProblem>), SliceError> {
-    let id = format!(
-        "{}/{}",
-        slice.namespace().unwrap_or_default(),
-        slice.name_any()
-    );
+    let id = format!("{}/{}", slice.namespace().unwrap_or_default(), slice.name_any());
     let service = match slice.labels().get(SERVICE_NAME_LABEL) {
-        Some(name) if !name.is_empty() => {
-            ServiceRef::new(slice.namespace().unwrap_or_default(), name.clone())
-        }
+        Some(name) if !name.is_empty() => ServiceRef::new(slice.namespace().unwrap_or_default(), name.clone()),
         _ => return Err(SliceError::MissingServiceLabel(id)),
     };
     if slice.address_type == "FQDN" {
@@ -94,9 +82,7 @@ pub fn slice_record(slice: &EndpointSlice) -> Result<(SliceRecord, Vec<SliceProb
     for p in slice.ports.iter().flatten() {
         let protocol = p.protocol.as_deref().unwrap_or("TCP");
         match (
-            p.port
-                .and_then(|n| u16::try_from(n).ok())
-                .filter(|n| *n != 0),
+            p.port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0),
             protocol.parse::<Protocol>(),
         ) {
             (Some(port), Ok(protocol)) => ports.push(SlicePort {
@@ -149,10 +135,7 @@ pub fn slice_record(slice: &EndpointSlice) -> Result<(SliceRecord, Vec<SliceProb
         ports,
         endpoints,
         trigger: slice_trigger(slice),
-        resource_version: slice
-            .resource_version()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0),
+        resource_version: slice.resource_version().and_then(|v| v.parse().ok()).unwrap_or(0),
     };
     Ok((record, problems))
 }
@@ -166,11 +149,7 @@ pub fn service_spec(svc: &Service) -> Option<ServiceSpec> {
     }
     let cluster_ips: Vec<IpAddr> = match &spec.cluster_ips {
         Some(ips) if !ips.is_empty() => ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
-        _ => spec
-            .cluster_ip
-            .iter()
-            .filter_map(|ip| ip.parse().ok())
-            .collect(),
+        _ => spec.cluster_ip.iter().filter_map(|ip| ip.parse().ok()).collect(),
     };
     if cluster_ips.is_empty() {
         return None; // headless ("None") or not yet allocated
@@ -204,9 +183,8 @@ pub fn service_spec(svc: &Service) -> Option<ServiceSpec> {
         .filter_map(|i| i.ip.as_deref()?.parse().ok())
         .collect();
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
-    let has_external = matches!(type_, "NodePort" | "LoadBalancer")
-        || !external_ips.is_empty()
-        || !load_balancer_ips.is_empty();
+    let has_external =
+        matches!(type_, "NodePort" | "LoadBalancer") || !external_ips.is_empty() || !load_balancer_ips.is_empty();
     Some(ServiceSpec {
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
@@ -271,9 +249,7 @@ where
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
     };
-    let config = watcher::Config::default()
-        .labels(&scope.selector())
-        .timeout(290);
+    let config = watcher::Config::default().labels(&scope.selector()).timeout(290);
     watcher::watcher(api, config).map(move |ev| {
         let now = Timestamp::now();
         match ev {
@@ -357,10 +333,7 @@ mod tests {
         let t = slice_record(&s).unwrap().0.trigger.unwrap();
         assert_eq!(
             (t.source, t.time.to_rfc3339().as_str()),
-            (
-                TriggerSource::ManagedFields,
-                "2025-01-01T00:00:09.000000000Z"
-            )
+            (TriggerSource::ManagedFields, "2025-01-01T00:00:09.000000000Z")
         );
     }
 
@@ -374,14 +347,10 @@ mod tests {
         }));
         let (r, problems) = slice_record(&s).unwrap();
         let reasons: Vec<_> = problems.iter().map(|p| p.reason).collect();
-        assert_eq!(
-            reasons,
-            ["missing_port", "bad_protocol", "no_address", "invalid_ip"]
-        );
+        assert_eq!(reasons, ["missing_port", "bad_protocol", "no_address", "invalid_ip"]);
         assert_eq!(r.endpoints.len(), 1);
-        let unlabelled = slice(
-            json!({"metadata": {"name": "x", "namespace": "ns1"}, "addressType": "IPv4", "endpoints": []}),
-        );
+        let unlabelled =
+            slice(json!({"metadata": {"name": "x", "namespace": "ns1"}, "addressType": "IPv4", "endpoints": []}));
         assert_eq!(
             slice_record(&unlabelled).unwrap_err(),
             SliceError::MissingServiceLabel("ns1/x".into())
@@ -401,15 +370,10 @@ mod tests {
         let spec = service_spec(&svc).unwrap();
         assert_eq!(spec.cluster_ips.len(), 2);
         assert!(spec.external_local && spec.has_external && !spec.internal_local);
-        assert_eq!(
-            spec.load_balancer_ips,
-            ["1.2.3.4".parse::<IpAddr>().unwrap()]
-        );
+        assert_eq!(spec.load_balancer_ips, ["1.2.3.4".parse::<IpAddr>().unwrap()]);
         assert_eq!(spec.ports[0].protocol, Protocol::Tcp);
-        let headless: Service = serde_json::from_value(
-            json!({"metadata": {"name": "h"}, "spec": {"clusterIP": "None"}}),
-        )
-        .unwrap();
+        let headless: Service =
+            serde_json::from_value(json!({"metadata": {"name": "h"}, "spec": {"clusterIP": "None"}})).unwrap();
         assert!(service_spec(&headless).is_none());
     }
 }

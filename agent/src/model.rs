@@ -36,17 +36,11 @@ impl Timestamp {
     }
 
     pub fn plus(self, d: Duration) -> Self {
-        Self(
-            self.0
-                .saturating_add(d.as_nanos().min(i64::MAX as u128) as i64),
-        )
+        Self(self.0.saturating_add(d.as_nanos().min(i64::MAX as u128) as i64))
     }
 
     pub fn minus(self, d: Duration) -> Self {
-        Self(
-            self.0
-                .saturating_sub(d.as_nanos().min(i64::MAX as u128) as i64),
-        )
+        Self(self.0.saturating_sub(d.as_nanos().min(i64::MAX as u128) as i64))
     }
 
     /// RFC 3339 with nanoseconds, as the API server writes `last-change-trigger-time`.
@@ -95,8 +89,7 @@ impl Timestamp {
             "Z" | "z" => 0,
             tz if tz.len() == 6 && (tz.starts_with('+') || tz.starts_with('-')) => {
                 let sign = if tz.starts_with('-') { -1 } else { 1 };
-                sign * (tz.get(1..3)?.parse::<i64>().ok()? * 3600
-                    + tz.get(4..6)?.parse::<i64>().ok()? * 60)
+                sign * (tz.get(1..3)?.parse::<i64>().ok()? * 3600 + tz.get(4..6)?.parse::<i64>().ok()? * 60)
             }
             _ => return None,
         };
@@ -265,11 +258,7 @@ impl EndpointKey {
 
 impl fmt::Display for EndpointKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}/{} -> {}",
-            self.port_name, self.protocol, self.endpoint
-        )
+        write!(f, "{}/{} -> {}", self.port_name, self.protocol, self.endpoint)
     }
 }
 
@@ -365,9 +354,7 @@ mod tests {
         let plus = Timestamp::parse_rfc3339("2025-01-01T02:00:00+02:00").unwrap();
         assert_eq!(plus.as_nanos(), 1_735_689_600_000_000_000);
         assert_eq!(
-            Timestamp::parse_rfc3339("2024-02-29T12:00:00Z")
-                .unwrap()
-                .to_rfc3339(),
+            Timestamp::parse_rfc3339("2024-02-29T12:00:00Z").unwrap().to_rfc3339(),
             "2024-02-29T12:00:00.000000000Z"
         );
         assert!(Timestamp::parse_rfc3339("2025-13-01T00:00:00Z").is_none());
@@ -377,14 +364,8 @@ mod tests {
 
     #[test]
     fn service_port_names_render_like_kube_proxy() {
-        assert_eq!(
-            ServicePortName::new("ns1", "svc1", "p80").to_string(),
-            "ns1/svc1:p80"
-        );
-        assert_eq!(
-            ServicePortName::new("ns1", "svc1", "").to_string(),
-            "ns1/svc1"
-        );
+        assert_eq!(ServicePortName::new("ns1", "svc1", "p80").to_string(), "ns1/svc1:p80");
+        assert_eq!(ServicePortName::new("ns1", "svc1", "").to_string(), "ns1/svc1");
         assert_eq!(
             ServicePortName::parse("default/hostnames:"),
             Some(ServicePortName::new("default", "hostnames", ""))

@@ -65,10 +65,7 @@ impl NetNs {
 
     /// Runs `f` on a short-lived thread that has entered the namespace, e.g. to open a netlink
     /// socket there.
-    pub fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, NetnsError> {
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, NetnsError> {
         let Some(target) = self.target.clone() else {
             return Ok(f());
         };

@@ -21,14 +21,11 @@ pub struct ServiceCatalog {
 }
 
 impl ServiceCatalog {
-    pub fn build<'a>(
-        services: impl Iterator<Item = (&'a ServiceRef, &'a ServiceExpectation)>,
-    ) -> Self {
+    pub fn build<'a>(services: impl Iterator<Item = (&'a ServiceRef, &'a ServiceExpectation)>) -> Self {
         let mut cat = Self::default();
         for (_, exp) in services {
             for ((spn, proto), frontends) in &exp.frontends {
-                cat.by_hash
-                    .insert(port_proto_hash(spn, *proto), (spn.clone(), *proto));
+                cat.by_hash.insert(port_proto_hash(spn, *proto), (spn.clone(), *proto));
                 for f in frontends {
                     cat.by_frontend.insert(f.to_string(), (spn.clone(), *proto));
                 }
@@ -69,8 +66,7 @@ impl ServiceCatalog {
                         view.unreadable_v4 = true;
                         view.unreadable_v6 = true;
                     }
-                    let protos: Vec<Protocol> =
-                        svc.protocol.map_or(ALL_PROTOCOLS.to_vec(), |p| vec![p]);
+                    let protos: Vec<Protocol> = svc.protocol.map_or(ALL_PROTOCOLS.to_vec(), |p| vec![p]);
                     for e in &svc.endpoints {
                         view.unattributed.extend(protos.iter().map(|p| (*p, *e)));
                     }
@@ -126,11 +122,10 @@ mod tests {
         });
         assert_eq!(cat.view(&by_name).routes(&key()), Routed::Yes);
         let by_hash = routes(|r| r.chain_id = Some("XPGD46QRK7WJZT7O".into()));
-        assert!(cat.view(&by_hash).named.contains(&(
-            key().port_name,
-            Protocol::Tcp,
-            key().endpoint
-        )));
+        assert!(cat
+            .view(&by_hash)
+            .named
+            .contains(&(key().port_name, Protocol::Tcp, key().endpoint)));
         let by_frontend = routes(|r| {
             r.frontends.insert("172.30.0.41:80".into());
         });

@@ -2,8 +2,8 @@
 //! is registered here; metric labels never carry pod names, endpoint IPs or error text.
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::model::Timestamp;
@@ -12,8 +12,8 @@ use crate::tracker::{LagSample, Outcome, PendingState, Tracker};
 /// Lag buckets: 1 ms doubling to 16.4 s (kube-proxy's sync_proxy_rules buckets) merged with
 /// the landmarks of kube-proxy's network_programming_duration buckets up to 300 s.
 pub const LAG_BUCKETS: &[f64] = &[
-    0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.25, 0.256, 0.5, 0.512, 1.0, 1.024,
-    2.0, 2.048, 4.096, 5.0, 8.192, 10.0, 16.384, 30.0, 60.0, 120.0, 180.0, 240.0, 300.0,
+    0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.25, 0.256, 0.5, 0.512, 1.0, 1.024, 2.0, 2.048, 4.096,
+    5.0, 8.192, 10.0, 16.384, 30.0, 60.0, 120.0, 180.0, 240.0, 300.0,
 ];
 
 const READ_BUCKETS: &[f64] = &[
@@ -130,14 +130,10 @@ impl Metrics {
                     .changes
                     .with_label_values(&[kind.as_str(), "converged_unsampled"])
                     .inc(),
-                Outcome::TimedOut { kind, .. } => self
-                    .changes
-                    .with_label_values(&[kind.as_str(), "timed_out"])
-                    .inc(),
-                Outcome::Superseded { kind, .. } => self
-                    .changes
-                    .with_label_values(&[kind.as_str(), "superseded"])
-                    .inc(),
+                Outcome::TimedOut { kind, .. } => self.changes.with_label_values(&[kind.as_str(), "timed_out"]).inc(),
+                Outcome::Superseded { kind, .. } => {
+                    self.changes.with_label_values(&[kind.as_str(), "superseded"]).inc()
+                }
             }
         }
     }
@@ -145,9 +141,7 @@ impl Metrics {
     fn record_sample(&self, mode: &str, s: &LagSample) {
         let (change, reason) = (s.kind.as_str(), s.reason.as_str());
         self.changes.with_label_values(&[change, "converged"]).inc();
-        self.lag
-            .with_label_values(&[mode, change, reason])
-            .observe(s.lag);
+        self.lag.with_label_values(&[mode, change, reason]).observe(s.lag);
         if s.lag_clamped {
             self.lag_clamped.with_label_values(&["lag"]).inc();
         }
@@ -173,9 +167,7 @@ impl Metrics {
         }
         self.pending.with_label_values(&["pending"]).set(pending);
         self.pending.with_label_values(&["unknown"]).set(unknown);
-        self.pending
-            .with_label_values(&["timed_out"])
-            .set(timed_out);
+        self.pending.with_label_values(&["timed_out"]).set(timed_out);
         self.oldest_pending.set(tracker.oldest_pending_age(now));
         self.stale_endpoints.set(tracker.stale_endpoints() as i64);
     }
@@ -215,10 +207,7 @@ mod tests {
     #[test]
     fn buckets_are_sorted_and_span_1ms_to_300s() {
         assert!(LAG_BUCKETS.windows(2).all(|w| w[0] < w[1]));
-        assert_eq!(
-            (LAG_BUCKETS[0], *LAG_BUCKETS.last().unwrap()),
-            (0.001, 300.0)
-        );
+        assert_eq!((LAG_BUCKETS[0], *LAG_BUCKETS.last().unwrap()), (0.001, 300.0));
     }
 
     #[test]

@@ -14,8 +14,7 @@ use serde::Serialize;
 
 use crate::expected::ServiceExpectation;
 use crate::model::{
-    ChangeKind, ChangeReason, EndpointKey, Protocol, ServicePortName, ServiceRef, Timestamp,
-    Trigger, TriggerSource,
+    ChangeKind, ChangeReason, EndpointKey, Protocol, ServicePortName, ServiceRef, Timestamp, Trigger, TriggerSource,
 };
 
 /// How a dataplane reading was triggered.
@@ -239,12 +238,7 @@ impl Tracker {
 
     /// Replaces one Service's expectation, observed at `at`, and returns flapping outcomes.
     /// Applying the same expectation twice (a relist) creates nothing.
-    pub fn update_service(
-        &mut self,
-        svc: &ServiceRef,
-        new: ServiceExpectation,
-        at: Timestamp,
-    ) -> Vec<Outcome> {
+    pub fn update_service(&mut self, svc: &ServiceRef, new: ServiceExpectation, at: Timestamp) -> Vec<Outcome> {
         self.observed_resource_version = self.observed_resource_version.max(new.resource_version);
         let old = self.services.remove(svc).unwrap_or_default();
         let mut outcomes = Vec::new();
@@ -286,13 +280,7 @@ impl Tracker {
         self.insert_pending(key, ChangeKind::Removed, reason, new, at, sampled);
     }
 
-    fn on_added(
-        &mut self,
-        key: EndpointKey,
-        new: &ServiceExpectation,
-        at: Timestamp,
-        out: &mut Vec<Outcome>,
-    ) {
+    fn on_added(&mut self, key: EndpointKey, new: &ServiceExpectation, at: Timestamp, out: &mut Vec<Outcome>) {
         if let Some(prev) = self.pending.remove(&key) {
             out.push(Outcome::Superseded {
                 key: key.clone(),
@@ -360,9 +348,7 @@ impl Tracker {
                 }
                 continue;
             }
-            let (at, bound) = *change
-                .candidate
-                .get_or_insert((meta.programmed_at, meta.error_bound));
+            let (at, bound) = *change.candidate.get_or_insert((meta.programmed_at, meta.error_bound));
             if can_confirm {
                 done.push((change.key.clone(), at, bound));
             }
@@ -389,10 +375,7 @@ impl Tracker {
         let timeout = self.config.change_timeout;
         self.pending
             .values_mut()
-            .filter(|c| {
-                c.state != PendingState::TimedOut
-                    && now.seconds_since(c.observed) > timeout.as_secs_f64()
-            })
+            .filter(|c| c.state != PendingState::TimedOut && now.seconds_since(c.observed) > timeout.as_secs_f64())
             .map(|c| {
                 c.state = PendingState::TimedOut;
                 Outcome::TimedOut {
@@ -448,11 +431,7 @@ fn desired(kind: ChangeKind) -> Routed {
     }
 }
 
-fn classify_removal(
-    key: &EndpointKey,
-    old: &ServiceExpectation,
-    new: &ServiceExpectation,
-) -> ChangeReason {
+fn classify_removal(key: &EndpointKey, old: &ServiceExpectation, new: &ServiceExpectation) -> ChangeReason {
     if !new.service_exists {
         return ChangeReason::ServiceDeleted;
     }
@@ -460,19 +439,12 @@ fn classify_removal(
         Some(c) if c.terminating => ChangeReason::Deleted,
         Some(c) if !c.ready => ChangeReason::Unready,
         Some(_) => ChangeReason::Isolated,
-        None if old.conditions.get(&key.ip()).is_some_and(|c| c.terminating) => {
-            ChangeReason::Deleted
-        }
+        None if old.conditions.get(&key.ip()).is_some_and(|c| c.terminating) => ChangeReason::Deleted,
         None => ChangeReason::Isolated,
     }
 }
 
-fn finish(
-    change: PendingChange,
-    at: Timestamp,
-    bound: Duration,
-    read_trigger: ReadTrigger,
-) -> Outcome {
+fn finish(change: PendingChange, at: Timestamp, bound: Duration, read_trigger: ReadTrigger) -> Outcome {
     if !change.sampled {
         return Outcome::ConvergedUnsampled {
             key: change.key,
@@ -566,10 +538,7 @@ mod tests {
     /// A synced tracker with 10.180.0.1 and 10.180.0.2 expected and routed.
     fn steady() -> (Tracker, ServiceRef) {
         let mut tr = Tracker::new(TrackerConfig::default());
-        let (r, e) = expectation(&[slice("ns1/svc1")
-            .endpoint("10.180.0.1")
-            .endpoint("10.180.0.2")
-            .build()]);
+        let (r, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build()]);
         assert!(tr.update_service(&r, e, t(0)).is_empty());
         tr.mark_synced();
         assert!(tr
@@ -599,17 +568,10 @@ mod tests {
         assert!(tr.update_service(&r, e, t(1000)).is_empty());
         let p: Vec<_> = tr.pending().collect();
         assert_eq!(p.len(), 1);
-        assert_eq!(
-            (p[0].kind, p[0].reason),
-            (ChangeKind::Removed, ChangeReason::Deleted)
-        );
+        assert_eq!((p[0].kind, p[0].reason), (ChangeKind::Removed, ChangeReason::Deleted));
         // Still routed: safety rule, nothing converges.
         assert!(tr
-            .apply_reading(&reading(
-                1100,
-                1100,
-                &[&key("10.180.0.1"), &key("10.180.0.2")]
-            ))
+            .apply_reading(&reading(1100, 1100, &[&key("10.180.0.1"), &key("10.180.0.2")]))
             .is_empty());
         assert_eq!(tr.pending_count(), 1);
         let out = tr.apply_reading(&reading(1500, 1400, &[&key("10.180.0.1")]));
@@ -650,15 +612,8 @@ mod tests {
         let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
         tr.update_service(&r, e, t(2000));
         let p: Vec<_> = tr.pending().collect();
-        assert_eq!(
-            p.len(),
-            1,
-            "the final removal from the slice is not a second change"
-        );
-        assert_eq!(
-            (p[0].reason, p[0].observed),
-            (ChangeReason::Deleted, t(1000))
-        );
+        assert_eq!(p.len(), 1, "the final removal from the slice is not a second change");
+        assert_eq!((p[0].reason, p[0].observed), (ChangeReason::Deleted, t(1000)));
     }
 
     #[test]
@@ -678,23 +633,14 @@ mod tests {
             &[&key("10.180.0.1"), &key("10.180.0.2"), &key("10.180.0.3")],
         ));
         let s = samples(&out);
-        assert_eq!(
-            (s[0].kind, s[0].reason),
-            (ChangeKind::Added, ChangeReason::Added)
-        );
+        assert_eq!((s[0].kind, s[0].reason), (ChangeKind::Added, ChangeReason::Added));
         assert!((s[0].lag - 0.15).abs() < 1e-9);
     }
 
     #[test]
     fn flapping_removal_then_readd_before_convergence_records_nothing() {
         let (mut tr, r) = steady();
-        let both = || {
-            expectation(&[slice("ns1/svc1")
-                .endpoint("10.180.0.1")
-                .endpoint("10.180.0.2")
-                .build()])
-            .1
-        };
+        let both = || expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build()]).1;
         let (_, gone) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
         tr.update_service(&r, gone, t(1000));
         let out = tr.update_service(&r, both(), t(1100));
@@ -705,17 +651,9 @@ mod tests {
                 ..
             }]
         ));
-        assert_eq!(
-            tr.pending_count(),
-            0,
-            "the kernel never dropped it: nothing to measure"
-        );
+        assert_eq!(tr.pending_count(), 0, "the kernel never dropped it: nothing to measure");
         assert!(tr
-            .apply_reading(&reading(
-                1200,
-                1200,
-                &[&key("10.180.0.1"), &key("10.180.0.2")]
-            ))
+            .apply_reading(&reading(1200, 1200, &[&key("10.180.0.1"), &key("10.180.0.2")]))
             .is_empty());
     }
 
@@ -725,21 +663,12 @@ mod tests {
         let (_, gone) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
         tr.update_service(&r, gone, t(1000));
         // A reading that started before the change was observed shows it gone: not a confirmation.
-        assert!(tr
-            .apply_reading(&reading(990, 995, &[&key("10.180.0.1")]))
-            .is_empty());
-        let (_, both) = expectation(&[slice("ns1/svc1")
-            .endpoint("10.180.0.1")
-            .endpoint("10.180.0.2")
-            .build()]);
+        assert!(tr.apply_reading(&reading(990, 995, &[&key("10.180.0.1")])).is_empty());
+        let (_, both) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build()]);
         tr.update_service(&r, both, t(1100));
         let p = tr.pending().next().unwrap();
         assert_eq!(p.kind, ChangeKind::Added);
-        let out = tr.apply_reading(&reading(
-            1300,
-            1250,
-            &[&key("10.180.0.1"), &key("10.180.0.2")],
-        ));
+        let out = tr.apply_reading(&reading(1300, 1250, &[&key("10.180.0.1"), &key("10.180.0.2")]));
         assert!((samples(&out)[0].lag - 0.15).abs() < 1e-9);
     }
 
@@ -752,10 +681,7 @@ mod tests {
             .endpoint("10.180.0.3")
             .build()]);
         tr.update_service(&r, three, t(1000));
-        let (_, two) = expectation(&[slice("ns1/svc1")
-            .endpoint("10.180.0.1")
-            .endpoint("10.180.0.2")
-            .build()]);
+        let (_, two) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build()]);
         tr.update_service(&r, two, t(1100));
         let p = tr.pending().next().unwrap();
         assert_eq!(
@@ -781,10 +707,7 @@ mod tests {
         tr.update_service(&r, e, t(0));
         tr.mark_synced();
         // The only endpoint turns terminating: kube-proxy keeps it (fallback), so no change.
-        let (_, e) = expectation(&[slice("ns1/svc1")
-            .endpoint("10.180.0.1")
-            .terminating()
-            .build()]);
+        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").terminating().build()]);
         assert!(tr.update_service(&r, e, t(1000)).is_empty());
         assert_eq!(tr.pending_count(), 0);
         // A ready endpoint appears: the terminating one now leaves, as a deletion.
@@ -794,10 +717,7 @@ mod tests {
             .endpoint("10.180.0.9")
             .build()]);
         tr.update_service(&r, e, t(2000));
-        let mut kinds: Vec<_> = tr
-            .pending()
-            .map(|p| (p.key.endpoint.to_string(), p.reason))
-            .collect();
+        let mut kinds: Vec<_> = tr.pending().map(|p| (p.key.endpoint.to_string(), p.reason)).collect();
         kinds.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(
             kinds,
@@ -819,24 +739,15 @@ mod tests {
         tr.mark_synced();
         // 10.180.0.2 moves to the first slice; the second slice is emptied.
         let (_, e) = expectation(&[
-            slice("ns1/svc1")
-                .endpoint("10.180.0.1")
-                .endpoint("10.180.0.2")
-                .build(),
+            slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build(),
             slice("ns1/svc1").build(),
         ]);
         assert!(tr.update_service(&r, e, t(1000)).is_empty());
         assert_eq!(tr.pending_count(), 0);
         // Transiently in both slices, one copy terminating: still one endpoint, still expected.
         let (_, e) = expectation(&[
-            slice("ns1/svc1")
-                .endpoint("10.180.0.1")
-                .endpoint("10.180.0.2")
-                .build(),
-            slice("ns1/svc1")
-                .endpoint("10.180.0.2")
-                .terminating()
-                .build(),
+            slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build(),
+            slice("ns1/svc1").endpoint("10.180.0.2").terminating().build(),
         ]);
         assert!(tr.update_service(&r, e, t(1100)).is_empty());
         assert_eq!(tr.pending_count(), 0);
@@ -848,10 +759,7 @@ mod tests {
         let gone = expect_service(&r, None, &[], NODE);
         tr.update_service(&r, gone, t(1000));
         let reasons: Vec<_> = tr.pending().map(|p| p.reason).collect();
-        assert_eq!(
-            reasons,
-            [ChangeReason::ServiceDeleted, ChangeReason::ServiceDeleted]
-        );
+        assert_eq!(reasons, [ChangeReason::ServiceDeleted, ChangeReason::ServiceDeleted]);
         let out = tr.apply_reading(&reading(1100, 1050, &[]));
         assert_eq!(samples(&out).len(), 2);
         assert!(tr.service(&r).is_none());
@@ -901,10 +809,7 @@ mod tests {
         tr.mark_synced();
         let s = slice("ns1/svc1").port("", Protocol::Tcp, 80).build();
         tr.update_service(&r, expect_service(&r, Some(&spec), &[&s], NODE), t(1000));
-        assert_eq!(
-            tr.pending().next().unwrap().key.port_name.to_string(),
-            "ns1/svc1"
-        );
+        assert_eq!(tr.pending().next().unwrap().key.port_name.to_string(), "ns1/svc1");
         // A route under the named port does not keep the unnamed key pending.
         let out = tr.apply_reading(&reading(1100, 1100, &[&key_port("10.180.0.1", "p80")]));
         assert_eq!(samples(&out).len(), 1);
@@ -914,17 +819,11 @@ mod tests {
     #[test]
     fn relist_with_the_same_state_creates_nothing_and_a_diff_creates_exactly_it() {
         let (mut tr, r) = steady();
-        let (_, same) = expectation(&[slice("ns1/svc1")
-            .endpoint("10.180.0.1")
-            .endpoint("10.180.0.2")
-            .build()]);
+        let (_, same) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build()]);
         assert!(tr.update_service(&r, same, t(5000)).is_empty());
         assert_eq!(tr.pending_count(), 0);
         // While the watch was down, .2 was removed and .3 added: the relist shows both once.
-        let (_, diff) = expectation(&[slice("ns1/svc1")
-            .endpoint("10.180.0.1")
-            .endpoint("10.180.0.3")
-            .build()]);
+        let (_, diff) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.3").build()]);
         tr.update_service(&r, diff.clone(), t(6000));
         tr.update_service(&r, diff, t(6001));
         let mut got: Vec<_> = tr
@@ -946,13 +845,9 @@ mod tests {
         let mut tr = Tracker::new(TrackerConfig::default());
         let (r, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
         tr.update_service(&r, e, t(0));
-        assert!(tr
-            .apply_reading(&reading(10, 10, &[&key("10.180.0.1")]))
-            .is_empty());
+        assert!(tr.apply_reading(&reading(10, 10, &[&key("10.180.0.1")])).is_empty());
         tr.mark_synced();
-        assert!(tr
-            .apply_reading(&reading(20, 20, &[&key("10.180.0.1")]))
-            .is_empty());
+        assert!(tr.apply_reading(&reading(20, 20, &[&key("10.180.0.1")])).is_empty());
         assert_eq!(tr.pending_count(), 0);
         assert_eq!(tr.stale_endpoints(), 0);
     }
@@ -961,13 +856,8 @@ mod tests {
     fn kube_proxy_faster_than_the_watch_gives_a_clamped_zero_lag() {
         let (mut tr, r) = steady();
         // The kernel dropped .2 at 900 and the agent read it at 950; the watch delivered at 1000.
-        assert!(tr
-            .apply_reading(&reading(950, 900, &[&key("10.180.0.1")]))
-            .is_empty());
-        let (_, e) = expectation(&[slice("ns1/svc1")
-            .endpoint("10.180.0.1")
-            .trigger_ms(800)
-            .build()]);
+        assert!(tr.apply_reading(&reading(950, 900, &[&key("10.180.0.1")])).is_empty());
+        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").trigger_ms(800).build()]);
         tr.update_service(&r, e, t(1000));
         let out = tr.apply_reading(&reading(1010, 900, &[&key("10.180.0.1")]));
         let s = samples(&out);
@@ -983,10 +873,7 @@ mod tests {
     fn clock_skew_on_end_to_end_lag_is_clamped_and_flagged() {
         let (mut tr, r) = steady();
         // The API server's clock is 5 s ahead of this node.
-        let (_, e) = expectation(&[slice("ns1/svc1")
-            .endpoint("10.180.0.1")
-            .trigger_ms(6000)
-            .build()]);
+        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").trigger_ms(6000).build()]);
         tr.update_service(&r, e, t(1000));
         let out = tr.apply_reading(&reading(1100, 1100, &[&key("10.180.0.1")]));
         let s = samples(&out);
@@ -1023,8 +910,7 @@ mod tests {
         let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
         tr.update_service(&r, e, t(1000));
         let mut v = view(&[&key("10.180.0.1")]);
-        v.unattributed
-            .insert((Protocol::Tcp, key("10.180.0.2").endpoint));
+        v.unattributed.insert((Protocol::Tcp, key("10.180.0.2").endpoint));
         let r1 = Reading {
             outcome: ReadingOutcome::Routed(v),
             ..reading(1100, 1100, &[])
@@ -1048,10 +934,7 @@ mod tests {
         assert!(tr.expire(t(13_000)).is_empty());
         assert_eq!(tr.pending().next().unwrap().state, PendingState::TimedOut);
         assert!((tr.oldest_pending_age(t(13_000)) - 12.0).abs() < 1e-9);
-        assert_eq!(
-            samples(&tr.apply_reading(&reading(14_000, 14_000, &[]))).len(),
-            1
-        );
+        assert_eq!(samples(&tr.apply_reading(&reading(14_000, 14_000, &[]))).len(), 1);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{require, Netns};
-use kube_converge::emulate::{render_nat, sep_chain, EmulatedServicePort};
+use kube_converge::emulate::{nft_endpoint_chain, render_nat, render_nft, sep_chain, EmulatedServicePort};
 use kube_converge::model::{Protocol, ServicePortName, Timestamp};
 use kube_converge::sim::apiserver::FakeApiServer;
 use serde_json::{json, Value};
@@ -75,12 +75,7 @@ fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
-async fn wait_for(
-    addr: SocketAddr,
-    what: &str,
-    timeout: Duration,
-    pred: impl Fn(&str) -> bool,
-) -> String {
+async fn wait_for(addr: SocketAddr, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
     let start = Instant::now();
     loop {
         if let Some((200, body)) = http_get(addr, "/metrics").await {
@@ -116,95 +111,124 @@ fn slice(endpoints: &[(&str, bool)]) -> Value {
         "ports": [{"name": "p80", "port": 80, "protocol": "TCP"}], "endpoints": eps})
 }
 
-fn rules(eps: &[&str], deleted: &[&str]) -> String {
-    let spn = ServicePortName::new("ns1", "svc1", "p80");
-    let port = EmulatedServicePort {
-        name: spn.clone(),
-        protocol: Protocol::Tcp,
-        cluster_ip: "172.30.0.41".parse().unwrap(),
-        port: 80,
-        node_port: None,
-        endpoints: eps
-            .iter()
-            .map(|e| format!("{e}:80").parse().unwrap())
-            .collect(),
-    };
-    let gone: Vec<String> = deleted
-        .iter()
-        .map(|e| sep_chain(&spn, Protocol::Tcp, format!("{e}:80").parse().unwrap()))
-        .collect();
-    render_nat(&[port], true, &gone)
+/// The kube-proxy dataplane a node runs in a test.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Plane {
+    IptablesNft,
+    IptablesLegacy,
+    Nftables,
+}
+
+impl Plane {
+    fn tools(self) -> Vec<&'static str> {
+        match self {
+            Plane::IptablesNft => vec!["ip", "iptables-nft-restore", "iptables-nft-save"],
+            Plane::IptablesLegacy => vec!["ip", "iptables-legacy-restore", "iptables-legacy-save"],
+            Plane::Nftables => vec!["ip", "nft"],
+        }
+    }
+
+    fn agent_args(self) -> &'static [&'static str] {
+        match self {
+            Plane::IptablesNft => &["--mode", "iptables", "--iptables-backend", "nft"],
+            Plane::IptablesLegacy => &["--mode", "iptables", "--iptables-backend", "legacy"],
+            Plane::Nftables => &["--mode", "nftables"],
+        }
+    }
+
+    /// `mode` and `backend` labels of the info metric, and the read trigger of kernel changes.
+    fn labels(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Plane::IptablesNft => ("iptables", "nft", "event"),
+            Plane::IptablesLegacy => ("iptables", "legacy", "poll"),
+            Plane::Nftables => ("nftables", "nftables", "event"),
+        }
+    }
+
+    /// Programs svc1 with `eps` the way kube-proxy does; `removed` endpoints' chains are
+    /// flushed and deleted.
+    fn program(self, ns: &Netns, eps: &[&str], removed: &[&str]) {
+        let spn = ServicePortName::new("ns1", "svc1", "p80");
+        let addr = |e: &&str| -> std::net::SocketAddr { format!("{e}:80").parse().unwrap() };
+        let port = EmulatedServicePort {
+            name: spn.clone(),
+            protocol: Protocol::Tcp,
+            cluster_ip: "172.30.0.41".parse().unwrap(),
+            port: 80,
+            node_port: None,
+            endpoints: eps.iter().map(addr).collect(),
+        };
+        match self {
+            Plane::IptablesNft | Plane::IptablesLegacy => {
+                let gone: Vec<String> = removed
+                    .iter()
+                    .map(|e| sep_chain(&spn, Protocol::Tcp, addr(e)))
+                    .collect();
+                let restore = if self == Plane::IptablesNft {
+                    "iptables-nft-restore"
+                } else {
+                    "iptables-legacy-restore"
+                };
+                ns.run_stdin(restore, &["--noflush"], &render_nat(&[port], true, &gone));
+            }
+            Plane::Nftables => {
+                let gone: Vec<String> = removed.iter().map(|e| nft_endpoint_chain(&port, addr(e))).collect();
+                ns.run_stdin(
+                    "nft",
+                    &["-f", "-"],
+                    &render_nft("ip", std::slice::from_ref(&port), &gone, &[]),
+                );
+                ns.run_stdin(
+                    "nft",
+                    &["-f", "-"],
+                    &render_nft("ip", std::slice::from_ref(&port), &[], &gone),
+                );
+            }
+        }
+    }
 }
 
 /// One node: a fake API server holding svc1 with two ready endpoints, a namespace whose
-/// iptables rules route both, and a ready agent reading that namespace.
+/// rules route both, and a ready agent reading that namespace.
 async fn start_node(
-    backend: &str,
+    plane: Plane,
     tag: &str,
+    extra: &[&str],
 ) -> (FakeApiServer, Netns, SocketAddr, Agent, tempfile::TempDir) {
     let api = FakeApiServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
     let ns = Netns::new(tag);
-    let restore = format!("iptables-{backend}-restore");
-    ns.run_stdin(
-        &restore,
-        &["--noflush"],
-        &rules(&["10.180.0.1", "10.180.0.2"], &[]),
-    );
+    plane.program(&ns, &["10.180.0.1", "10.180.0.2"], &[]);
     api.apply(service());
     api.apply(slice(&[("10.180.0.1", false), ("10.180.0.2", false)]));
     let listen = free_port();
-    let args = [
-        "--netns",
-        &ns.path(),
-        "--mode",
-        "iptables",
-        "--iptables-backend",
-        backend,
-    ];
+    let path = ns.path();
+    let mut args = vec!["--netns", path.as_str()];
+    args.extend_from_slice(extra);
     let agent = spawn_agent(&kubeconfig, listen, &args);
     let start = Instant::now();
     while http_get(listen, "/readyz").await.map(|r| r.0) != Some(200) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "agent never became ready"
-        );
+        assert!(start.elapsed() < Duration::from_secs(30), "agent never became ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     (api, ns, listen, agent, dir)
 }
 
-async fn scenario(backend: &str) {
-    if !require(&[
-        "ip",
-        &format!("iptables-{backend}-restore"),
-        &format!("iptables-{backend}-save"),
-    ]) {
+async fn scenario(plane: Plane) {
+    if !require(&plane.tools()) {
         return;
     }
-    let restore = format!("iptables-{backend}-restore");
-    let (api, ns, listen, _agent, _dir) = start_node(backend, "e2e").await;
+    let (api, ns, listen, _agent, _dir) = start_node(plane, "e2e", plane.agent_args()).await;
     let hold = Duration::from_millis(400);
-    let pending =
-        |b: &str| metric(b, "kube_converge_pending_changes", &["state=\"pending\""]) == 1.0;
+    let pending = |b: &str| metric(b, "kube_converge_pending_changes", &["state=\"pending\""]) == 1.0;
 
     // Removal: the pod is deleted (terminating); kube-proxy drops it `hold` after the agent saw it.
     api.apply(slice(&[("10.180.0.1", false), ("10.180.0.2", true)]));
-    wait_for(
-        listen,
-        "the removal to be pending",
-        Duration::from_secs(10),
-        pending,
-    )
-    .await;
+    wait_for(listen, "the removal to be pending", Duration::from_secs(10), pending).await;
     tokio::time::sleep(hold).await;
-    ns.run_stdin(
-        &restore,
-        &["--noflush"],
-        &rules(&["10.180.0.1"], &["10.180.0.2"]),
-    );
+    plane.program(&ns, &["10.180.0.1"], &["10.180.0.2"]);
     let removed = ["change=\"removed\"", "reason=\"deleted\""];
     let body = wait_for(listen, "the removal sample", Duration::from_secs(10), |b| {
         metric(b, "kube_converge_lag_seconds_count", &removed) >= 1.0
@@ -227,26 +251,13 @@ async fn scenario(backend: &str) {
 
     // Addition: a new pod becomes ready.
     api.apply(slice(&[("10.180.0.1", false), ("10.180.0.3", false)]));
-    wait_for(
-        listen,
-        "the addition to be pending",
-        Duration::from_secs(10),
-        pending,
-    )
-    .await;
+    wait_for(listen, "the addition to be pending", Duration::from_secs(10), pending).await;
     tokio::time::sleep(hold).await;
-    ns.run_stdin(
-        &restore,
-        &["--noflush"],
-        &rules(&["10.180.0.1", "10.180.0.3"], &[]),
-    );
+    plane.program(&ns, &["10.180.0.1", "10.180.0.3"], &[]);
     let added = ["change=\"added\"", "reason=\"added\""];
-    let body = wait_for(
-        listen,
-        "the addition sample",
-        Duration::from_secs(10),
-        |b| metric(b, "kube_converge_lag_seconds_count", &added) >= 1.0,
-    )
+    let body = wait_for(listen, "the addition sample", Duration::from_secs(10), |b| {
+        metric(b, "kube_converge_lag_seconds_count", &added) >= 1.0
+    })
     .await;
     assert!(metric(&body, "kube_converge_lag_seconds_sum", &added) >= hold.as_secs_f64());
 
@@ -259,13 +270,7 @@ async fn scenario(backend: &str) {
         listen,
         "the malformed slice to be counted",
         Duration::from_secs(10),
-        |b| {
-            metric(
-                b,
-                "kube_converge_malformed_objects_total",
-                &["reason=\"invalid_ip\""],
-            ) >= 1.0
-        },
+        |b| metric(b, "kube_converge_malformed_objects_total", &["reason=\"invalid_ip\""]) >= 1.0,
     )
     .await;
     assert!(
@@ -285,32 +290,56 @@ async fn scenario(backend: &str) {
         "one sample per change:\n{body}"
     );
     assert_eq!(metric(&body, "kube_converge_pending_changes", &[]), 0.0);
+    let (mode, backend, trigger) = plane.labels();
+    let info = [format!("mode=\"{mode}\""), format!("backend=\"{backend}\"")];
     assert_eq!(
-        metric(
-            &body,
-            "kube_converge_info",
-            &["mode=\"iptables\"", &format!("backend=\"{backend}\"")]
-        ),
-        1.0
+        metric(&body, "kube_converge_info", &[&info[0], &info[1]]),
+        1.0,
+        "{body}"
     );
-    let trigger = if backend == "nft" { "event" } else { "poll" };
-    assert!(
-        metric(
-            &body,
-            "kube_converge_dataplane_reads_total",
-            &[&format!("trigger=\"{trigger}\"")]
-        ) >= 1.0
-    );
+    let trig = format!("trigger=\"{trigger}\"");
+    assert!(metric(&body, "kube_converge_dataplane_reads_total", &[&trig]) >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_measures_removal_and_addition_with_iptables_nft() {
-    scenario("nft").await;
+    scenario(Plane::IptablesNft).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_measures_removal_and_addition_with_iptables_legacy() {
-    scenario("legacy").await;
+    scenario(Plane::IptablesLegacy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_measures_removal_and_addition_with_nftables() {
+    scenario(Plane::Nftables).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_notices_kube_proxy_switching_modes() {
+    let tools: Vec<&str> = Plane::IptablesNft
+        .tools()
+        .into_iter()
+        .chain(Plane::Nftables.tools())
+        .collect();
+    if !require(&tools) {
+        return;
+    }
+    let (_api, ns, listen, _agent, _dir) =
+        start_node(Plane::IptablesNft, "switch", &["--resync-interval", "300ms"]).await;
+    wait_for(listen, "iptables mode", Duration::from_secs(10), |b| {
+        metric(b, "kube_converge_info", &["mode=\"iptables\"", "backend=\"nft\""]) == 1.0
+    })
+    .await;
+    // kube-proxy restarts in nftables mode: it programs its table and cleans up iptables.
+    Plane::Nftables.program(&ns, &["10.180.0.1", "10.180.0.2"], &[]);
+    ns.run("iptables-nft", &["-t", "nat", "-F"]);
+    ns.run("iptables-nft", &["-t", "nat", "-X"]);
+    wait_for(listen, "the switch to nftables", Duration::from_secs(10), |b| {
+        metric(b, "kube_converge_info", &["mode=\"nftables\""]) == 1.0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,36 +366,24 @@ async fn unreachable_api_server_keeps_the_agent_alive_and_unready() {
         ],
     );
     let body = wait_for(listen, "watch errors", Duration::from_secs(20), |b| {
-        metric(
-            b,
-            "kube_converge_watch_errors_total",
-            &["resource=\"endpointslices\""],
-        ) >= 2.0
+        metric(b, "kube_converge_watch_errors_total", &["resource=\"endpointslices\""]) >= 2.0
     })
     .await;
-    assert!(
-        metric(
-            &body,
-            "kube_converge_watch_errors_total",
-            &["resource=\"services\""]
-        ) >= 1.0
-    );
+    assert!(metric(&body, "kube_converge_watch_errors_total", &["resource=\"services\""]) >= 1.0);
     assert_eq!(http_get(listen, "/healthz").await.map(|r| r.0), Some(200));
     let (code, text) = http_get(listen, "/readyz").await.unwrap();
     assert_eq!(code, 503);
     assert!(text.contains("EndpointSlices not listed yet"), "{text}");
-    assert!(
-        agent.0.try_wait().unwrap().is_none(),
-        "the agent must keep running"
-    );
+    assert!(agent.0.try_wait().unwrap().is_none(), "the agent must keep running");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_disconnect_and_410_gone_relist_loses_and_duplicates_nothing() {
-    if !require(&["ip", "iptables-nft-restore", "iptables-nft-save"]) {
+    if !require(&Plane::IptablesNft.tools()) {
         return;
     }
-    let (api, ns, listen, _agent, _dir) = start_node("nft", "relist").await;
+    let (api, ns, listen, _agent, _dir) =
+        start_node(Plane::IptablesNft, "relist", Plane::IptablesNft.agent_args()).await;
     // History is compacted and every watch is cut: the agent must relist (410 Gone) and diff.
     api.apply(slice(&[("10.180.0.1", false)]));
     // Another resource moves the global resourceVersion on; compaction then puts the slice
@@ -388,11 +405,7 @@ async fn watch_disconnect_and_410_gone_relist_loses_and_duplicates_nothing() {
         1.0,
         "exactly one change after the relist"
     );
-    ns.run_stdin(
-        "iptables-nft-restore",
-        &["--noflush"],
-        &rules(&["10.180.0.1"], &["10.180.0.2"]),
-    );
+    Plane::IptablesNft.program(&ns, &["10.180.0.1"], &["10.180.0.2"]);
     wait_for(listen, "the sample", Duration::from_secs(10), |b| {
         metric(b, "kube_converge_lag_seconds_count", &[]) >= 1.0
     })
@@ -400,11 +413,7 @@ async fn watch_disconnect_and_410_gone_relist_loses_and_duplicates_nothing() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (_, body) = http_get(listen, "/metrics").await.unwrap();
     assert_eq!(
-        metric(
-            &body,
-            "kube_converge_lag_seconds_count",
-            &["reason=\"isolated\""]
-        ),
+        metric(&body, "kube_converge_lag_seconds_count", &["reason=\"isolated\""]),
         1.0,
         "{body}"
     );

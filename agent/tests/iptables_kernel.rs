@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{require, Netns};
+use common::{inspect_json, pair, require, routed, Netns};
 use kube_converge::emulate::{render_nat, sep_chain, EmulatedServicePort};
 use kube_converge::model::{Protocol, ServicePortName};
 use serde_json::Value;
@@ -20,12 +20,7 @@ const FIXTURES: &str = concat!(
 fn tools(backend: &str) -> Vec<String> {
     ["iptables", "ip6tables"]
         .iter()
-        .flat_map(|f| {
-            [
-                format!("{f}-{backend}-restore"),
-                format!("{f}-{backend}-save"),
-            ]
-        })
+        .flat_map(|f| [format!("{f}-{backend}-restore"), format!("{f}-{backend}-save")])
         .chain(["ip".to_string()])
         .collect()
 }
@@ -36,55 +31,12 @@ fn prerequisites() -> bool {
 }
 
 fn restore(ns: &Netns, backend: &str, v6: bool, rules: &str) {
-    let prog = format!(
-        "{}-{backend}-restore",
-        if v6 { "ip6tables" } else { "iptables" }
-    );
+    let prog = format!("{}-{backend}-restore", if v6 { "ip6tables" } else { "iptables" });
     ns.run_stdin(&prog, &["--noflush"], rules);
 }
 
 fn inspect(ns: &Netns, backend: &str) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_kube-converge"))
-        .args([
-            "inspect",
-            "-o",
-            "json",
-            "--mode",
-            "iptables",
-            "--iptables-backend",
-            backend,
-            "--netns",
-            &ns.path(),
-        ])
-        .output()
-        .expect("run kube-converge inspect");
-    assert!(
-        out.status.success(),
-        "inspect failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("inspect -o json prints JSON")
-}
-
-/// `name -> sorted endpoints` from inspect's JSON.
-fn routed(report: &Value) -> Vec<(String, Vec<String>)> {
-    let mut out: Vec<(String, Vec<String>)> = report["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            let name = s["name"].as_str().unwrap_or("<null>").to_string();
-            let eps = s["endpoints"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|e| e.as_str().unwrap().to_string())
-                .collect();
-            (name, eps)
-        })
-        .collect();
-    out.sort();
-    out
+    inspect_json(ns, &["--mode", "iptables", "--iptables-backend", backend])
 }
 
 fn port(name: &str, cluster_ip: &str, eps: &[&str]) -> EmulatedServicePort {
@@ -98,22 +50,12 @@ fn port(name: &str, cluster_ip: &str, eps: &[&str]) -> EmulatedServicePort {
     }
 }
 
-fn pair(name: &str, eps: &[&str]) -> (String, Vec<String>) {
-    (
-        name.to_string(),
-        eps.iter().map(|e| e.to_string()).collect(),
-    )
-}
-
 #[test]
 fn upstream_fixtures_load_and_read_back_on_both_backends() {
     if !prerequisites() {
         return;
     }
-    let overall = std::fs::read_to_string(format!(
-        "{FIXTURES}/ipt_TestOverallIPTablesRules_531be81.txt"
-    ))
-    .unwrap();
+    let overall = std::fs::read_to_string(format!("{FIXTURES}/ipt_TestOverallIPTablesRules_531be81.txt")).unwrap();
     // nfacct objects do not exist in a fresh namespace; drop those matches as the reference did.
     let overall: String = overall
         .lines()
@@ -153,15 +95,9 @@ fn upstream_fixtures_load_and_read_back_on_both_backends() {
             .iter()
             .map(|f| f.as_str().unwrap())
             .collect();
-        assert_eq!(
-            fronts,
-            ["*:3001", "1.2.3.4:80", "172.30.0.42:80", "192.168.99.22:80"]
-        );
+        assert_eq!(fronts, ["*:3001", "1.2.3.4:80", "172.30.0.42:80", "192.168.99.22:80"]);
     }
-    let local = std::fs::read_to_string(format!(
-        "{FIXTURES}/constructed_ipt_3ep_local_iptables-save.txt"
-    ))
-    .unwrap();
+    let local = std::fs::read_to_string(format!("{FIXTURES}/constructed_ipt_3ep_local_iptables-save.txt")).unwrap();
     let ns = Netns::new("local");
     restore(&ns, "nft", false, &local);
     assert_eq!(
@@ -187,23 +123,14 @@ fn endpoint_removal_done_the_kube_proxy_way_on_both_backends_and_families() {
         (
             true,
             "fd00:172:30::41",
-            [
-                "[fd00:10:180::1]:80",
-                "[fd00:10:180::2]:80",
-                "[fd00:10:180::3]:80",
-            ],
+            ["[fd00:10:180::1]:80", "[fd00:10:180::2]:80", "[fd00:10:180::3]:80"],
         ),
     ];
     for backend in BACKENDS {
         for (v6, vip, eps) in &cases {
             let ns = Netns::new("removal");
             let before = port("ns1/svc1:p80", vip, eps);
-            restore(
-                &ns,
-                backend,
-                *v6,
-                &render_nat(std::slice::from_ref(&before), true, &[]),
-            );
+            restore(&ns, backend, *v6, &render_nat(std::slice::from_ref(&before), true, &[]));
             assert_eq!(
                 routed(&inspect(&ns, backend)),
                 [pair("ns1/svc1:p80", eps)],
@@ -234,11 +161,7 @@ fn unreferenced_sep_chain_and_missing_comments() {
     }
     for backend in BACKENDS {
         let ns = Netns::new("leftover");
-        let before = port(
-            "ns1/svc1",
-            "172.30.0.41",
-            &["10.180.0.1:80", "10.180.0.2:80"],
-        );
+        let before = port("ns1/svc1", "172.30.0.41", &["10.180.0.1:80", "10.180.0.2:80"]);
         restore(
             &ns,
             backend,
@@ -278,21 +201,17 @@ fn auto_detection_picks_the_backend_holding_kube_chains_and_reports_none() {
         .args(["inspect", "-o", "json", "--netns", &ns.path()])
         .output()
         .unwrap();
-    assert!(
-        !out.status.success(),
-        "no kube-proxy rules: inspect must fail clearly"
-    );
+    assert!(!out.status.success(), "no kube-proxy rules: inspect must fail clearly");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no KUBE- chains"), "unclear error: {err}");
+    assert!(
+        err.contains("no KUBE-SERVICES chain") && err.contains("--mode"),
+        "unclear error: {err}"
+    );
     restore(
         &ns,
         "legacy",
         false,
-        &render_nat(
-            &[port("ns1/svc1:p80", "172.30.0.41", &["10.180.0.9:80"])],
-            true,
-            &[],
-        ),
+        &render_nat(&[port("ns1/svc1:p80", "172.30.0.41", &["10.180.0.9:80"])], true, &[]),
     );
     let out = Command::new(env!("CARGO_BIN_EXE_kube-converge"))
         .args(["inspect", "-o", "json", "--netns", &ns.path()])

@@ -32,11 +32,7 @@ impl Backend {
     }
 
     pub fn save_program(self, ipv6: bool) -> String {
-        format!(
-            "{}-{}-save",
-            if ipv6 { "ip6tables" } else { "iptables" },
-            self.as_str()
-        )
+        format!("{}-{}-save", if ipv6 { "ip6tables" } else { "iptables" }, self.as_str())
     }
 }
 
@@ -200,17 +196,9 @@ fn parse_nat(text: &str) -> NatTable {
                 .push(format!("line {}: not a rule: {line:.120}", lineno + 1));
             continue;
         };
-        let chain = rest
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let chain = rest.split_whitespace().next().unwrap_or_default().to_string();
         match tokenize(rest) {
-            Some(tokens) => table
-                .chains
-                .entry(chain)
-                .or_default()
-                .push(parse_rule(&tokens[1..])),
+            Some(tokens) => table.chains.entry(chain).or_default().push(parse_rule(&tokens[1..])),
             None => {
                 table.warnings.push(format!(
                     "line {}: unbalanced quotes in chain {chain}: {line:.120}",
@@ -225,13 +213,7 @@ fn parse_nat(text: &str) -> NatTable {
 }
 
 const ENTRY_CHAINS: [&str; 2] = ["KUBE-SERVICES", "KUBE-NODEPORTS"];
-const GROUP_PREFIXES: [&str; 5] = [
-    "KUBE-SVC-",
-    "KUBE-SVL-",
-    "KUBE-EXT-",
-    "KUBE-FW-",
-    "KUBE-XLB-",
-];
+const GROUP_PREFIXES: [&str; 5] = ["KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-XLB-"];
 
 /// The service-port id of a chain: its hash for kube-proxy's per-port chains.
 fn group_id(chain: &str) -> &str {
@@ -249,10 +231,7 @@ fn name_from_comment(comment: &str) -> Option<ServicePortName> {
         " loadbalancer IP",
         " health check node port",
     ];
-    let base = SUFFIXES
-        .iter()
-        .find_map(|s| comment.strip_suffix(s))
-        .unwrap_or(comment);
+    let base = SUFFIXES.iter().find_map(|s| comment.strip_suffix(s)).unwrap_or(comment);
     let base = base.split_once(" -> ").map_or(base, |(spn, _)| spn);
     ServicePortName::parse(base)
 }
@@ -293,10 +272,7 @@ fn walk(table: &NatTable) -> (Vec<ServiceRoutes>, Vec<String>, bool) {
                 group.name = rule.comment.as_deref().and_then(name_from_comment);
             }
             if let Some(port) = &rule.dport {
-                match (
-                    entry,
-                    rule.destination.as_deref().and_then(strip_prefix_len),
-                ) {
+                match (entry, rule.destination.as_deref().and_then(strip_prefix_len)) {
                     ("KUBE-SERVICES", Some(ip)) => {
                         group
                             .frontends
@@ -342,18 +318,14 @@ fn follow(table: &NatTable, start: &str, group: &mut ServiceRoutes, warnings: &m
                     }
                     Err(_) => {
                         group.uncertain = true;
-                        warnings.push(format!(
-                            "chain {chain}: cannot parse DNAT destination {dest:?}"
-                        ));
+                        warnings.push(format!("chain {chain}: cannot parse DNAT destination {dest:?}"));
                     }
                 },
                 (Some("DNAT"), None) => {
                     group.uncertain = true;
                     warnings.push(format!("chain {chain}: DNAT rule without --to-destination"));
                 }
-                (Some(target), _)
-                    if table.chains.contains_key(target) && !ENTRY_CHAINS.contains(&target) =>
-                {
+                (Some(target), _) if table.chains.contains_key(target) && !ENTRY_CHAINS.contains(&target) => {
                     stack.push(target.to_string());
                 }
                 _ => {}
@@ -369,6 +341,10 @@ pub fn routes_from_save(text: &str) -> (Vec<ServiceRoutes>, Vec<String>, bool) {
 
 /// Counts kube-proxy chains in a save dump, to pick the backend kube-proxy uses.
 fn kube_chain_count(text: &str) -> usize {
+    // Only kube-proxy creates KUBE-SERVICES in nat; kubelet's own KUBE- chains do not count.
+    if !text.lines().any(|l| l.starts_with(":KUBE-SERVICES ")) {
+        return 0;
+    }
     text.lines()
         .filter(|l| l.starts_with(":KUBE-") || l.starts_with("-A KUBE-"))
         .count()
@@ -484,8 +460,7 @@ mod tests {
     );
 
     fn fixture(name: &str) -> String {
-        std::fs::read_to_string(format!("{FIXTURES}/{name}"))
-            .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+        std::fs::read_to_string(format!("{FIXTURES}/{name}")).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
     }
 
     fn summary(services: &[ServiceRoutes]) -> Vec<String> {
@@ -511,38 +486,22 @@ mod tests {
         let h = |spn: &str, p| port_proto_hash(&ServicePortName::parse(spn).unwrap(), p);
         assert_eq!(h("ns1/svc1:p80", Protocol::Tcp), "XPGD46QRK7WJZT7O");
         assert_eq!(h("ns1/svc1", Protocol::Tcp), "AQI2S6QIMU7PVVRP");
-        assert_eq!(
-            h("default/kubernetes:https", Protocol::Tcp),
-            "NPX46M4PTMTKRN6Y"
-        );
-        assert_eq!(
-            h("kube-system/kube-dns:dns", Protocol::Udp),
-            "TCOU7JCQXEZGVUNU"
-        );
+        assert_eq!(h("default/kubernetes:https", Protocol::Tcp), "NPX46M4PTMTKRN6Y");
+        assert_eq!(h("kube-system/kube-dns:dns", Protocol::Udp), "TCOU7JCQXEZGVUNU");
     }
 
     #[test]
     fn tokenizer_handles_quotes_and_escapes() {
         assert_eq!(
             tokenize(r#"-A X -m comment --comment "a \"b\" c" -j Y"#).unwrap(),
-            [
-                "-A",
-                "X",
-                "-m",
-                "comment",
-                "--comment",
-                "a \"b\" c",
-                "-j",
-                "Y"
-            ]
+            ["-A", "X", "-m", "comment", "--comment", "a \"b\" c", "-j", "Y"]
         );
         assert!(tokenize(r#"-A X --comment "open"#).is_none());
     }
 
     #[test]
     fn overall_fixture_restore_input() {
-        let (services, _, broken) =
-            routes_from_save(&fixture("ipt_TestOverallIPTablesRules_531be81.txt"));
+        let (services, _, broken) = routes_from_save(&fixture("ipt_TestOverallIPTablesRules_531be81.txt"));
         assert!(!broken);
         assert_eq!(
             summary(&services),
@@ -571,10 +530,7 @@ mod tests {
             ["ns1/svc1:p80 tcp [*:30080,172.30.0.41:80] -> [10.180.0.1:80,10.180.1.1:80,10.180.2.1:80]"]
         );
         let (s, _, _) = routes_from_save(&fixture("ipt_TestParseIPTablesData_basic_531be81.txt"));
-        assert_eq!(
-            summary(&s),
-            ["ns1/svc1:p80 tcp [10.20.30.41:80] -> [10.180.0.1:80]"]
-        );
+        assert_eq!(summary(&s), ["ns1/svc1:p80 tcp [10.20.30.41:80] -> [10.180.0.1:80]"]);
     }
 
     const NO_COMMENTS: &str = "*nat
@@ -633,10 +589,7 @@ COMMIT
         );
         let (s, warnings, _) = routes_from_save(&bad);
         assert!(s[0].uncertain);
-        assert!(
-            warnings.iter().any(|w| w.contains("unbalanced quotes")),
-            "{warnings:?}"
-        );
+        assert!(warnings.iter().any(|w| w.contains("unbalanced quotes")), "{warnings:?}");
         let weird = NO_COMMENTS.replace(
             "--to-destination 10.180.2.1:80",
             "--to-destination 10.180.2.1-10.180.2.9",
@@ -644,9 +597,8 @@ COMMIT
         let (s, warnings, _) = routes_from_save(&weird);
         assert!(s[0].uncertain);
         assert!(warnings.iter().any(|w| w.contains("cannot parse DNAT")));
-        let (_, _, entry_broken) = routes_from_save(
-            "*nat\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -m comment --comment \"x\n",
-        );
+        let (_, _, entry_broken) =
+            routes_from_save("*nat\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -m comment --comment \"x\n");
         assert!(entry_broken);
     }
 }

@@ -4,6 +4,8 @@
 
 pub mod iptables;
 pub mod nfnotify;
+pub mod nftables;
+pub mod nftnl;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -46,9 +48,7 @@ impl FromStr for Mode {
             "iptables" => Ok(Mode::Iptables),
             "nftables" => Ok(Mode::Nftables),
             "ipvs" => Ok(Mode::Ipvs),
-            other => Err(format!(
-                "unknown mode {other:?} (expected iptables, nftables or ipvs)"
-            )),
+            other => Err(format!("unknown mode {other:?} (expected iptables, nftables or ipvs)")),
         }
     }
 }
@@ -97,10 +97,7 @@ pub struct DataplaneSnapshot {
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error("running {program}: {source} (install the package that provides it, e.g. `apt-get install iptables`)")]
-    ToolMissing {
-        program: String,
-        source: std::io::Error,
-    },
+    ToolMissing { program: String, source: std::io::Error },
     #[error("{program} failed ({status}): {stderr} (the agent needs CAP_NET_ADMIN and the host network namespace)")]
     ToolFailed {
         program: String,
@@ -111,8 +108,10 @@ pub enum ReadError {
     Unparseable { program: String, reason: String },
     #[error("{0}")]
     Netns(#[from] crate::netns::NetnsError),
-    #[error("no kube-proxy rules found for mode {mode}: {detail}")]
-    NotFound { mode: Mode, detail: String },
+    #[error("{what}: {source}")]
+    Netlink { what: String, source: std::io::Error },
+    #[error("no kube-proxy rules found: {detail}")]
+    NotFound { detail: String },
 }
 
 impl ReadError {
@@ -123,6 +122,7 @@ impl ReadError {
             ReadError::ToolFailed { .. } => "tool_failed",
             ReadError::Unparseable { .. } => "unparseable",
             ReadError::Netns(_) => "netns",
+            ReadError::Netlink { .. } => "netlink",
             ReadError::NotFound { .. } => "not_found",
         }
     }
@@ -138,15 +138,74 @@ pub trait DataplaneReader: Send {
     fn read(&mut self) -> Result<DataplaneSnapshot, ReadError>;
 }
 
-/// Opens the reader for `mode` (`None`: detect). Detection looks at what exists in the kernel:
-/// kube-proxy's chains in iptables-nft or iptables-legacy.
+/// Where a mode decision came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModeSource {
+    Flag,
+    KubeProxy,
+    Kernel,
+}
+
+/// Asks kube-proxy's metrics server (`/proxyMode` on 127.0.0.1:10249) inside `netns`.
+pub fn kube_proxy_mode(netns: &crate::netns::NetNs) -> Option<Mode> {
+    use std::io::{Read, Write};
+    let reply = netns
+        .run(|| -> std::io::Result<String> {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 10249));
+            let timeout = std::time::Duration::from_millis(500);
+            let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.write_all(b"GET /proxyMode HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+            let mut out = String::new();
+            s.take(4096).read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .ok()?
+        .ok()?;
+    let (head, body) = reply.split_once("\r\n\r\n")?;
+    head.split_whitespace().nth(1).filter(|c| *c == "200")?;
+    body.trim().parse().ok()
+}
+
+/// Detects kube-proxy's mode: kube-proxy's own answer first, then what exists in the kernel.
+pub fn detect_mode(netns: &crate::netns::NetNs) -> Option<(Mode, ModeSource)> {
+    if let Some(m) = kube_proxy_mode(netns) {
+        return Some((m, ModeSource::KubeProxy));
+    }
+    if nftables::NftablesReader::table_exists(netns) {
+        return Some((Mode::Nftables, ModeSource::Kernel));
+    }
+    if iptables::detect_backend(netns).is_some() {
+        return Some((Mode::Iptables, ModeSource::Kernel));
+    }
+    None
+}
+
+/// Opens the reader for `mode` (`None`: detect it).
 pub fn open_reader(
     mode: Option<Mode>,
     backend: Option<iptables::Backend>,
     netns: &crate::netns::NetNs,
 ) -> Result<Box<dyn DataplaneReader>, ReadError> {
+    let mode = match mode {
+        Some(m) => m,
+        None => match detect_mode(netns) {
+            Some((m, source)) => {
+                tracing::debug!(mode = %m, ?source, "detected kube-proxy mode");
+                m
+            }
+            None => {
+                return Err(ReadError::NotFound {
+                    detail: "kube-proxy's /proxyMode (127.0.0.1:10249) did not answer, and the kernel has no table \
+                             ip/ip6 kube-proxy and no KUBE-SERVICES chain in iptables-nft or iptables-legacy; is \
+                             kube-proxy running on this node? (use --mode to choose explicitly)"
+                        .into(),
+                })
+            }
+        },
+    };
     match mode {
-        Some(Mode::Iptables) | None => {
+        Mode::Iptables => {
             let backend = match backend {
                 Some(b) => Some(b),
                 None => iptables::detect_backend(netns),
@@ -154,16 +213,15 @@ pub fn open_reader(
             match backend {
                 Some(b) => Ok(Box::new(iptables::IptablesReader::new(b, netns.clone()))),
                 None => Err(ReadError::NotFound {
-                    mode: Mode::Iptables,
-                    detail: "no KUBE- chains in the nat table of iptables-nft or iptables-legacy; is kube-proxy \
-                             running in iptables mode on this node? (use --mode to choose explicitly)"
+                    detail: "no KUBE-SERVICES chain in the nat table of iptables-nft or iptables-legacy; is \
+                             kube-proxy running in iptables mode on this node? (use --mode to choose explicitly)"
                         .into(),
                 }),
             }
         }
-        Some(m @ (Mode::Nftables | Mode::Ipvs)) => Err(ReadError::NotFound {
-            mode: m,
-            detail: format!("this build has no {m} reader yet; only iptables mode is supported"),
+        Mode::Nftables => Ok(Box::new(nftables::NftablesReader::new(netns.clone()))),
+        Mode::Ipvs => Err(ReadError::NotFound {
+            detail: "this build has no IPVS reader yet; only iptables and nftables modes are supported".into(),
         }),
     }
 }

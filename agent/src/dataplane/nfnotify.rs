@@ -54,9 +54,7 @@ pub fn parse_generations(buf: &[u8]) -> Result<Vec<u32>, i32> {
                     break;
                 }
                 if atype == NFTA_GEN_ID && alen >= 8 {
-                    out.push(u32::from_be_bytes(
-                        msg[a + 4..a + 8].try_into().unwrap_or_default(),
-                    ));
+                    out.push(u32::from_be_bytes(msg[a + 4..a + 8].try_into().unwrap_or_default()));
                 }
                 a += (alen + 3) & !3;
             }
@@ -134,9 +132,16 @@ pub fn spawn_listener(
         loop {
             let msg = match sock.recv(&mut &mut buf[..], 0) {
                 Ok(n) => match parse_generations(&buf[..n]) {
-                    Ok(gens) => gens.into_iter().filter(|g| last.replace(*g) != Some(*g)).last().map(|g| {
-                        Notification::Generation(GenerationEvent { generation: g, at: Timestamp::now() })
-                    }),
+                    Ok(gens) => gens
+                        .into_iter()
+                        .filter(|g| last.replace(*g) != Some(*g))
+                        .last()
+                        .map(|g| {
+                            Notification::Generation(GenerationEvent {
+                                generation: g,
+                                at: Timestamp::now(),
+                            })
+                        }),
                     Err(_) => None,
                 },
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Some(Notification::Overrun(Timestamp::now())),

@@ -22,12 +22,7 @@ use super::selector::LabelSelector;
 /// The resources served: (plural, group/version, kind, namespaced).
 const RESOURCES: &[(&str, &str, &str, bool)] = &[
     ("services", "v1", "Service", true),
-    (
-        "endpointslices",
-        "discovery.k8s.io/v1",
-        "EndpointSlice",
-        true,
-    ),
+    ("endpointslices", "discovery.k8s.io/v1", "EndpointSlice", true),
     ("pods", "v1", "Pod", true),
     ("nodes", "v1", "Node", false),
 ];
@@ -75,21 +70,12 @@ fn resource_by_plural(plural: &str) -> Option<(&'static str, &'static str, &'sta
 fn status(code: StatusCode, reason: &str, message: &str) -> Response {
     let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
         "message": message, "reason": reason, "code": code.as_u16()});
-    (
-        code,
-        [("content-type", "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    (code, [("content-type", "application/json")], body.to_string()).into_response()
 }
 
 impl FakeApiServer {
     pub async fn start() -> std::io::Result<Self> {
-        Self::start_on(
-            "127.0.0.1:0".parse().expect("literal address"),
-            Duration::from_secs(1),
-        )
-        .await
+        Self::start_on("127.0.0.1:0".parse().expect("literal address"), Duration::from_secs(1)).await
     }
 
     pub async fn start_on(addr: SocketAddr, bookmark_interval: Duration) -> std::io::Result<Self> {
@@ -103,9 +89,7 @@ impl FakeApiServer {
         });
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let app = axum::Router::new()
-            .fallback(handle)
-            .with_state(shared.clone());
+        let app = axum::Router::new().fallback(handle).with_state(shared.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -131,8 +115,7 @@ impl FakeApiServer {
     /// Creates or replaces an object (by kind, namespace and name); returns its resourceVersion.
     pub fn apply(&self, mut object: Value) -> u64 {
         let kind = object["kind"].as_str().unwrap_or_default().to_string();
-        let (plural, api_version, _, namespaced) =
-            resource_of_kind(&kind).expect("a kind the fake API serves");
+        let (plural, api_version, _, namespaced) = resource_of_kind(&kind).expect("a kind the fake API serves");
         let ns = if namespaced {
             object["metadata"]["namespace"]
                 .as_str()
@@ -141,10 +124,7 @@ impl FakeApiServer {
         } else {
             String::new()
         };
-        let name = object["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
         let mut store = self.shared.store.lock().expect("store lock");
         store.rv += 1;
         let rv = store.rv;
@@ -293,10 +273,7 @@ fn decode(s: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(
-                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
-                    16,
-                ) {
+                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
                     Ok(b) => {
                         out.push(b);
                         i += 3;
@@ -323,21 +300,10 @@ fn field_matches(selector: &str, object: &Value) -> Result<bool, String> {
         } else {
             return Err(format!("invalid field selector term {term:?}"));
         };
-        if ![
-            "metadata.name",
-            "metadata.namespace",
-            "spec.nodeName",
-            "status.phase",
-        ]
-        .contains(&path)
-        {
+        if !["metadata.name", "metadata.namespace", "spec.nodeName", "status.phase"].contains(&path) {
             return Err(format!("field label not supported: {path}"));
         }
-        let got = path
-            .split('.')
-            .fold(object, |v, k| &v[k])
-            .as_str()
-            .unwrap_or("");
+        let got = path.split('.').fold(object, |v, k| &v[k]).as_str().unwrap_or("");
         if (got == want) == negate {
             return Ok(false);
         }
@@ -362,11 +328,7 @@ impl Filter {
         {
             return false;
         }
-        if self
-            .name
-            .as_deref()
-            .is_some_and(|n| meta["name"].as_str() != Some(n))
-        {
+        if self.name.as_deref().is_some_and(|n| meta["name"].as_str() != Some(n)) {
             return false;
         }
         let labels: BTreeMap<String, String> = meta["labels"]
@@ -386,34 +348,27 @@ async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) -> 
         return status(
             StatusCode::NOT_FOUND,
             "NotFound",
-            &format!(
-                "the server could not find the requested resource {}",
-                uri.path()
-            ),
+            &format!("the server could not find the requested resource {}", uri.path()),
         );
     };
     if method != Method::GET {
         return status(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
-            &format!(
-                "{method} is not supported on {} by the fake API server",
-                req.plural
-            ),
+            &format!("{method} is not supported on {} by the fake API server", req.plural),
         );
     }
     let q = query_map(&uri);
-    let labels =
-        match LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or("")) {
-            Ok(l) => l,
-            Err(e) => {
-                return status(
-                    StatusCode::BAD_REQUEST,
-                    "BadRequest",
-                    &format!("unable to parse requirement: {e}"),
-                )
-            }
-        };
+    let labels = match LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or("")) {
+        Ok(l) => l,
+        Err(e) => {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                &format!("unable to parse requirement: {e}"),
+            )
+        }
+    };
     let fields = q.get("fieldSelector").cloned().unwrap_or_default();
     if let Err(e) = field_matches(&fields, &json!({})) {
         return status(StatusCode::BAD_REQUEST, "BadRequest", &e);
@@ -422,12 +377,7 @@ async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) -> 
         let store = shared.store.lock().expect("store lock");
         let ns = req.namespace.clone().unwrap_or_default();
         return match store.objects.get(&(req.plural, ns, name.clone())) {
-            Some(o) => (
-                StatusCode::OK,
-                [("content-type", "application/json")],
-                o.to_string(),
-            )
-                .into_response(),
+            Some(o) => (StatusCode::OK, [("content-type", "application/json")], o.to_string()).into_response(),
             None => status(
                 StatusCode::NOT_FOUND,
                 "NotFound",
@@ -454,20 +404,10 @@ async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) -> 
         .collect();
     let body = json!({"kind": format!("{}List", req.kind), "apiVersion": req.api_version,
         "metadata": {"resourceVersion": store.rv.to_string()}, "items": items});
-    (
-        StatusCode::OK,
-        [("content-type", "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    (StatusCode::OK, [("content-type", "application/json")], body.to_string()).into_response()
 }
 
-fn watch(
-    shared: Arc<Shared>,
-    req: Request,
-    filter: Filter,
-    q: &BTreeMap<String, String>,
-) -> Response {
+fn watch(shared: Arc<Shared>, req: Request, filter: Filter, q: &BTreeMap<String, String>) -> Response {
     let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| v == "true");
     let timeout = q
         .get("timeoutSeconds")
@@ -580,10 +520,7 @@ mod tests {
         );
         let r = parse_path("/api/v1/namespaces/ns1/services/svc1").unwrap();
         assert_eq!((r.plural, r.name.as_deref()), ("services", Some("svc1")));
-        assert!(
-            parse_path("/api/v1/endpointslices").is_none(),
-            "wrong group"
-        );
+        assert!(parse_path("/api/v1/endpointslices").is_none(), "wrong group");
         assert!(parse_path("/api/v1/secrets").is_none());
         assert_eq!(decode("a%3Db%2C%21c"), "a=b,!c");
     }

@@ -22,10 +22,7 @@ pub fn require(tools: &[&str]) -> bool {
     if missing.is_empty() {
         return true;
     }
-    let msg = format!(
-        "real-kernel test prerequisites missing: {}",
-        missing.join(", ")
-    );
+    let msg = format!("real-kernel test prerequisites missing: {}", missing.join(", "));
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{msg}");
     }
@@ -75,12 +72,7 @@ impl Netns {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn ip netns exec");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),
@@ -97,8 +89,46 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
+}
+
+/// Runs `kube-converge inspect -o json` against the namespace and parses its output.
+pub fn inspect_json(ns: &Netns, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_kube-converge"))
+        .args(["inspect", "-o", "json", "--netns", &ns.path()])
+        .args(args)
+        .output()
+        .expect("run kube-converge inspect");
+    assert!(
+        out.status.success(),
+        "inspect failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("inspect -o json prints JSON")
+}
+
+/// `(name, sorted endpoints)` per service port of an inspect report, sorted.
+pub fn routed(report: &serde_json::Value) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = report["services"]
+        .as_array()
+        .expect("services array")
+        .iter()
+        .map(|s| {
+            let name = s["name"].as_str().unwrap_or("<null>").to_string();
+            let eps = s["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e.as_str().unwrap().to_string())
+                .collect();
+            (name, eps)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+pub fn pair(name: &str, eps: &[&str]) -> (String, Vec<String>) {
+    (name.to_string(), eps.iter().map(|e| e.to_string()).collect())
 }

@@ -1,0 +1,472 @@
+//! Reader for kube-proxy's nftables mode (tables `ip kube-proxy` and `ip6 kube-proxy`), read
+//! over netlink with libnftnl.
+//!
+//! An endpoint is routed when an element of `service-ips` or `service-nodeports` leads
+//! (through `external-…`/`firewall-…` chains) to a `service-…` or `local-…` chain whose
+//! `numgen … vmap` or `goto` reaches an `endpoint-…` chain that does `dnat to IP:port`.
+//! kube-proxy flushes a removed endpoint chain at once and deletes it later: a flushed or
+//! unreferenced chain routes nothing. Expressions the reader does not know make the service
+//! port `unknown`, never "not routed".
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use super::nftnl::{self, Expr, NftConn, NftTable, NftnlError, NFT_DATA_VERDICT, NFT_GOTO, NFT_JUMP, NFT_NAT_DNAT};
+use super::{ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError, ServiceRoutes};
+use crate::model::{Protocol, ServicePortName};
+use crate::netns::NetNs;
+
+pub const TABLE: &str = "kube-proxy";
+const ENTRY_MAPS: [&str; 2] = ["service-ips", "service-nodeports"];
+const CHAIN_PREFIXES: [&str; 4] = ["service-", "local-", "external-", "firewall-"];
+/// Expressions that cannot redirect traffic to another chain or address.
+const HARMLESS: &[&str] = &[
+    "payload",
+    "meta",
+    "cmp",
+    "bitwise",
+    "counter",
+    "ct",
+    "fib",
+    "masq",
+    "reject",
+    "log",
+    "limit",
+    "dynset",
+    "range",
+    "socket",
+    "quota",
+    "numgen",
+    "hash",
+    "notrack",
+    "exthdr",
+    "rt",
+    "byteorder",
+    "objref",
+    "connlimit",
+    "last",
+];
+
+/// Service port and protocol from a per-service chain name: `service-ULMVA6XW-ns1/svc1/tcp/p80`.
+fn parse_chain(chain: &str) -> Option<(String, ServicePortName, Protocol)> {
+    let base = CHAIN_PREFIXES.iter().find_map(|p| chain.strip_prefix(p))?;
+    let (_hash, rest) = base.split_once('-')?;
+    let mut parts = rest.splitn(4, '/');
+    let (ns, svc, proto, port) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let protocol = proto.parse().ok()?;
+    let spn = ServicePortName::parse(&format!("{ns}/{svc}{}{port}", if port.is_empty() { "" } else { ":" }))?;
+    Some((base.to_string(), spn, protocol))
+}
+
+fn protocol_from_number(n: u8) -> Option<Protocol> {
+    match n {
+        6 => Some(Protocol::Tcp),
+        17 => Some(Protocol::Udp),
+        132 => Some(Protocol::Sctp),
+        _ => None,
+    }
+}
+
+fn ip_from(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => Some(IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))),
+        16 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?))),
+        _ => None,
+    }
+}
+
+fn port_from(bytes: &[u8]) -> Option<u16> {
+    (bytes.len() >= 2).then(|| u16::from_be_bytes([bytes[0], bytes[1]]))
+}
+
+/// Decodes a map key: `addr . proto . port` (service-ips) or `proto . port` (service-nodeports),
+/// each field padded to 4 bytes.
+fn frontend(map: &str, key: &[u8], v6: bool) -> Option<(String, Option<Protocol>)> {
+    let alen = if v6 { 16 } else { 4 };
+    match map {
+        "service-ips" if key.len() >= alen + 8 => {
+            let ip = ip_from(&key[..alen])?;
+            let proto = protocol_from_number(key[alen]);
+            let port = port_from(&key[alen + 4..])?;
+            Some((SocketAddr::new(ip, port).to_string(), proto))
+        }
+        "service-nodeports" if key.len() >= 8 => {
+            Some((format!("*:{}", port_from(&key[4..])?), protocol_from_number(key[0])))
+        }
+        _ => None,
+    }
+}
+
+/// Follows the graph of one table and returns the routed service ports.
+pub fn routes_from_table(table: &NftTable, v6: bool) -> (Vec<ServiceRoutes>, Vec<String>) {
+    let mut chains: HashMap<&str, Vec<&nftnl::NftRule>> = HashMap::new();
+    for r in &table.rules {
+        chains.entry(r.chain.as_str()).or_default().push(r);
+    }
+    let sets: HashMap<&str, &nftnl::NftSet> = table.sets.iter().map(|s| (s.name.as_str(), s)).collect();
+    let mut groups: BTreeMap<String, ServiceRoutes> = BTreeMap::new();
+    let mut warnings = Vec::new();
+    for map in ENTRY_MAPS {
+        let Some(set) = sets.get(map) else { continue };
+        for elem in &set.elems {
+            let Some((code, Some(target))) = &elem.verdict else {
+                continue;
+            };
+            if *code != NFT_GOTO && *code != NFT_JUMP {
+                continue;
+            }
+            let (id, name, proto) = match parse_chain(target) {
+                Some((base, spn, p)) => (base, Some(spn), Some(p)),
+                None => (target.clone(), None, None),
+            };
+            let group = groups.entry(id.clone()).or_default();
+            group.chain_id = Some(id);
+            group.name = group.name.take().or(name);
+            group.protocol = group.protocol.or(proto);
+            match frontend(map, &elem.key, v6) {
+                Some((f, p)) => {
+                    group.frontends.insert(f);
+                    group.protocol = group.protocol.or(p);
+                }
+                None => warnings.push(format!("{map}: cannot decode element key {:02x?}", elem.key)),
+            }
+            follow(&chains, &sets, target, group, &mut warnings);
+        }
+    }
+    (groups.into_values().collect(), warnings)
+}
+
+fn follow(
+    chains: &HashMap<&str, Vec<&nftnl::NftRule>>,
+    sets: &HashMap<&str, &nftnl::NftSet>,
+    start: &str,
+    group: &mut ServiceRoutes,
+    warnings: &mut Vec<String>,
+) {
+    let mut stack = vec![start.to_string()];
+    let mut seen = HashSet::new();
+    while let Some(chain) = stack.pop() {
+        if !seen.insert(chain.clone()) {
+            continue;
+        }
+        for rule in chains.get(chain.as_str()).into_iter().flatten() {
+            let mut regs: HashMap<u32, &[u8]> = HashMap::new();
+            for expr in &rule.exprs {
+                match expr {
+                    Expr::Immediate { dreg, data } => {
+                        regs.insert(*dreg, data);
+                    }
+                    Expr::Verdict {
+                        code,
+                        chain: Some(next),
+                    } if *code == NFT_GOTO || *code == NFT_JUMP => {
+                        stack.push(next.clone());
+                    }
+                    Expr::Verdict { .. } => {}
+                    Expr::Lookup { set, dreg: Some(0) } => match sets.get(set.as_str()) {
+                        Some(s) if s.data_type == Some(NFT_DATA_VERDICT) => {
+                            stack.extend(s.elems.iter().filter_map(|e| match &e.verdict {
+                                Some((c, Some(next))) if *c == NFT_GOTO || *c == NFT_JUMP => Some(next.clone()),
+                                _ => None,
+                            }));
+                        }
+                        _ => {
+                            group.uncertain = true;
+                            warnings.push(format!("chain {chain}: verdict map {set} not found"));
+                        }
+                    },
+                    Expr::Lookup { .. } => {}
+                    Expr::Nat {
+                        kind,
+                        addr_reg,
+                        proto_reg,
+                    } if *kind == NFT_NAT_DNAT => {
+                        let addr = addr_reg.and_then(|r| regs.get(&r)).and_then(|b| ip_from(b));
+                        let port = proto_reg.and_then(|r| regs.get(&r)).and_then(|b| port_from(b));
+                        match (addr, port) {
+                            (Some(a), Some(p)) => {
+                                group.endpoints.insert(SocketAddr::new(a, p));
+                            }
+                            _ => {
+                                group.uncertain = true;
+                                warnings.push(format!("chain {chain}: DNAT target not understood"));
+                            }
+                        }
+                    }
+                    Expr::Nat { .. } => {}
+                    Expr::Other(name) if HARMLESS.contains(&name.as_str()) => {}
+                    Expr::Other(name) => {
+                        group.uncertain = true;
+                        warnings.push(format!("chain {chain}: expression {name:?} not understood"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub struct NftablesReader {
+    netns: NetNs,
+    conn: Option<NftConn>,
+}
+
+impl NftablesReader {
+    pub fn new(netns: NetNs) -> Self {
+        Self { netns, conn: None }
+    }
+
+    /// Whether a kube-proxy table exists in either family (for mode detection).
+    pub fn table_exists(netns: &NetNs) -> bool {
+        let Ok(mut conn) = NftConn::open(netns) else {
+            return false;
+        };
+        [nftnl::NFPROTO_IPV4, nftnl::NFPROTO_IPV6]
+            .into_iter()
+            .any(|f| matches!(conn.table(f, TABLE), Ok(Some(_))))
+    }
+
+    fn dump(&mut self, family: u16) -> Result<Option<NftTable>, ReadError> {
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => self
+                .conn
+                .insert(NftConn::open(&self.netns).map_err(|e| ReadError::Netlink {
+                    what: "opening an nf_tables netlink socket".into(),
+                    source: e,
+                })?),
+        };
+        let mut last = None;
+        // A dump that overlaps a ruleset commit is retried, as nft does.
+        for _ in 0..5 {
+            match conn.table(family, TABLE) {
+                Ok(t) => return Ok(t),
+                Err(NftnlError::Interrupted) => last = Some(NftnlError::Interrupted),
+                Err(e) => {
+                    self.conn = None;
+                    return Err(ReadError::Unparseable {
+                        program: "nf_tables netlink dump".into(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        Err(ReadError::Unparseable {
+            program: "nf_tables netlink dump".into(),
+            reason: format!(
+                "{} five times in a row",
+                last.map_or("failed".into(), |e| e.to_string())
+            ),
+        })
+    }
+}
+
+impl DataplaneReader for NftablesReader {
+    fn mode(&self) -> Mode {
+        Mode::Nftables
+    }
+
+    fn backend(&self) -> &str {
+        "nftables"
+    }
+
+    fn change_source(&self) -> ChangeSource {
+        ChangeSource::NfTablesEvents
+    }
+
+    fn read(&mut self) -> Result<DataplaneSnapshot, ReadError> {
+        let mut snap = DataplaneSnapshot::default();
+        let mut found = false;
+        let mut first_error = None;
+        for (family, v6) in [(nftnl::NFPROTO_IPV4, false), (nftnl::NFPROTO_IPV6, true)] {
+            match self.dump(family) {
+                Ok(Some(table)) => {
+                    found = true;
+                    let (services, warnings) = routes_from_table(&table, v6);
+                    snap.services.extend(services);
+                    let fam = if v6 { "ip6" } else { "ip" };
+                    snap.warnings
+                        .extend(warnings.into_iter().map(|w| format!("table {fam} {TABLE}: {w}")));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    snap.warnings.push(e.to_string());
+                    if v6 {
+                        snap.unreadable_v6 = true;
+                    } else {
+                        snap.unreadable_v4 = true;
+                    }
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) if snap.unreadable_v4 && snap.unreadable_v6 => Err(e),
+            _ if !found && first_error.is_none() => Err(ReadError::NotFound {
+                detail: format!(
+                    "neither table ip {TABLE} nor ip6 {TABLE} exists; is kube-proxy running in nftables mode?"
+                ),
+            }),
+            _ => Ok(snap),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nftnl::{NftElem, NftRule, NftSet};
+
+    fn rule(chain: &str, exprs: Vec<Expr>) -> NftRule {
+        NftRule {
+            chain: chain.into(),
+            exprs,
+        }
+    }
+
+    fn goto(chain: &str) -> Expr {
+        Expr::Verdict {
+            code: NFT_GOTO,
+            chain: Some(chain.into()),
+        }
+    }
+
+    #[test]
+    fn nodeports_reach_the_service_through_the_external_chain() {
+        let mut t = table(&[EP1]);
+        let ext = "external-ULMVA6XW-ns1/svc1/tcp/p80";
+        t.rules.push(rule(ext, vec![Expr::Other("fib".into()), goto(SVC)]));
+        t.sets.push(NftSet {
+            name: "service-nodeports".into(),
+            flags: 0,
+            data_type: Some(NFT_DATA_VERDICT),
+            elems: vec![NftElem {
+                key: vec![6, 0, 0, 0, 0x75, 0x30, 0, 0],
+                verdict: Some((NFT_GOTO, Some(ext.into()))),
+            }],
+        });
+        let (s, _) = routes_from_table(&t, false);
+        assert_eq!(s.len(), 1, "external and service chains are one service port");
+        assert_eq!(s[0].frontends.iter().collect::<Vec<_>>(), ["*:30000", "172.30.0.41:80"]);
+        assert_eq!(s[0].endpoints.len(), 1);
+    }
+
+    fn dnat(ip: [u8; 4], port: u16) -> Vec<Expr> {
+        vec![
+            Expr::Other("meta".into()),
+            Expr::Immediate {
+                dreg: 1,
+                data: ip.to_vec(),
+            },
+            Expr::Immediate {
+                dreg: 2,
+                data: port.to_be_bytes().to_vec(),
+            },
+            Expr::Nat {
+                kind: NFT_NAT_DNAT,
+                addr_reg: Some(1),
+                proto_reg: Some(2),
+            },
+        ]
+    }
+
+    const SVC: &str = "service-ULMVA6XW-ns1/svc1/tcp/p80";
+    const EP1: &str = "endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80";
+    const EP2: &str = "endpoint-AAAAAAAA-ns1/svc1/tcp/p80__10.180.0.2/80";
+
+    fn table(vmap: &[&str]) -> NftTable {
+        let key = [172, 30, 0, 41, 6, 0, 0, 0, 0, 80, 0, 0].to_vec();
+        NftTable {
+            rules: vec![
+                rule(
+                    SVC,
+                    vec![
+                        Expr::Other("numgen".into()),
+                        Expr::Lookup {
+                            set: "__map0".into(),
+                            dreg: Some(0),
+                        },
+                    ],
+                ),
+                rule(EP1, dnat([10, 180, 0, 1], 80)),
+                rule(EP2, dnat([10, 180, 0, 2], 80)),
+            ],
+            sets: vec![
+                NftSet {
+                    name: "service-ips".into(),
+                    flags: 0,
+                    data_type: Some(NFT_DATA_VERDICT),
+                    elems: vec![NftElem {
+                        key,
+                        verdict: Some((NFT_GOTO, Some(SVC.into()))),
+                    }],
+                },
+                NftSet {
+                    name: "__map0".into(),
+                    flags: 3,
+                    data_type: Some(NFT_DATA_VERDICT),
+                    elems: vmap
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| NftElem {
+                            key: (i as u32).to_ne_bytes().to_vec(),
+                            verdict: Some((NFT_GOTO, Some(c.to_string()))),
+                        })
+                        .collect(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn follows_vmap_to_dnat_and_ignores_unreferenced_chains() {
+        let (s, w) = routes_from_table(&table(&[EP1]), false);
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].name.as_ref().unwrap().to_string(), "ns1/svc1:p80");
+        assert_eq!(s[0].protocol, Some(Protocol::Tcp));
+        assert_eq!(s[0].frontends.iter().collect::<Vec<_>>(), ["172.30.0.41:80"]);
+        let eps: Vec<String> = s[0].endpoints.iter().map(|e| e.to_string()).collect();
+        assert_eq!(eps, ["10.180.0.1:80"], "EP2 exists but nothing references it");
+    }
+
+    #[test]
+    fn unknown_expressions_make_the_service_uncertain() {
+        let mut t = table(&[EP1, EP2]);
+        t.rules.push(rule(EP2, vec![Expr::Other("tproxy".into())]));
+        let (s, w) = routes_from_table(&t, false);
+        assert!(s[0].uncertain);
+        assert!(w[0].contains("tproxy"));
+        let mut t = table(&[EP1]);
+        t.rules[0] = rule(
+            SVC,
+            vec![Expr::Lookup {
+                set: "__gone".into(),
+                dreg: Some(0),
+            }],
+        );
+        assert!(routes_from_table(&t, false).0[0].uncertain);
+    }
+
+    #[test]
+    fn chain_names_and_keys() {
+        let (base, spn, p) = parse_chain("local-ABCDEFGH-ns1/svc1/udp/").unwrap();
+        assert_eq!(
+            (base.as_str(), spn.to_string().as_str(), p),
+            ("ABCDEFGH-ns1/svc1/udp/", "ns1/svc1", Protocol::Udp)
+        );
+        assert!(parse_chain("endpoint-X-ns/s/tcp/p__1.2.3.4/80").is_none());
+        assert_eq!(
+            frontend("service-nodeports", &[17, 0, 0, 0, 0x75, 0x30, 0, 0], false)
+                .unwrap()
+                .0,
+            "*:30000"
+        );
+        let mut k6 = vec![0u8; 24];
+        k6[0] = 0xfd;
+        k6[15] = 1;
+        k6[16] = 6;
+        k6[20] = 0;
+        k6[21] = 80;
+        assert_eq!(frontend("service-ips", &k6, true).unwrap().0, "[fd00::1]:80");
+    }
+}

@@ -1,0 +1,444 @@
+//! A thin, safe layer over libnftnl (nftnl-sys): dumps one nf_tables table's rules, sets and
+//! set elements over netlink and decodes them into plain Rust values. It interprets nothing;
+//! the nftables reader decides what the values mean.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::raw::c_char;
+
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
+use nftnl_sys as sys;
+
+use crate::netns::NetNs;
+
+pub const NFPROTO_IPV4: u16 = 2;
+pub const NFPROTO_IPV6: u16 = 10;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_GETSET: u16 = 10;
+const NFT_MSG_GETSETELEM: u16 = 13;
+const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP_INTR: u16 = 0x10;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+/// The data type of a verdict map's values.
+pub const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
+pub const NFT_SET_ANONYMOUS: u32 = 0x1;
+pub const NFT_GOTO: i32 = -4;
+pub const NFT_JUMP: i32 = -3;
+pub const NFT_NAT_DNAT: u32 = 1;
+
+/// One decoded expression.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expr {
+    /// `immediate` loading data into a register.
+    Immediate { dreg: u32, data: Vec<u8> },
+    /// `immediate` setting the verdict (`goto`/`jump` carry a chain).
+    Verdict { code: i32, chain: Option<String> },
+    /// `lookup` in a set; `dreg == Some(0)` makes it a verdict map.
+    Lookup { set: String, dreg: Option<u32> },
+    /// `nat`: DNAT/SNAT from registers.
+    Nat {
+        kind: u32,
+        addr_reg: Option<u32>,
+        proto_reg: Option<u32>,
+    },
+    /// Any other expression, by name.
+    Other(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NftRule {
+    pub chain: String,
+    pub exprs: Vec<Expr>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NftElem {
+    pub key: Vec<u8>,
+    pub verdict: Option<(i32, Option<String>)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NftSet {
+    pub name: String,
+    pub flags: u32,
+    pub data_type: Option<u32>,
+    pub elems: Vec<NftElem>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NftTable {
+    pub rules: Vec<NftRule>,
+    pub sets: Vec<NftSet>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NftnlError {
+    #[error("netlink: {0}")]
+    Io(#[from] io::Error),
+    #[error("the ruleset changed during the dump")]
+    Interrupted,
+    #[error("libnftnl could not allocate or parse a message")]
+    Parse,
+}
+
+fn cstr(p: *const c_char) -> Option<String> {
+    // SAFETY: libnftnl returns NUL-terminated strings it owns, valid while the object lives.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+/// A netlink socket speaking nf_tables, opened in a given network namespace.
+pub struct NftConn {
+    sock: Socket,
+    seq: u32,
+    buf: Vec<u64>,
+}
+
+impl NftConn {
+    pub fn open(netns: &NetNs) -> io::Result<Self> {
+        let sock = netns
+            .run(|| -> io::Result<Socket> {
+                let mut s = Socket::new(NETLINK_NETFILTER)?;
+                s.bind_auto()?;
+                Ok(s)
+            })
+            .map_err(io::Error::other)??;
+        sock.connect(&netlink_sys::SocketAddr::new(0, 0))?;
+        let _ = sock.set_rx_buf_sz(8 * 1024 * 1024);
+        Ok(Self {
+            sock,
+            seq: 0,
+            buf: vec![0u64; 64 * 1024],
+        })
+    }
+
+    /// Sends one dump request built by `build` and hands every reply message to `each`.
+    /// Returns Ok(false) when the kernel answered ENOENT (no such table or set).
+    fn dump(
+        &mut self,
+        cmd: u16,
+        family: u16,
+        flags: u16,
+        build: impl FnOnce(*mut libc::nlmsghdr),
+        mut each: impl FnMut(*const libc::nlmsghdr) -> Result<(), NftnlError>,
+    ) -> Result<bool, NftnlError> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut req = vec![0u64; 1024];
+        // SAFETY: `req` is 8 KiB, aligned, and outlives the header libnftnl writes into it.
+        let nlh = unsafe { sys::nftnl_nlmsg_build_hdr(req.as_mut_ptr().cast(), cmd, family, flags, self.seq) };
+        build(nlh);
+        // SAFETY: nlh points into `req`; nlmsg_len was set by the builders.
+        let len = unsafe { (*nlh).nlmsg_len } as usize;
+        // SAFETY: `req` holds at least `len` initialised bytes written by libnftnl.
+        let bytes = unsafe { std::slice::from_raw_parts(req.as_ptr().cast::<u8>(), len) };
+        self.sock.send(bytes, 0)?;
+        let mut interrupted = false;
+        loop {
+            let cap = self.buf.len() * 8;
+            // SAFETY: the u64 buffer viewed as bytes, for recv to fill.
+            let raw = unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr().cast::<u8>(), cap) };
+            let n = self.sock.recv(&mut &mut raw[..], 0)?;
+            let mut off = 0;
+            while off + 16 <= n {
+                let hdr = self
+                    .buf
+                    .as_ptr()
+                    .cast::<u8>()
+                    .wrapping_add(off)
+                    .cast::<libc::nlmsghdr>();
+                // SAFETY: off is 4-byte aligned within a u64 buffer and at least 16 bytes remain.
+                let (len, kind, flags, seq) = unsafe {
+                    (
+                        (*hdr).nlmsg_len as usize,
+                        (*hdr).nlmsg_type,
+                        (*hdr).nlmsg_flags,
+                        (*hdr).nlmsg_seq,
+                    )
+                };
+                if len < 16 || off + len > n {
+                    return Err(NftnlError::Parse);
+                }
+                if seq == self.seq {
+                    interrupted |= flags & NLM_F_DUMP_INTR != 0;
+                    match kind {
+                        NLMSG_DONE => {
+                            return if interrupted {
+                                Err(NftnlError::Interrupted)
+                            } else {
+                                Ok(true)
+                            };
+                        }
+                        NLMSG_ERROR => {
+                            // SAFETY: an error message carries an i32 errno right after the header.
+                            let errno = unsafe { *(hdr.cast::<u8>().add(16).cast::<i32>()) };
+                            return match -errno {
+                                0 => Ok(true),
+                                libc::ENOENT => Ok(false),
+                                e => Err(NftnlError::Io(io::Error::from_raw_os_error(e))),
+                            };
+                        }
+                        _ => each(hdr)?,
+                    }
+                }
+                off += (len + 3) & !3;
+            }
+        }
+    }
+
+    /// Dumps table `name` of `family`; `None` when the table does not exist.
+    pub fn table(&mut self, family: u16, name: &str) -> Result<Option<NftTable>, NftnlError> {
+        let cname = CString::new(name).map_err(|_| NftnlError::Parse)?;
+        // Dumps filtered by a missing table are simply empty: ask for the table itself first.
+        let exists = self.dump(
+            NFT_MSG_GETTABLE,
+            family,
+            NLM_F_ACK,
+            |nlh| with_table(nlh, &cname),
+            |_| Ok(()),
+        )?;
+        if !exists {
+            return Ok(None);
+        }
+        let mut table = NftTable::default();
+        let rules_found = self.dump(
+            NFT_MSG_GETRULE,
+            family,
+            NLM_F_DUMP,
+            |nlh| with_rule_filter(nlh, &cname),
+            |nlh| {
+                table.rules.push(decode_rule(nlh)?);
+                Ok(())
+            },
+        )?;
+        let mut names = Vec::new();
+        let sets_found = self.dump(
+            NFT_MSG_GETSET,
+            family,
+            NLM_F_DUMP,
+            |nlh| {
+                with_set(nlh, &cname, None, |s, nlh| unsafe {
+                    sys::nftnl_set_nlmsg_build_payload(nlh, s)
+                })
+            },
+            |nlh| {
+                names.push(decode_set_header(nlh)?);
+                Ok(())
+            },
+        )?;
+        if !rules_found || !sets_found {
+            return Err(NftnlError::Interrupted); // the table went away between requests
+        }
+        for mut set in names {
+            if set.data_type != Some(NFT_DATA_VERDICT) {
+                table.sets.push(set);
+                continue;
+            }
+            let cset = CString::new(set.name.clone()).map_err(|_| NftnlError::Parse)?;
+            let mut elems = Vec::new();
+            let found = self.dump(
+                NFT_MSG_GETSETELEM,
+                family,
+                NLM_F_DUMP,
+                |nlh| {
+                    with_set(nlh, &cname, Some(&cset), |s, nlh| unsafe {
+                        sys::nftnl_set_elems_nlmsg_build_payload(nlh, s)
+                    })
+                },
+                |nlh| {
+                    elems.extend(decode_elems(nlh)?);
+                    Ok(())
+                },
+            )?;
+            if !found {
+                // The set vanished between the two dumps: the table is changing under us.
+                return Err(NftnlError::Interrupted);
+            }
+            set.elems = elems;
+            table.sets.push(set);
+        }
+        Ok(Some(table))
+    }
+}
+
+fn with_table(nlh: *mut libc::nlmsghdr, table: &CStr) {
+    // SAFETY: the table object is freed right after it is serialised into nlh.
+    unsafe {
+        let t = sys::nftnl_table_alloc();
+        if t.is_null() {
+            return;
+        }
+        sys::nftnl_table_set_str(t, sys::NFTNL_TABLE_NAME as u16, table.as_ptr());
+        sys::nftnl_table_nlmsg_build_payload(nlh, t);
+        sys::nftnl_table_free(t);
+    }
+}
+
+fn with_rule_filter(nlh: *mut libc::nlmsghdr, table: &CStr) {
+    // SAFETY: the rule object is freed right after it is serialised into nlh.
+    unsafe {
+        let r = sys::nftnl_rule_alloc();
+        if r.is_null() {
+            return;
+        }
+        sys::nftnl_rule_set_str(r, sys::NFTNL_RULE_TABLE as u16, table.as_ptr());
+        sys::nftnl_rule_nlmsg_build_payload(nlh, r);
+        sys::nftnl_rule_free(r);
+    }
+}
+
+fn with_set(
+    nlh: *mut libc::nlmsghdr,
+    table: &CStr,
+    name: Option<&CStr>,
+    build: impl FnOnce(*mut sys::nftnl_set, *mut libc::nlmsghdr),
+) {
+    // SAFETY: the set object is freed right after it is serialised into nlh.
+    unsafe {
+        let s = sys::nftnl_set_alloc();
+        if s.is_null() {
+            return;
+        }
+        sys::nftnl_set_set_str(s, sys::NFTNL_SET_TABLE as u16, table.as_ptr());
+        if let Some(n) = name {
+            sys::nftnl_set_set_str(s, sys::NFTNL_SET_NAME as u16, n.as_ptr());
+        }
+        build(s, nlh);
+        sys::nftnl_set_free(s);
+    }
+}
+
+fn decode_rule(nlh: *const libc::nlmsghdr) -> Result<NftRule, NftnlError> {
+    // SAFETY: nlh is a complete nf_tables rule message; every object is freed before return.
+    unsafe {
+        let r = sys::nftnl_rule_alloc();
+        if r.is_null() {
+            return Err(NftnlError::Parse);
+        }
+        if sys::nftnl_rule_nlmsg_parse(nlh, r) < 0 {
+            sys::nftnl_rule_free(r);
+            return Err(NftnlError::Parse);
+        }
+        let chain = cstr(sys::nftnl_rule_get_str(r, sys::NFTNL_RULE_CHAIN as u16)).unwrap_or_default();
+        let mut exprs = Vec::new();
+        let it = sys::nftnl_expr_iter_create(r);
+        if !it.is_null() {
+            let mut e = sys::nftnl_expr_iter_next(it);
+            while !e.is_null() {
+                exprs.push(decode_expr(e));
+                e = sys::nftnl_expr_iter_next(it);
+            }
+            sys::nftnl_expr_iter_destroy(it);
+        }
+        sys::nftnl_rule_free(r);
+        Ok(NftRule { chain, exprs })
+    }
+}
+
+/// SAFETY: `e` must be a live expression of a live rule.
+unsafe fn decode_expr(e: *mut sys::nftnl_expr) -> Expr {
+    let is = |a: u32| unsafe { sys::nftnl_expr_is_set(e, a as u16) };
+    let u32_of = |a: u32| unsafe { sys::nftnl_expr_get_u32(e, a as u16) };
+    let name = cstr(unsafe { sys::nftnl_expr_get_str(e, sys::NFTNL_EXPR_NAME as u16) }).unwrap_or_default();
+    match name.as_str() {
+        "immediate" => {
+            if is(sys::NFTNL_EXPR_IMM_VERDICT) {
+                let chain = if is(sys::NFTNL_EXPR_IMM_CHAIN) {
+                    cstr(unsafe { sys::nftnl_expr_get_str(e, sys::NFTNL_EXPR_IMM_CHAIN as u16) })
+                } else {
+                    None
+                };
+                return Expr::Verdict {
+                    code: u32_of(sys::NFTNL_EXPR_IMM_VERDICT) as i32,
+                    chain,
+                };
+            }
+            let mut len = 0u32;
+            let p = unsafe { sys::nftnl_expr_get(e, sys::NFTNL_EXPR_IMM_DATA as u16, &mut len) };
+            let data = if p.is_null() {
+                Vec::new()
+            } else {
+                unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len as usize) }.to_vec()
+            };
+            Expr::Immediate {
+                dreg: u32_of(sys::NFTNL_EXPR_IMM_DREG),
+                data,
+            }
+        }
+        "lookup" => Expr::Lookup {
+            set: cstr(unsafe { sys::nftnl_expr_get_str(e, sys::NFTNL_EXPR_LOOKUP_SET as u16) }).unwrap_or_default(),
+            dreg: is(sys::NFTNL_EXPR_LOOKUP_DREG).then(|| u32_of(sys::NFTNL_EXPR_LOOKUP_DREG)),
+        },
+        "nat" => Expr::Nat {
+            kind: u32_of(sys::NFTNL_EXPR_NAT_TYPE),
+            addr_reg: is(sys::NFTNL_EXPR_NAT_REG_ADDR_MIN).then(|| u32_of(sys::NFTNL_EXPR_NAT_REG_ADDR_MIN)),
+            proto_reg: is(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN).then(|| u32_of(sys::NFTNL_EXPR_NAT_REG_PROTO_MIN)),
+        },
+        _ => Expr::Other(name),
+    }
+}
+
+fn decode_set_header(nlh: *const libc::nlmsghdr) -> Result<NftSet, NftnlError> {
+    // SAFETY: nlh is a complete nf_tables set message; the set is freed before return.
+    unsafe {
+        let s = sys::nftnl_set_alloc();
+        if s.is_null() || sys::nftnl_set_nlmsg_parse(nlh, s) < 0 {
+            if !s.is_null() {
+                sys::nftnl_set_free(s);
+            }
+            return Err(NftnlError::Parse);
+        }
+        let set = NftSet {
+            name: cstr(sys::nftnl_set_get_str(s, sys::NFTNL_SET_NAME as u16)).unwrap_or_default(),
+            flags: sys::nftnl_set_get_u32(s, sys::NFTNL_SET_FLAGS as u16),
+            data_type: sys::nftnl_set_is_set(s, sys::NFTNL_SET_DATA_TYPE as u16)
+                .then(|| sys::nftnl_set_get_u32(s, sys::NFTNL_SET_DATA_TYPE as u16)),
+            elems: Vec::new(),
+        };
+        sys::nftnl_set_free(s);
+        Ok(set)
+    }
+}
+
+fn decode_elems(nlh: *const libc::nlmsghdr) -> Result<Vec<NftElem>, NftnlError> {
+    // SAFETY: nlh is a complete set-element message; the set owns the elements and is freed last.
+    unsafe {
+        let s = sys::nftnl_set_alloc();
+        if s.is_null() || sys::nftnl_set_elems_nlmsg_parse(nlh, s) < 0 {
+            if !s.is_null() {
+                sys::nftnl_set_free(s);
+            }
+            return Err(NftnlError::Parse);
+        }
+        let mut out = Vec::new();
+        let it = sys::nftnl_set_elems_iter_create(s);
+        if !it.is_null() {
+            // Like nft itself: iter_next yields each element in turn, then NULL.
+            let mut e = sys::nftnl_set_elems_iter_next(it);
+            while !e.is_null() {
+                let mut len = 0u32;
+                let p = sys::nftnl_set_elem_get(e, sys::NFTNL_SET_ELEM_KEY as u16, &mut len);
+                let key = if p.is_null() {
+                    Vec::new()
+                } else {
+                    std::slice::from_raw_parts(p.cast::<u8>(), len as usize).to_vec()
+                };
+                let verdict = sys::nftnl_set_elem_is_set(e, sys::NFTNL_SET_ELEM_VERDICT as u16).then(|| {
+                    let code = sys::nftnl_set_elem_get_u32(e, sys::NFTNL_SET_ELEM_VERDICT as u16) as i32;
+                    let chain = if sys::nftnl_set_elem_is_set(e, sys::NFTNL_SET_ELEM_CHAIN as u16) {
+                        cstr(sys::nftnl_set_elem_get_str(e, sys::NFTNL_SET_ELEM_CHAIN as u16))
+                    } else {
+                        None
+                    };
+                    (code, chain)
+                });
+                out.push(NftElem { key, verdict });
+                e = sys::nftnl_set_elems_iter_next(it);
+            }
+            sys::nftnl_set_elems_iter_destroy(it);
+        }
+        sys::nftnl_set_free(s);
+        Ok(out)
+    }
+}

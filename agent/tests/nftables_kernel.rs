@@ -1,0 +1,194 @@
+//! Real-kernel tests of the nftables reader: rulesets in kube-proxy's format are loaded with
+//! `nft -f` into a throw-away namespace and read back over netlink by `kube-converge inspect`.
+
+mod common;
+
+use std::process::Command;
+
+use common::{inspect_json, pair, require, routed, Netns};
+use kube_converge::emulate::{nft_endpoint_chain, render_nft, EmulatedServicePort};
+use kube_converge::model::{Protocol, ServicePortName};
+
+const FIXTURES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../shared/reference/kube-proxy/fixtures"
+);
+
+fn nft(ns: &Netns, script: &str) {
+    ns.run_stdin("nft", &["-f", "-"], script);
+}
+
+fn inspect(ns: &Netns) -> serde_json::Value {
+    inspect_json(ns, &["--mode", "nftables"])
+}
+
+fn port(name: &str, vip: &str, eps: &[&str]) -> EmulatedServicePort {
+    EmulatedServicePort {
+        name: ServicePortName::parse(name).unwrap(),
+        protocol: Protocol::Tcp,
+        cluster_ip: vip.parse().unwrap(),
+        port: 80,
+        node_port: Some(30080),
+        endpoints: eps.iter().map(|e| e.parse().unwrap()).collect(),
+    }
+}
+
+#[test]
+fn shared_fixtures_read_back_exactly() {
+    if !require(&["ip", "nft"]) {
+        return;
+    }
+    let ns = Netns::new("nftfix");
+    nft(
+        &ns,
+        &std::fs::read_to_string(format!("{FIXTURES}/nft_TestOverallNFTablesRules_loadable.nft")).unwrap(),
+    );
+    let report = inspect(&ns);
+    assert_eq!(report["mode"], "nftables");
+    let want = [
+        pair("ns1/svc1:p80", &["10.180.0.1:80"]),
+        pair("ns2/svc2:p80", &["10.180.0.2:80"]),
+        pair("ns3/svc3:p80", &["10.180.0.3:80"]),
+        pair("ns4/svc4:p80", &["10.180.0.4:80", "10.180.0.5:80"]),
+        pair("ns5/svc5:p80", &["10.180.0.3:80"]),
+    ];
+    assert_eq!(routed(&report), want);
+    // Auto-detection finds the table too.
+    assert_eq!(inspect_json(&ns, &[])["mode"], "nftables");
+    nft(
+        &ns,
+        &std::fs::read_to_string(format!("{FIXTURES}/constructed_nft_ipv6_min.nft")).unwrap(),
+    );
+    let got = routed(&inspect(&ns));
+    assert!(got.contains(&pair("ns1/svc1:p80", &["[fd00:10:180::1]:80"])), "{got:?}");
+}
+
+#[test]
+fn removal_the_kube_proxy_way_vmap_rewritten_chain_flushed_then_deleted() {
+    if !require(&["ip", "nft"]) {
+        return;
+    }
+    let cases = [
+        ("ip", "172.30.0.41", ["10.180.0.1:80", "10.180.0.2:80", "10.180.0.3:80"]),
+        (
+            "ip6",
+            "fd00:172:30::41",
+            ["[fd00:10:180::1]:80", "[fd00:10:180::2]:80", "[fd00:10:180::3]:80"],
+        ),
+    ];
+    for (family, vip, eps) in cases {
+        let ns = Netns::new("nftrm");
+        let before = port("ns1/svc1:p80", vip, &eps);
+        nft(&ns, &render_nft(family, std::slice::from_ref(&before), &[], &[]));
+        assert_eq!(routed(&inspect(&ns)), [pair("ns1/svc1:p80", &eps)], "{family} before");
+        let after = port("ns1/svc1:p80", vip, &[eps[0], eps[2]]);
+        let stale = nft_endpoint_chain(&before, eps[1].parse().unwrap());
+        // Sync 1: the vmap no longer references the chain, which is flushed but still exists.
+        nft(
+            &ns,
+            &render_nft(family, std::slice::from_ref(&after), std::slice::from_ref(&stale), &[]),
+        );
+        let listed = ns.run("nft", &["list", "chain", family, "kube-proxy", &stale]);
+        assert!(
+            String::from_utf8_lossy(&listed.stdout).contains(&stale),
+            "the stale chain must still exist here"
+        );
+        assert_eq!(
+            routed(&inspect(&ns)),
+            [pair("ns1/svc1:p80", &[eps[0], eps[2]])],
+            "{family} flushed"
+        );
+        // Sync 2, at least 1 s later in kube-proxy: the stale chain is deleted.
+        nft(
+            &ns,
+            &render_nft(family, std::slice::from_ref(&after), &[], std::slice::from_ref(&stale)),
+        );
+        assert_eq!(
+            routed(&inspect(&ns)),
+            [pair("ns1/svc1:p80", &[eps[0], eps[2]])],
+            "{family} deleted"
+        );
+        // The service loses every endpoint: no element, flushed chains, nothing routed.
+        let none = port("ns1/svc1:p80", vip, &[]);
+        let flushed: Vec<String> = [eps[0], eps[2]]
+            .iter()
+            .map(|e| nft_endpoint_chain(&before, e.parse().unwrap()))
+            .collect();
+        nft(&ns, &render_nft(family, &[none], &flushed, &[]));
+        assert_eq!(
+            routed(&inspect(&ns)),
+            Vec::<(String, Vec<String>)>::new(),
+            "{family} no endpoints"
+        );
+    }
+}
+
+#[test]
+fn unknown_expressions_are_reported_uncertain() {
+    if !require(&["ip", "nft"]) {
+        return;
+    }
+    let ns = Netns::new("nftunk");
+    let svc = port("ns1/svc1:p80", "172.30.0.41", &["10.180.0.1:80"]);
+    nft(&ns, &render_nft("ip", std::slice::from_ref(&svc), &[], &[]));
+    let chain = nft_endpoint_chain(&svc, "10.180.0.1:80".parse().unwrap());
+    nft(&ns, &format!("insert rule ip kube-proxy {chain} dup to 10.0.0.9\n"));
+    let report = inspect(&ns);
+    let s = &report["services"][0];
+    assert_eq!(s["uncertain"], true, "{report}");
+    let warnings = report["warnings"].to_string();
+    assert!(warnings.contains("dup"), "{warnings}");
+}
+
+#[test]
+fn a_table_vanishing_mid_read_never_crashes_the_reader() {
+    if !require(&["ip", "nft"]) {
+        return;
+    }
+    let ns = Netns::new("nftvanish");
+    let svc = port("ns1/svc1:p80", "172.30.0.41", &["10.180.0.1:80", "10.180.0.2:80"]);
+    let script = render_nft("ip", std::slice::from_ref(&svc), &[], &[]);
+    nft(&ns, &script);
+    let name = ns.name.clone();
+    let churn = std::thread::spawn(move || {
+        for _ in 0..60 {
+            let _ = Command::new("ip")
+                .args(["netns", "exec", &name, "nft", "delete", "table", "ip", "kube-proxy"])
+                .status();
+            let mut c = Command::new("ip")
+                .args(["netns", "exec", &name, "nft", "-f", "-"])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+            let _ = c.wait();
+        }
+    });
+    let mut ok = 0;
+    for _ in 0..40 {
+        let out = Command::new(env!("CARGO_BIN_EXE_kube-converge"))
+            .args(["inspect", "-o", "json", "--mode", "nftables", "--netns", &ns.path()])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let got = routed(&report);
+            // Either the whole table or none of it: never a partial, wrong answer.
+            assert!(
+                got.is_empty() || got == [pair("ns1/svc1:p80", &["10.180.0.1:80", "10.180.0.2:80"])],
+                "partial read: {got:?}"
+            );
+            ok += 1;
+        } else {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("kube-proxy") || err.contains("changed"),
+                "unclear error: {err}"
+            );
+            assert_eq!(out.status.code(), Some(1), "a clean error exit, not a crash: {err}");
+        }
+    }
+    churn.join().unwrap();
+    assert!(ok > 0, "no read succeeded at all");
+}
