@@ -1,6 +1,9 @@
 # syntax=docker/dockerfile:1
 # Build: docker build -t kube-converge:dev .
 FROM rust:1.95-bookworm AS build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends pkg-config libnftnl-dev libmnl-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies first, so they are cached across source changes.
 COPY Cargo.toml Cargo.lock ./
@@ -12,9 +15,10 @@ COPY agent agent
 RUN touch agent/src/main.rs agent/src/lib.rs && cargo build --release --locked -p kube-converge
 
 FROM debian:bookworm-slim
-# iptables-save (nft and legacy backends) is what the iptables reader runs.
+# iptables-save (nft and legacy backends) is what the iptables reader runs; libnftnl and
+# libmnl are linked by the nftables reader.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends iptables ca-certificates \
+    && apt-get install -y --no-install-recommends iptables libnftnl11 libmnl0 ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/kube-converge /usr/local/bin/kube-converge
 LABEL org.opencontainers.image.title="kube-converge" \
