@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, Notify};
 use crate::admin::{self, Health};
 use crate::dataplane::nfnotify::{self, GenerationProbe, Notification};
 use crate::dataplane::{self, iptables::Backend, ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError};
-use crate::expected::{expect_service, ServiceSpec, SliceRecord};
+use crate::expected::{expect_service_with, Semantics, ServiceSpec, SliceRecord};
 use crate::k8s::{self, SliceError, SliceProblem, WatchMsg, WatchScope};
 use crate::model::{ServiceRef, Timestamp};
 use crate::netns::NetNs;
@@ -160,6 +160,7 @@ struct Core {
     metrics: Metrics,
     health: Arc<Health>,
     mode_label: String,
+    semantics: Semantics,
     pending_wakeup: Arc<Notify>,
     pending_count: Arc<AtomicUsize>,
 }
@@ -187,6 +188,7 @@ impl Core {
             metrics,
             health,
             mode_label: "unknown".into(),
+            semantics: Semantics::default(),
             pending_wakeup,
             pending_count,
         }
@@ -228,8 +230,7 @@ impl Core {
                 took,
             } => {
                 self.metrics.dataplane_read_duration.observe(took.as_secs_f64());
-                self.mode_label = mode.as_str().into();
-                self.metrics.set_info(mode.as_str(), &backend);
+                self.set_mode(mode, &backend, meta.started);
                 self.metrics
                     .dataplane_reads
                     .with_label_values(&[meta.trigger.as_str()])
@@ -239,6 +240,16 @@ impl Core {
                         for w in &snap.warnings {
                             tracing::warn!(warning = %w, "dataplane rule not understood; affected endpoints are unknown");
                         }
+                        let draining = snap.draining.unwrap_or_default();
+                        self.metrics.draining_endpoints.set(draining.endpoints as i64);
+                        self.metrics
+                            .draining_connections
+                            .with_label_values(&["active"])
+                            .set(draining.active_connections as i64);
+                        self.metrics
+                            .draining_connections
+                            .with_label_values(&["inactive"])
+                            .set(draining.inactive_connections as i64);
                         if !snap.warnings.is_empty() {
                             self.metrics.dataplane_read_errors.with_label_values(&["partial"]).inc();
                         }
@@ -256,11 +267,29 @@ impl Core {
             }
             Input::ReaderUnavailable(e, meta) => {
                 self.metrics.dataplane_read_errors.with_label_values(&[e.kind()]).inc();
+                self.mode_label = "unknown".into();
                 self.metrics.set_info("unknown", "unknown");
                 self.apply_reading(Reading {
                     meta,
                     outcome: ReadingOutcome::Failed { kind: e.kind() },
                 });
+            }
+        }
+    }
+
+    /// Records the dataplane mode; what kube-proxy programs differs slightly per mode, so a
+    /// change of mode recomputes every expectation.
+    fn set_mode(&mut self, mode: Mode, backend: &str, at: Timestamp) {
+        if self.mode_label != mode.as_str() {
+            self.mode_label = mode.as_str().into();
+            self.metrics.set_info(mode.as_str(), backend);
+            let semantics = Semantics {
+                local_falls_back_to_cluster: mode == Mode::Ipvs,
+            };
+            if semantics != self.semantics {
+                self.semantics = semantics;
+                let all = self.services.keys().chain(self.by_service.keys()).cloned().collect();
+                self.recompute_all(all, at);
             }
         }
     }
@@ -407,7 +436,7 @@ impl Core {
                 .flatten()
                 .filter_map(|id| self.slices.get(id))
                 .collect();
-            let exp = expect_service(&svc, self.services.get(&svc), &slices, &self.node);
+            let exp = expect_service_with(&svc, self.services.get(&svc), &slices, &self.node, self.semantics);
             let outcomes = self.tracker.update_service(&svc, exp, at);
             self.metrics.record_outcomes(&self.mode_label, &outcomes);
         }

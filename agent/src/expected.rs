@@ -32,13 +32,15 @@ pub struct ServicePortSpec {
 }
 
 impl ServiceSpec {
-    /// `ip:port` frontends kube-proxy matches in `KUBE-SERVICES` for one port.
-    pub fn frontends(&self, port: &ServicePortSpec) -> Vec<SocketAddr> {
+    /// The frontends of one port as readers render them: `ip:port` for ClusterIPs, external
+    /// and load-balancer IPs, and `*:nodePort` for a NodePort on any node address.
+    pub fn frontends(&self, port: &ServicePortSpec) -> Vec<String> {
         self.cluster_ips
             .iter()
             .chain(&self.external_ips)
             .chain(&self.load_balancer_ips)
-            .map(|ip| SocketAddr::new(*ip, port.port))
+            .map(|ip| SocketAddr::new(*ip, port.port).to_string())
+            .chain(port.node_port.map(|np| format!("*:{np}")))
             .collect()
     }
 }
@@ -98,19 +100,37 @@ pub struct ServiceExpectation {
     pub trigger: Option<Trigger>,
     /// The highest slice resourceVersion that went into this expectation.
     pub resource_version: u64,
-    /// `ip:port` frontends per port, to name rules that carry no comment.
-    pub frontends: BTreeMap<(ServicePortName, Protocol), Vec<SocketAddr>>,
+    /// Frontends per port (see `ServiceSpec::frontends`), to name rules that carry no name.
+    pub frontends: BTreeMap<(ServicePortName, Protocol), Vec<String>>,
     /// False when the Service object is gone (its endpoints leave as `service_deleted`).
     pub service_exists: bool,
 }
 
 /// Computes the expectation for one Service on `node`. `None` spec means the Service does not
 /// exist (kube-proxy programs nothing for slices without a Service).
+/// Mode-specific differences in what kube-proxy programs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Semantics {
+    /// IPVS: a Local-policy virtual server with no local endpoints uses the cluster endpoints
+    /// (iptables and nftables route nothing there).
+    pub local_falls_back_to_cluster: bool,
+}
+
 pub fn expect_service(
     service: &ServiceRef,
     spec: Option<&ServiceSpec>,
     slices: &[&SliceRecord],
     node: &str,
+) -> ServiceExpectation {
+    expect_service_with(service, spec, slices, node, Semantics::default())
+}
+
+pub fn expect_service_with(
+    service: &ServiceRef,
+    spec: Option<&ServiceSpec>,
+    slices: &[&SliceRecord],
+    node: &str,
+    semantics: Semantics,
 ) -> ServiceExpectation {
     let mut out = ServiceExpectation {
         trigger: slices.iter().filter_map(|s| s.trigger).max_by_key(|t| t.time),
@@ -176,7 +196,11 @@ pub fn expect_service(
             chosen.extend(pick(false));
         }
         if needs_local {
-            chosen.extend(pick(true));
+            let local = pick(true);
+            if local.is_empty() && semantics.local_falls_back_to_cluster {
+                chosen.extend(pick(false));
+            }
+            chosen.extend(local);
         }
         out.expected.extend(
             chosen

@@ -12,6 +12,9 @@ pub struct InspectReport {
     pub mode: Mode,
     pub backend: String,
     pub services: Vec<InspectService>,
+    /// IPVS destinations with weight 0 and their remaining connections.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draining: Option<crate::dataplane::Draining>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
 }
@@ -57,6 +60,7 @@ fn report(mode: Mode, backend: &str, snap: DataplaneSnapshot) -> InspectReport {
         mode,
         backend: backend.to_string(),
         services,
+        draining: snap.draining,
         warnings,
     }
 }
@@ -103,6 +107,13 @@ impl InspectReport {
                 w2 = widths[2]
             );
             let _ = writeln!(out, "{}", line.trim_end());
+        }
+        if let Some(d) = &self.draining {
+            let _ = writeln!(
+                out,
+                "draining: {} destinations with weight 0, {} active and {} inactive connections",
+                d.endpoints, d.active_connections, d.inactive_connections
+            );
         }
         for w in &self.warnings {
             let _ = writeln!(out, "warning: {w}");

@@ -27,11 +27,20 @@ impl ServiceCatalog {
             for ((spn, proto), frontends) in &exp.frontends {
                 cat.by_hash.insert(port_proto_hash(spn, *proto), (spn.clone(), *proto));
                 for f in frontends {
-                    cat.by_frontend.insert(f.to_string(), (spn.clone(), *proto));
+                    cat.by_frontend.insert(f.clone(), (spn.clone(), *proto));
                 }
             }
         }
         cat
+    }
+
+    /// A frontend by `ip:port`, else as a NodePort on a node address (IPVS has one virtual
+    /// server per node IP and NodePort).
+    fn frontend(&self, f: &str) -> Option<&(ServicePortName, Protocol)> {
+        self.by_frontend.get(f).or_else(|| {
+            let (_, port) = f.rsplit_once(':')?;
+            self.by_frontend.get(&format!("*:{port}"))
+        })
     }
 
     pub fn view(&self, snap: &DataplaneSnapshot) -> RoutedView {
@@ -45,7 +54,7 @@ impl ServiceCatalog {
                 svc.chain_id
                     .as_ref()
                     .and_then(|h| self.by_hash.get(h))
-                    .or_else(|| svc.frontends.iter().find_map(|f| self.by_frontend.get(f)))
+                    .or_else(|| svc.frontends.iter().find_map(|f| self.frontend(f)))
             };
             let resolved = match (&svc.name, svc.protocol) {
                 (Some(n), Some(p)) => Some((n.clone(), p)),
@@ -130,6 +139,29 @@ mod tests {
             r.frontends.insert("172.30.0.41:80".into());
         });
         assert!(cat.view(&by_frontend).unattributed.is_empty());
+        let unknown_vip = routes(|r| {
+            r.frontends.insert("172.30.9.9:80".into());
+        });
+        assert_eq!(
+            cat.view(&unknown_vip).unattributed.len(),
+            3,
+            "unknown frontends stay routed, any protocol"
+        );
+    }
+
+    #[test]
+    fn ipvs_node_port_servers_resolve_through_the_node_port() {
+        let (r, mut spec) = svc("ns1/svc1");
+        spec.ports[0].node_port = Some(30080);
+        let s = slice("ns1/svc1").endpoint("10.180.0.1").build();
+        let exp = expect_service(&r, Some(&spec), &[&s], "n");
+        let cat = ServiceCatalog::build([(&r, &exp)].into_iter());
+        let vs = routes(|r| {
+            r.protocol = Some(Protocol::Tcp);
+            r.frontends.insert("192.168.0.2:30080".into());
+        });
+        assert_eq!(cat.view(&vs).routes(&key()), Routed::Yes);
+        assert!(cat.view(&vs).unattributed.is_empty());
     }
 
     #[test]

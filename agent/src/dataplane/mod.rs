@@ -3,6 +3,7 @@
 //! not understand; they never guess that an endpoint is gone.
 
 pub mod iptables;
+pub mod ipvs;
 pub mod nfnotify;
 pub mod nftables;
 pub mod nftnl;
@@ -89,9 +90,20 @@ pub struct DataplaneSnapshot {
     pub unreadable_v4: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub unreadable_v6: bool,
+    /// IPVS destinations with weight 0: no new connections, existing ones draining.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draining: Option<Draining>,
     /// Human-readable notes about rules the reader skipped or could not parse.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+}
+
+/// Connections still draining from destinations that take no new ones (IPVS weight 0).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Draining {
+    pub endpoints: u64,
+    pub active_connections: u64,
+    pub inactive_connections: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +190,9 @@ pub fn detect_mode(netns: &crate::netns::NetNs) -> Option<(Mode, ModeSource)> {
     if iptables::detect_backend(netns).is_some() {
         return Some((Mode::Iptables, ModeSource::Kernel));
     }
+    if ipvs::IpvsReader::has_services(netns) {
+        return Some((Mode::Ipvs, ModeSource::Kernel));
+    }
     None
 }
 
@@ -197,7 +212,7 @@ pub fn open_reader(
             None => {
                 return Err(ReadError::NotFound {
                     detail: "kube-proxy's /proxyMode (127.0.0.1:10249) did not answer, and the kernel has no table \
-                             ip/ip6 kube-proxy and no KUBE-SERVICES chain in iptables-nft or iptables-legacy; is \
+                             ip/ip6 kube-proxy, no KUBE-SERVICES chain in iptables-nft or iptables-legacy and no IPVS virtual server; is \
                              kube-proxy running on this node? (use --mode to choose explicitly)"
                         .into(),
                 })
@@ -220,8 +235,6 @@ pub fn open_reader(
             }
         }
         Mode::Nftables => Ok(Box::new(nftables::NftablesReader::new(netns.clone()))),
-        Mode::Ipvs => Err(ReadError::NotFound {
-            detail: "this build has no IPVS reader yet; only iptables and nftables modes are supported".into(),
-        }),
+        Mode::Ipvs => Ok(Box::new(ipvs::IpvsReader::new(netns.clone()))),
     }
 }

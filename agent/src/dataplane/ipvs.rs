@@ -1,0 +1,448 @@
+//! Reader for kube-proxy's IPVS mode, over the generic netlink family "IPVS".
+//!
+//! An endpoint is routed when a virtual server for one of the Service's addresses and ports
+//! has it as a destination with weight > 0. Weight 0 means draining: no new connections, so a
+//! removal has converged; its remaining connections are reported separately. The messages are
+//! encoded here by hand on a netlink-sys socket: the family needs four attributes each way.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use netlink_sys::{protocols::NETLINK_GENERIC, Socket};
+
+use super::{ChangeSource, DataplaneReader, DataplaneSnapshot, Draining, Mode, ReadError, ServiceRoutes};
+use crate::model::Protocol;
+use crate::netns::NetNs;
+
+const GENL_ID_CTRL: u16 = 0x10;
+const CTRL_CMD_GETFAMILY: u8 = 3;
+const CTRL_ATTR_FAMILY_ID: u16 = 1;
+const CTRL_ATTR_FAMILY_NAME: u16 = 2;
+const IPVS_CMD_GET_SERVICE: u8 = 4;
+const IPVS_CMD_GET_DEST: u8 = 8;
+const IPVS_CMD_ATTR_SERVICE: u16 = 1;
+const IPVS_CMD_ATTR_DEST: u16 = 2;
+const SVC_AF: u16 = 1;
+const SVC_PROTOCOL: u16 = 2;
+const SVC_ADDR: u16 = 3;
+const SVC_PORT: u16 = 4;
+const SVC_FWMARK: u16 = 5;
+const DEST_ADDR: u16 = 1;
+const DEST_PORT: u16 = 2;
+const DEST_WEIGHT: u16 = 4;
+const DEST_ACTIVE: u16 = 7;
+const DEST_INACTIVE: u16 = 8;
+const DEST_AF: u16 = 11;
+const NLA_F_NESTED: u16 = 0x8000;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+
+/// A netlink attribute: type and payload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Nla {
+    pub kind: u16,
+    pub data: Vec<u8>,
+}
+
+pub fn encode_nla(out: &mut Vec<u8>, kind: u16, data: &[u8]) {
+    out.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().next_multiple_of(4), 0);
+}
+
+pub fn parse_nlas(mut buf: &[u8]) -> Vec<Nla> {
+    let mut out = Vec::new();
+    while buf.len() >= 4 {
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
+        if len < 4 || len > buf.len() {
+            break;
+        }
+        out.push(Nla {
+            kind,
+            data: buf[4..len].to_vec(),
+        });
+        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+    }
+    out
+}
+
+fn attr(nlas: &[Nla], kind: u16) -> Option<&[u8]> {
+    nlas.iter().find(|n| n.kind == kind).map(|n| n.data.as_slice())
+}
+
+fn u16_ne(b: Option<&[u8]>) -> Option<u16> {
+    Some(u16::from_ne_bytes(b?.get(..2)?.try_into().ok()?))
+}
+
+fn u32_ne(b: Option<&[u8]>) -> Option<u32> {
+    Some(u32::from_ne_bytes(b?.get(..4)?.try_into().ok()?))
+}
+
+fn port_be(b: Option<&[u8]>) -> Option<u16> {
+    Some(u16::from_be_bytes(b?.get(..2)?.try_into().ok()?))
+}
+
+fn addr(af: u16, b: Option<&[u8]>) -> Option<IpAddr> {
+    let b = b?;
+    match af as i32 {
+        libc::AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
+            *b.first()?,
+            *b.get(1)?,
+            *b.get(2)?,
+            *b.get(3)?,
+        ))),
+        libc::AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(b.get(..16)?).ok()?))),
+        _ => None,
+    }
+}
+
+/// A virtual server as the kernel reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VirtualServer {
+    pub af: u16,
+    pub protocol: u16,
+    pub addr: Option<IpAddr>,
+    pub port: u16,
+    pub fwmark: u32,
+    /// The raw service attributes, echoed back to address the service in GET_DEST.
+    key: Vec<Nla>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Destination {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub active: u32,
+    pub inactive: u32,
+}
+
+pub fn decode_service(payload: &[Nla]) -> Option<VirtualServer> {
+    let nested = parse_nlas(attr(payload, IPVS_CMD_ATTR_SERVICE)?);
+    let af = u16_ne(attr(&nested, SVC_AF))?;
+    let key: Vec<Nla> = nested
+        .iter()
+        .filter(|n| [SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_FWMARK].contains(&n.kind))
+        .cloned()
+        .collect();
+    Some(VirtualServer {
+        af,
+        protocol: u16_ne(attr(&nested, SVC_PROTOCOL)).unwrap_or(0),
+        addr: addr(af, attr(&nested, SVC_ADDR)),
+        port: port_be(attr(&nested, SVC_PORT)).unwrap_or(0),
+        fwmark: u32_ne(attr(&nested, SVC_FWMARK)).unwrap_or(0),
+        key,
+    })
+}
+
+pub fn decode_dest(payload: &[Nla], service_af: u16) -> Option<Destination> {
+    let nested = parse_nlas(attr(payload, IPVS_CMD_ATTR_DEST)?);
+    let af = u16_ne(attr(&nested, DEST_AF)).unwrap_or(service_af);
+    Some(Destination {
+        addr: SocketAddr::new(addr(af, attr(&nested, DEST_ADDR))?, port_be(attr(&nested, DEST_PORT))?),
+        weight: u32_ne(attr(&nested, DEST_WEIGHT))?,
+        active: u32_ne(attr(&nested, DEST_ACTIVE)).unwrap_or(0),
+        inactive: u32_ne(attr(&nested, DEST_INACTIVE)).unwrap_or(0),
+    })
+}
+
+/// A generic netlink connection to the IPVS family.
+pub struct IpvsConn {
+    sock: Socket,
+    family: u16,
+    seq: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IpvsError {
+    #[error(
+        "IPVS is not available in this kernel (Protocol not available: the generic netlink family \"IPVS\" \
+         does not exist; is the ip_vs module loaded?)"
+    )]
+    NotAvailable,
+    #[error("IPVS netlink: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl IpvsConn {
+    pub fn open(netns: &NetNs) -> Result<Self, IpvsError> {
+        let sock = netns
+            .run(|| -> io::Result<Socket> {
+                let mut s = Socket::new(NETLINK_GENERIC)?;
+                s.bind_auto()?;
+                Ok(s)
+            })
+            .map_err(io::Error::other)??;
+        sock.connect(&netlink_sys::SocketAddr::new(0, 0))?;
+        let mut conn = Self {
+            sock,
+            family: GENL_ID_CTRL,
+            seq: 0,
+        };
+        let mut name = Vec::new();
+        encode_nla(&mut name, CTRL_ATTR_FAMILY_NAME, b"IPVS\0");
+        let replies = match conn.request(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, NLM_F_ACK, &name) {
+            Ok(r) => r,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Err(IpvsError::NotAvailable),
+            Err(e) => return Err(e.into()),
+        };
+        conn.family = replies
+            .iter()
+            .find_map(|r| u16_ne(attr(r, CTRL_ATTR_FAMILY_ID)))
+            .ok_or(IpvsError::NotAvailable)?;
+        Ok(conn)
+    }
+
+    /// Sends one request and collects the attributes of every reply until DONE or the ACK.
+    fn request(&mut self, family: u16, cmd: u8, flags: u16, attrs: &[u8]) -> io::Result<Vec<Vec<Nla>>> {
+        self.seq = self.seq.wrapping_add(1);
+        let len = 16 + 4 + attrs.len();
+        let mut msg = Vec::with_capacity(len);
+        msg.extend_from_slice(&(len as u32).to_ne_bytes());
+        msg.extend_from_slice(&family.to_ne_bytes());
+        msg.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+        msg.extend_from_slice(&self.seq.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes());
+        msg.extend_from_slice(&[cmd, 1, 0, 0]);
+        msg.extend_from_slice(attrs);
+        self.sock.send(&msg, 0)?;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = self.sock.recv(&mut &mut buf[..], 0)?;
+            let mut off = 0;
+            while off + 16 <= n {
+                let mlen = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or_default()) as usize;
+                let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+                let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().unwrap_or_default());
+                if mlen < 16 || off + mlen > n {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
+                }
+                let body = &buf[off + 16..off + mlen];
+                off += mlen.next_multiple_of(4);
+                if seq != self.seq {
+                    continue;
+                }
+                match kind {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let errno = i32::from_ne_bytes(body.get(..4).unwrap_or(&[0; 4]).try_into().unwrap_or_default());
+                        if errno == 0 {
+                            return Ok(out);
+                        }
+                        return Err(io::Error::from_raw_os_error(-errno));
+                    }
+                    _ if body.len() >= 4 => out.push(parse_nlas(&body[4..])),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    pub fn services(&mut self) -> io::Result<Vec<VirtualServer>> {
+        let mut attrs = Vec::new();
+        encode_nla(&mut attrs, IPVS_CMD_ATTR_SERVICE | NLA_F_NESTED, &[]);
+        let replies = self.request(self.family, IPVS_CMD_GET_SERVICE, NLM_F_DUMP, &attrs)?;
+        Ok(replies.iter().filter_map(|r| decode_service(r)).collect())
+    }
+
+    pub fn destinations(&mut self, vs: &VirtualServer) -> io::Result<Vec<Destination>> {
+        let mut key = Vec::new();
+        for n in &vs.key {
+            encode_nla(&mut key, n.kind, &n.data);
+        }
+        let mut attrs = Vec::new();
+        encode_nla(&mut attrs, IPVS_CMD_ATTR_SERVICE | NLA_F_NESTED, &key);
+        let replies = self.request(self.family, IPVS_CMD_GET_DEST, NLM_F_DUMP, &attrs)?;
+        Ok(replies.iter().filter_map(|r| decode_dest(r, vs.af)).collect())
+    }
+}
+
+fn protocol(n: u16) -> Option<Protocol> {
+    match n {
+        6 => Some(Protocol::Tcp),
+        17 => Some(Protocol::Udp),
+        132 => Some(Protocol::Sctp),
+        _ => None,
+    }
+}
+
+/// Turns virtual servers and their destinations into routed service ports (names come from
+/// the agent's catalog by frontend; the kernel does not know them).
+pub fn routes(servers: &[(VirtualServer, Vec<Destination>)]) -> (Vec<ServiceRoutes>, Draining) {
+    let mut draining = Draining::default();
+    let routes = servers
+        .iter()
+        .map(|(vs, dests)| {
+            let frontend = match vs.addr {
+                Some(a) if vs.fwmark == 0 => SocketAddr::new(a, vs.port).to_string(),
+                _ => format!("fwmark:{}", vs.fwmark),
+            };
+            for d in dests.iter().filter(|d| d.weight == 0) {
+                draining.endpoints += 1;
+                draining.active_connections += u64::from(d.active);
+                draining.inactive_connections += u64::from(d.inactive);
+            }
+            ServiceRoutes {
+                name: None,
+                chain_id: None,
+                protocol: protocol(vs.protocol),
+                frontends: BTreeSet::from([frontend]),
+                endpoints: dests.iter().filter(|d| d.weight > 0).map(|d| d.addr).collect(),
+                uncertain: false,
+            }
+        })
+        .collect();
+    (routes, draining)
+}
+
+pub struct IpvsReader {
+    netns: NetNs,
+    conn: Option<IpvsConn>,
+}
+
+impl IpvsReader {
+    pub fn new(netns: NetNs) -> Self {
+        Self { netns, conn: None }
+    }
+
+    /// Whether the kernel has IPVS with at least one virtual server (for mode detection).
+    pub fn has_services(netns: &NetNs) -> bool {
+        IpvsConn::open(netns)
+            .and_then(|mut c| Ok(c.services()?))
+            .is_ok_and(|s| !s.is_empty())
+    }
+}
+
+impl DataplaneReader for IpvsReader {
+    fn mode(&self) -> Mode {
+        Mode::Ipvs
+    }
+
+    fn backend(&self) -> &str {
+        "ipvs"
+    }
+
+    fn change_source(&self) -> ChangeSource {
+        ChangeSource::Poll
+    }
+
+    fn read(&mut self) -> Result<DataplaneSnapshot, ReadError> {
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => self.conn.insert(IpvsConn::open(&self.netns).map_err(|e| match e {
+                IpvsError::NotAvailable => ReadError::NotFound { detail: e.to_string() },
+                IpvsError::Io(source) => ReadError::Netlink {
+                    what: "opening the IPVS netlink socket".into(),
+                    source,
+                },
+            })?),
+        };
+        let result = (|| -> io::Result<Vec<(VirtualServer, Vec<Destination>)>> {
+            let mut out = Vec::new();
+            for vs in conn.services()? {
+                match conn.destinations(&vs) {
+                    Ok(d) => out.push((vs, d)),
+                    // The virtual server was deleted between the two requests.
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) || e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(out)
+        })();
+        match result {
+            Ok(servers) => {
+                let (services, draining) = routes(&servers);
+                Ok(DataplaneSnapshot {
+                    services,
+                    draining: Some(draining),
+                    ..Default::default()
+                })
+            }
+            Err(source) => {
+                self.conn = None;
+                Err(ReadError::Netlink {
+                    what: "reading IPVS virtual servers".into(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service_msg(addr: [u8; 4], port: u16) -> Vec<Nla> {
+        let mut nested = Vec::new();
+        encode_nla(&mut nested, SVC_AF, &(libc::AF_INET as u16).to_ne_bytes());
+        encode_nla(&mut nested, SVC_PROTOCOL, &6u16.to_ne_bytes());
+        let mut a = addr.to_vec();
+        a.resize(16, 0);
+        encode_nla(&mut nested, SVC_ADDR, &a);
+        encode_nla(&mut nested, SVC_PORT, &port.to_be_bytes());
+        encode_nla(&mut nested, 6, b"rr\0");
+        let mut top = Vec::new();
+        encode_nla(&mut top, IPVS_CMD_ATTR_SERVICE | NLA_F_NESTED, &nested);
+        parse_nlas(&top)
+    }
+
+    fn dest_msg(addr: [u8; 4], port: u16, weight: u32, active: u32) -> Vec<Nla> {
+        let mut nested = Vec::new();
+        let mut a = addr.to_vec();
+        a.resize(16, 0);
+        encode_nla(&mut nested, DEST_ADDR, &a);
+        encode_nla(&mut nested, DEST_PORT, &port.to_be_bytes());
+        encode_nla(&mut nested, DEST_WEIGHT, &weight.to_ne_bytes());
+        encode_nla(&mut nested, DEST_ACTIVE, &active.to_ne_bytes());
+        encode_nla(&mut nested, DEST_INACTIVE, &1u32.to_ne_bytes());
+        let mut top = Vec::new();
+        encode_nla(&mut top, IPVS_CMD_ATTR_DEST | NLA_F_NESTED, &nested);
+        parse_nlas(&top)
+    }
+
+    #[test]
+    fn decodes_services_and_destinations_and_weight_zero_is_draining() {
+        let vs = decode_service(&service_msg([10, 96, 0, 10], 80)).unwrap();
+        assert_eq!(
+            (vs.addr, vs.port, vs.protocol),
+            (Some("10.96.0.10".parse().unwrap()), 80, 6)
+        );
+        assert_eq!(vs.key.len(), 4, "the key echoes AF, protocol, address and port");
+        let d1 = decode_dest(&dest_msg([10, 180, 0, 1], 8080, 1, 0), vs.af).unwrap();
+        let d2 = decode_dest(&dest_msg([10, 180, 0, 2], 8080, 0, 3), vs.af).unwrap();
+        assert_eq!(d2.addr.to_string(), "10.180.0.2:8080");
+        let (routes, draining) = routes(&[(vs, vec![d1, d2])]);
+        assert_eq!(routes[0].frontends.iter().collect::<Vec<_>>(), ["10.96.0.10:80"]);
+        let eps: Vec<String> = routes[0].endpoints.iter().map(|e| e.to_string()).collect();
+        assert_eq!(eps, ["10.180.0.1:8080"]);
+        assert_eq!(
+            (
+                draining.endpoints,
+                draining.active_connections,
+                draining.inactive_connections
+            ),
+            (1, 3, 1)
+        );
+    }
+
+    #[test]
+    fn truncated_attributes_do_not_panic() {
+        assert!(parse_nlas(&[8, 0, 1, 0, 1]).is_empty());
+        assert!(decode_service(&[]).is_none());
+        assert!(decode_dest(
+            &[Nla {
+                kind: IPVS_CMD_ATTR_DEST,
+                data: vec![200, 0, 1, 0]
+            }],
+            2
+        )
+        .is_none());
+    }
+}
