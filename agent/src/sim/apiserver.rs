@@ -1,70 +1,37 @@
-//! A fake Kubernetes API server, faithful to the protocol for what the agent uses: list and
-//! watch with resourceVersion, ADDED/MODIFIED/DELETED events, bookmarks, 410 Gone for a
-//! compacted resourceVersion, label and field selectors, get, and Kubernetes `Status` errors.
-//! It keeps everything in memory and never persists anything.
+//! A fake Kubernetes API server over the simulated cluster's store, faithful to the protocol
+//! for what the agent and the CLI use: list and watch with resourceVersion, ADDED/MODIFIED/
+//! DELETED events, bookmarks, 410 Gone for a compacted resourceVersion, label and field
+//! selectors, get, create, replace, merge/strategic/JSON patch, delete with a grace period,
+//! the status subresource, and Kubernetes `Status` errors for everything else.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use futures::SinkExt;
 use serde_json::{json, Value};
-use tokio::sync::broadcast;
 
 use super::selector::LabelSelector;
+use super::store::{resource_by_plural, Cluster, Part, StoreError, StoredEvent};
 
-/// The resources served: (plural, group/version, kind, namespaced).
-const RESOURCES: &[(&str, &str, &str, bool)] = &[
-    ("services", "v1", "Service", true),
-    ("endpointslices", "discovery.k8s.io/v1", "EndpointSlice", true),
-    ("pods", "v1", "Pod", true),
-    ("nodes", "v1", "Node", false),
-];
-
-const HISTORY: usize = 10_000;
-
-#[derive(Clone, Debug)]
-struct StoredEvent {
-    rv: u64,
-    resource: &'static str,
-    object: Value,
-}
-
-#[derive(Default)]
-struct Store {
-    rv: u64,
-    objects: BTreeMap<(&'static str, String, String), Value>,
-    history: VecDeque<StoredEvent>,
-    /// Watches from a resourceVersion below this get 410 Gone.
-    oldest_watchable: u64,
-}
-
-struct Shared {
-    store: Mutex<Store>,
-    events: broadcast::Sender<Arc<StoredEvent>>,
-    close_watches: broadcast::Sender<()>,
+#[derive(Clone)]
+struct ServerState {
+    cluster: Cluster,
     bookmark_interval: Duration,
 }
 
 /// A running fake API server on loopback.
 pub struct FakeApiServer {
-    shared: Arc<Shared>,
+    cluster: Cluster,
     addr: SocketAddr,
+    bookmark_interval: Duration,
     task: tokio::task::JoinHandle<()>,
-}
-
-fn resource_of_kind(kind: &str) -> Option<(&'static str, &'static str, &'static str, bool)> {
-    RESOURCES.iter().copied().find(|r| r.2 == kind)
-}
-
-fn resource_by_plural(plural: &str) -> Option<(&'static str, &'static str, &'static str, bool)> {
-    RESOURCES.iter().copied().find(|r| r.0 == plural)
 }
 
 fn status(code: StatusCode, reason: &str, message: &str) -> Response {
@@ -73,27 +40,82 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Response {
     (code, [("content-type", "application/json")], body.to_string()).into_response()
 }
 
+fn store_error(e: StoreError) -> Response {
+    let (code, reason) = e.code_and_reason();
+    status(
+        StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST),
+        reason,
+        &e.to_string(),
+    )
+}
+
+fn ok_json(v: &Value) -> Response {
+    (StatusCode::OK, [("content-type", "application/json")], v.to_string()).into_response()
+}
+
+async fn serve(
+    cluster: Cluster,
+    addr: SocketAddr,
+    bookmark_interval: Duration,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new().fallback(handle).with_state(ServerState {
+        cluster,
+        bookmark_interval,
+    });
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((addr, task))
+}
+
 impl FakeApiServer {
     pub async fn start() -> std::io::Result<Self> {
-        Self::start_on("127.0.0.1:0".parse().expect("literal address"), Duration::from_secs(1)).await
+        Self::start_with(
+            Cluster::new(),
+            "127.0.0.1:0".parse().expect("literal address"),
+            Duration::from_secs(1),
+        )
+        .await
     }
 
-    pub async fn start_on(addr: SocketAddr, bookmark_interval: Duration) -> std::io::Result<Self> {
-        let (events, _) = broadcast::channel(HISTORY);
-        let (close_watches, _) = broadcast::channel(4);
-        let shared = Arc::new(Shared {
-            store: Mutex::default(),
-            events,
-            close_watches,
+    pub async fn start_with(cluster: Cluster, addr: SocketAddr, bookmark_interval: Duration) -> std::io::Result<Self> {
+        let (addr, task) = serve(cluster.clone(), addr, bookmark_interval).await?;
+        Ok(Self {
+            cluster,
+            addr,
             bookmark_interval,
-        });
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
-        let app = axum::Router::new().fallback(handle).with_state(shared.clone());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Ok(Self { shared, addr, task })
+            task,
+        })
+    }
+
+    /// Stops serving, cuts every watch and serves again on the same address with the same
+    /// objects, as an API server restart does. With `lose_history`, watches resuming from an
+    /// old resourceVersion get 410 Gone.
+    pub async fn restart(&mut self, down_for: Duration, lose_history: bool) -> std::io::Result<()> {
+        self.task.abort();
+        self.cluster.close_watches();
+        if lose_history {
+            self.cluster.compact();
+        }
+        tokio::time::sleep(down_for).await;
+        let mut last = None;
+        for _ in 0..50 {
+            match serve(self.cluster.clone(), self.addr, self.bookmark_interval).await {
+                Ok((_, task)) => {
+                    self.task = task;
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("could not rebind")))
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -112,100 +134,26 @@ impl FakeApiServer {
         )
     }
 
-    /// Creates or replaces an object (by kind, namespace and name); returns its resourceVersion.
-    pub fn apply(&self, mut object: Value) -> u64 {
-        let kind = object["kind"].as_str().unwrap_or_default().to_string();
-        let (plural, api_version, _, namespaced) = resource_of_kind(&kind).expect("a kind the fake API serves");
-        let ns = if namespaced {
-            object["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or("default")
-                .to_string()
-        } else {
-            String::new()
-        };
-        let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
-        let mut store = self.shared.store.lock().expect("store lock");
-        store.rv += 1;
-        let rv = store.rv;
-        object["apiVersion"] = json!(api_version);
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        if namespaced {
-            object["metadata"]["namespace"] = json!(ns);
-        }
-        let key = (plural, ns, name);
-        let type_ = if store.objects.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        if type_ == "ADDED" {
-            object["metadata"]["uid"] = json!(format!("uid-{rv}"));
-        }
-        store.objects.insert(key, object.clone());
-        self.record(&mut store, type_, plural, object);
-        rv
+    /// Creates or replaces an object; returns its resourceVersion.
+    pub fn apply(&self, object: Value) -> u64 {
+        self.cluster.apply(object)
     }
 
-    /// Deletes an object; returns the deletion's resourceVersion.
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> Option<u64> {
-        let (plural, _, _, namespaced) = resource_of_kind(kind)?;
-        let ns = if namespaced {
-            namespace.to_string()
-        } else {
-            String::new()
-        };
-        let mut store = self.shared.store.lock().expect("store lock");
-        let mut object = store.objects.remove(&(plural, ns, name.to_string()))?;
-        store.rv += 1;
-        let rv = store.rv;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        self.record(&mut store, "DELETED", plural, object);
-        Some(rv)
+        let deleted = self.cluster.delete(kind, namespace, name, Some(0)).ok()?;
+        deleted["metadata"]["resourceVersion"].as_str()?.parse().ok()
     }
 
     pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
-        let (plural, _, _, namespaced) = resource_of_kind(kind)?;
-        let ns = if namespaced {
-            namespace.to_string()
-        } else {
-            String::new()
-        };
-        self.shared
-            .store
-            .lock()
-            .expect("store lock")
-            .objects
-            .get(&(plural, ns, name.to_string()))
-            .cloned()
+        self.cluster.get(kind, namespace, name)
     }
 
-    fn record(&self, store: &mut Store, type_: &str, resource: &'static str, object: Value) {
-        let ev = StoredEvent {
-            rv: store.rv,
-            resource,
-            object: json!({"type": type_, "object": object}),
-        };
-        store.history.push_back(ev.clone());
-        while store.history.len() > HISTORY {
-            if let Some(old) = store.history.pop_front() {
-                store.oldest_watchable = old.rv;
-            }
-        }
-        let _ = self.shared.events.send(Arc::new(ev));
-    }
-
-    /// Forgets the event history, as etcd compaction does: watches from an older
-    /// resourceVersion now get 410 Gone.
     pub fn compact(&self) {
-        let mut store = self.shared.store.lock().expect("store lock");
-        store.history.clear();
-        store.oldest_watchable = store.rv;
+        self.cluster.compact();
     }
 
-    /// Ends every open watch, as an API server restart or a load balancer would.
     pub fn close_watches(&self) {
-        let _ = self.shared.close_watches.send(());
+        self.cluster.close_watches();
     }
 }
 
@@ -219,8 +167,11 @@ struct Request {
     plural: &'static str,
     api_version: &'static str,
     kind: &'static str,
+    namespaced: bool,
+    has_status: bool,
     namespace: Option<String>,
     name: Option<String>,
+    subresource: Option<String>,
 }
 
 fn parse_path(path: &str) -> Option<Request> {
@@ -234,12 +185,13 @@ fn parse_path(path: &str) -> Option<Request> {
         ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
         rest => (None, rest),
     };
-    let (plural, name) = match rest {
-        [plural] => (*plural, None),
-        [plural, name] => (*plural, Some(name.to_string())),
+    let (plural, name, subresource) = match rest {
+        [plural] => (*plural, None, None),
+        [plural, name] => (*plural, Some(name.to_string()), None),
+        [plural, name, sub] => (*plural, Some(name.to_string()), Some(sub.to_string())),
         _ => return None,
     };
-    let (plural, api_version, kind, _) = resource_by_plural(plural)?;
+    let (plural, api_version, kind, namespaced, has_status) = resource_by_plural(plural)?;
     let expected_prefix = if api_version == "v1" {
         "/api/v1/".to_string()
     } else {
@@ -249,8 +201,11 @@ fn parse_path(path: &str) -> Option<Request> {
         plural,
         api_version,
         kind,
+        namespaced,
+        has_status,
         namespace,
         name,
+        subresource,
     })
 }
 
@@ -343,7 +298,13 @@ impl Filter {
     }
 }
 
-async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) -> Response {
+async fn handle(
+    State(state): State<ServerState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let Some(req) = parse_path(uri.path()) else {
         return status(
             StatusCode::NOT_FOUND,
@@ -351,14 +312,146 @@ async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) -> 
             &format!("the server could not find the requested resource {}", uri.path()),
         );
     };
-    if method != Method::GET {
+    let part = match req.subresource.as_deref() {
+        None => Part::Main,
+        Some("status") if req.has_status => Part::Status,
+        Some(other) => {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("{} has no subresource {other:?} in the fake API server", req.plural),
+            )
+        }
+    };
+    let q = query_map(&uri);
+    let ns = req.namespace.clone().unwrap_or_default();
+    if req.namespaced && req.name.is_some() && req.namespace.is_none() {
         return status(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "MethodNotAllowed",
-            &format!("{method} is not supported on {} by the fake API server", req.plural),
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{} are namespaced: use /namespaces/NS/{}", req.plural, req.plural),
         );
     }
-    let q = query_map(&uri);
+    let parse_body = || serde_json::from_slice::<Value>(&body);
+    match (method.clone(), req.name.clone()) {
+        (Method::GET, Some(name)) => match state.cluster.get(req.kind, &ns, &name) {
+            Some(o) => ok_json(&o),
+            None => status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("{} \"{name}\" not found", req.plural),
+            ),
+        },
+        (Method::GET, None) => list_or_watch(&state, &req, &q),
+        (Method::POST, None) => {
+            let mut obj = match parse_body() {
+                Ok(v) => v,
+                Err(e) => {
+                    return status(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        &format!("invalid JSON body: {e}"),
+                    )
+                }
+            };
+            obj["kind"] = json!(req.kind);
+            if req.namespaced {
+                obj["metadata"]["namespace"] = json!(ns);
+            }
+            match state.cluster.create(obj) {
+                Ok(o) => (
+                    StatusCode::CREATED,
+                    [("content-type", "application/json")],
+                    o.to_string(),
+                )
+                    .into_response(),
+                Err(e) => store_error(e),
+            }
+        }
+        (Method::PUT, Some(name)) => {
+            let mut obj = match parse_body() {
+                Ok(v) => v,
+                Err(e) => {
+                    return status(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        &format!("invalid JSON body: {e}"),
+                    )
+                }
+            };
+            if obj["metadata"]["name"].as_str() != Some(name.as_str()) {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "the name in the body does not match the URL",
+                );
+            }
+            obj["kind"] = json!(req.kind);
+            if req.namespaced {
+                obj["metadata"]["namespace"] = json!(ns);
+            }
+            match state.cluster.replace(obj, part) {
+                Ok(o) => ok_json(&o),
+                Err(e) => store_error(e),
+            }
+        }
+        (Method::PATCH, Some(name)) => {
+            let ctype = headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let json_patch = match ctype.split(';').next().unwrap_or_default().trim() {
+                "application/json-patch+json" => true,
+                "application/merge-patch+json" | "application/strategic-merge-patch+json" => false,
+                "application/apply-patch+yaml" => {
+                    return status(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "UnsupportedMediaType",
+                        "server-side apply is not supported by the fake API server",
+                    )
+                }
+                other => {
+                    return status(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "UnsupportedMediaType",
+                        &format!("the body of the request was in an unknown format: {other}"),
+                    )
+                }
+            };
+            let patch = match parse_body() {
+                Ok(v) => v,
+                Err(e) => {
+                    return status(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        &format!("invalid JSON body: {e}"),
+                    )
+                }
+            };
+            match state.cluster.patch(req.kind, &ns, &name, json_patch, &patch, part) {
+                Ok(o) => ok_json(&o),
+                Err(e) => store_error(e),
+            }
+        }
+        (Method::DELETE, Some(name)) => {
+            let body_grace = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|b| b["gracePeriodSeconds"].as_u64());
+            let grace = q.get("gracePeriodSeconds").and_then(|g| g.parse().ok()).or(body_grace);
+            match state.cluster.delete(req.kind, &ns, &name, grace) {
+                Ok(o) => ok_json(&o),
+                Err(e) => store_error(e),
+            }
+        }
+        (m, _) => status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            &format!("{m} is not supported on {} by the fake API server", req.plural),
+        ),
+    }
+}
+
+fn list_or_watch(state: &ServerState, req: &Request, q: &BTreeMap<String, String>) -> Response {
     let labels = match LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or("")) {
         Ok(l) => l,
         Err(e) => {
@@ -373,18 +466,6 @@ async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) -> 
     if let Err(e) = field_matches(&fields, &json!({})) {
         return status(StatusCode::BAD_REQUEST, "BadRequest", &e);
     }
-    if let Some(name) = &req.name {
-        let store = shared.store.lock().expect("store lock");
-        let ns = req.namespace.clone().unwrap_or_default();
-        return match store.objects.get(&(req.plural, ns, name.clone())) {
-            Some(o) => (StatusCode::OK, [("content-type", "application/json")], o.to_string()).into_response(),
-            None => status(
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                &format!("{} \"{name}\" not found", req.plural),
-            ),
-        };
-    }
     let filter = Filter {
         namespace: req.namespace.clone(),
         name: None,
@@ -392,9 +473,9 @@ async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) -> 
         fields,
     };
     if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
-        return watch(shared, req, filter, &q);
+        return watch(state, req, filter, q);
     }
-    let store = shared.store.lock().expect("store lock");
+    let store = state.cluster.shared.store.lock().expect("store lock");
     let items: Vec<&Value> = store
         .objects
         .iter()
@@ -404,10 +485,11 @@ async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) -> 
         .collect();
     let body = json!({"kind": format!("{}List", req.kind), "apiVersion": req.api_version,
         "metadata": {"resourceVersion": store.rv.to_string()}, "items": items});
-    (StatusCode::OK, [("content-type", "application/json")], body.to_string()).into_response()
+    ok_json(&body)
 }
 
-fn watch(shared: Arc<Shared>, req: Request, filter: Filter, q: &BTreeMap<String, String>) -> Response {
+fn watch(state: &ServerState, req: &Request, filter: Filter, q: &BTreeMap<String, String>) -> Response {
+    let shared = state.cluster.shared.clone();
     let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| v == "true");
     let timeout = q
         .get("timeoutSeconds")
@@ -450,7 +532,7 @@ fn watch(shared: Arc<Shared>, req: Request, filter: Filter, q: &BTreeMap<String,
         )
     };
     let (plural, kind, api_version) = (req.plural, req.kind, req.api_version);
-    let interval = shared.bookmark_interval;
+    let interval = state.bookmark_interval;
     tokio::spawn(async move {
         let mut tx = tx;
         let line = |v: &Value| Ok(Bytes::from(format!("{v}\n")));
@@ -462,7 +544,7 @@ fn watch(shared: Arc<Shared>, req: Request, filter: Filter, q: &BTreeMap<String,
         };
         for ev in backlog {
             last_rv = ev.rv;
-            if filter.matches(&ev.object["object"]) && tx.send(line(&ev.object)).await.is_err() {
+            if filter.matches(&ev.event["object"]) && tx.send(line(&ev.event)).await.is_err() {
                 return;
             }
         }
@@ -476,7 +558,7 @@ fn watch(shared: Arc<Shared>, req: Request, filter: Filter, q: &BTreeMap<String,
                 ev = live.recv() => match ev {
                     Ok(ev) if ev.rv > last_rv && ev.resource == plural => {
                         last_rv = ev.rv;
-                        if filter.matches(&ev.object["object"]) && tx.send(line(&ev.object)).await.is_err() {
+                        if filter.matches(&ev.event["object"]) && tx.send(line(&ev.event)).await.is_err() {
                             return;
                         }
                     }

@@ -2,4 +2,7 @@
 //! real HTTP. Used by the system tests and (later) by `kube-converge sim`.
 
 pub mod apiserver;
+pub mod controller;
+pub mod patch;
 pub mod selector;
+pub mod store;
