@@ -37,6 +37,8 @@ pub struct AgentConfig {
     pub resync_interval: Duration,
     pub change_timeout: Duration,
     pub listen: SocketAddr,
+    /// Receives every finished lag measurement (the simulation's table; later the node status).
+    pub samples: Option<mpsc::UnboundedSender<crate::tracker::LagSample>>,
 }
 
 type SliceId = (String, String);
@@ -72,11 +74,21 @@ pub async fn run(config: AgentConfig, metrics: Metrics) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await.context(
         "building the Kubernetes client (in-cluster service account, or KUBECONFIG / ~/.kube/config): check that one of them is present and valid",
     )?;
-    run_with_client(client, config, metrics).await
+    let interrupted = async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("interrupted, shutting down");
+    };
+    run_with_client(client, config, metrics, interrupted).await
 }
 
-/// Runs the agent with a given client (tests use a fake API server).
-pub async fn run_with_client(client: kube::Client, config: AgentConfig, metrics: Metrics) -> anyhow::Result<()> {
+/// Runs the agent with a given client (tests and the simulation use the fake API server) until
+/// a task fails or `shutdown` completes.
+pub async fn run_with_client(
+    client: kube::Client,
+    config: AgentConfig,
+    metrics: Metrics,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let health = Arc::new(Health::default());
     let (addr, server) = admin::serve(config.listen, metrics.clone(), health.clone())
         .await
@@ -112,7 +124,7 @@ pub async fn run_with_client(client: kube::Client, config: AgentConfig, metrics:
     // Every task runs for the agent's lifetime: the first one to end, ends the agent.
     let first = tokio::select! {
         r = tasks.join_next() => r,
-        _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted, shutting down"); return Ok(()); }
+        _ = shutdown => { tasks.abort_all(); return Ok(()); }
     };
     tasks.abort_all();
     match first {
@@ -161,6 +173,7 @@ struct Core {
     health: Arc<Health>,
     mode_label: String,
     semantics: Semantics,
+    samples: Option<mpsc::UnboundedSender<crate::tracker::LagSample>>,
     pending_wakeup: Arc<Notify>,
     pending_count: Arc<AtomicUsize>,
 }
@@ -189,6 +202,7 @@ impl Core {
             health,
             mode_label: "unknown".into(),
             semantics: Semantics::default(),
+            samples: config.samples.clone(),
             pending_wakeup,
             pending_count,
         }
@@ -298,6 +312,9 @@ impl Core {
         let outcomes = self.tracker.apply_reading(&reading);
         for o in &outcomes {
             if let crate::tracker::Outcome::Converged(s) = o {
+                if let Some(tx) = &self.samples {
+                    let _ = tx.send(s.clone());
+                }
                 tracing::info!(key = %s.key, change = s.kind.as_str(), reason = s.reason.as_str(), lag_seconds = s.lag,
                     end_to_end_seconds = s.end_to_end.map(|e| e.0), trigger = s.read_trigger.as_str(), "converged");
             }

@@ -3,7 +3,7 @@
 use anyhow::Context;
 
 use crate::agent::{self, AgentConfig};
-use crate::config::{AgentArgs, BackendArg, Cli, Command, DataplaneArgs, InspectArgs, ModeArg, OutputFormat};
+use crate::config::{AgentArgs, BackendArg, Cli, Command, DataplaneArgs, InspectArgs, ModeArg, OutputFormat, SimArgs};
 use crate::dataplane::{iptables::Backend, Mode};
 use crate::k8s::WatchScope;
 use crate::netns::NetNs;
@@ -34,10 +34,12 @@ fn netns(args: &DataplaneArgs) -> anyhow::Result<NetNs> {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    telemetry::init_logging(cli.log_format);
+    let quiet = matches!(cli.command, Command::Sim(_) | Command::Inspect(_));
+    telemetry::init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     match cli.command {
         Command::Agent(args) => run_agent(args).await,
         Command::Inspect(args) => run_inspect(args).await,
+        Command::Sim(args) => run_sim(args).await,
     }
 }
 
@@ -59,6 +61,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         resync_interval: args.resync_interval,
         change_timeout: args.change_timeout,
         listen: args.listen,
+        samples: None,
     };
     agent::run(config, metrics).await
 }
@@ -76,5 +79,29 @@ async fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         OutputFormat::Table => print!("{}", report.to_table()),
     }
+    Ok(())
+}
+
+async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
+    let opts = crate::sim::scenario::SimOptions {
+        nodes: usize::from(args.nodes),
+        proxy_mode: args.proxy_mode,
+        delay: crate::sim::node::Delay { base: args.delay, jitter: args.jitter },
+        slow: crate::config::parse_slow(&args.slow).map_err(anyhow::Error::msg)?,
+        grace: args.grace,
+        timeout: args.timeout,
+        metrics_port: args.metrics_port,
+        keep: args.keep,
+    };
+    // Dropping the simulation on Ctrl-C removes its namespaces and stops its tasks.
+    let report = tokio::select! {
+        r = crate::sim::scenario::run(opts) => r?,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the simulated cluster was removed"),
+    };
+    println!("{}", report.table());
+    if !report.all_converged() {
+        anyhow::bail!("not every node converged before the timeout (rows with '-')");
+    }
+    println!("every node converged; the agents' lags are never earlier than the kernel truth (AGENT - TRUTH >= 0)");
     Ok(())
 }

@@ -198,10 +198,10 @@ pub enum LogFormat {
     Json,
 }
 
-/// Logs go to stderr; `RUST_LOG` overrides the default `info` filter.
-pub fn init_logging(format: LogFormat) {
+/// Logs go to stderr; `RUST_LOG` overrides the default filter (`default_level`).
+pub fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -159,6 +159,7 @@ pub struct LagSample {
     pub error_bound: Duration,
     pub read_trigger: ReadTrigger,
     pub resource_version: u64,
+    pub trigger: Option<Trigger>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -465,6 +466,7 @@ fn finish(change: PendingChange, at: Timestamp, bound: Duration, read_trigger: R
         error_bound: bound,
         read_trigger,
         resource_version: change.resource_version,
+        trigger: change.trigger,
     })
 }
 

@@ -3,6 +3,8 @@
 
 pub mod apiserver;
 pub mod controller;
+pub mod node;
 pub mod patch;
+pub mod scenario;
 pub mod selector;
 pub mod store;

@@ -1,0 +1,255 @@
+//! Simulated nodes: a network namespace per node and a kube-proxy emulator that watches the
+//! simulated cluster and rewrites that node's rules in kube-proxy's exact format, after a
+//! configurable delay. It records the ground truth: when each change reached the kernel.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use tokio::sync::mpsc;
+
+use super::store::Cluster;
+use crate::emulate::{nft_endpoint_chain, render_nat, render_nft, sep_chain, EmulatedServicePort};
+use crate::expected::{expect_service, SliceRecord};
+use crate::k8s;
+use crate::model::{ChangeKind, EndpointKey, ServiceRef, Timestamp};
+use crate::netns::NetNs;
+
+/// The kube-proxy mode a simulated node runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyMode {
+    /// iptables mode through iptables-nft.
+    Iptables,
+    /// iptables mode through iptables-legacy.
+    IptablesLegacy,
+    Nftables,
+}
+
+impl ProxyMode {
+    /// The programs a node in this mode needs.
+    pub fn tools(self) -> &'static [&'static str] {
+        match self {
+            ProxyMode::Iptables => &["iptables-nft-restore", "iptables-nft-save", "ip6tables-nft-save"],
+            ProxyMode::IptablesLegacy => &["iptables-legacy-restore", "iptables-legacy-save", "ip6tables-legacy-save"],
+            ProxyMode::Nftables => &["nft"],
+        }
+    }
+}
+
+/// A network namespace that is deleted when dropped.
+pub struct NetnsGuard {
+    pub name: String,
+}
+
+impl NetnsGuard {
+    pub fn create(name: &str) -> anyhow::Result<Self> {
+        let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
+        let out = Command::new("ip").args(["netns", "add", name]).output()?;
+        if !out.status.success() {
+            anyhow::bail!("ip netns add {name}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(Self { name: name.to_string() })
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// When a change reached one node's kernel: after `write_started`, by `write_finished`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroundTruth {
+    pub node: String,
+    pub key: EndpointKey,
+    pub kind: ChangeKind,
+    pub write_started: Timestamp,
+    pub write_finished: Timestamp,
+}
+
+/// How long a node's kube-proxy waits before programming a change: `base` plus a uniform
+/// random part up to `jitter`.
+#[derive(Clone, Copy, Debug)]
+pub struct Delay {
+    pub base: Duration,
+    pub jitter: Duration,
+}
+
+impl Delay {
+    fn sample(&self, rng: &mut u64) -> Duration {
+        // xorshift64: enough randomness for delays, no dependency.
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        let frac = (*rng % 10_000) as f64 / 10_000.0;
+        self.base + self.jitter.mul_f64(frac)
+    }
+}
+
+pub struct KubeProxyEmulator {
+    pub node: String,
+    pub mode: ProxyMode,
+    pub netns: NetNs,
+    pub delay: Delay,
+    pub cluster: Cluster,
+    pub truth: mpsc::UnboundedSender<GroundTruth>,
+}
+
+fn run_in(netns: &NetNs, program: &str, args: &[&str], input: &str) -> Result<(), String> {
+    let mut child = netns
+        .command(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{program}: {e}"))?;
+    child.stdin.take().map(|mut s| s.write_all(input.as_bytes()));
+    let out = child.wait_with_output().map_err(|e| format!("{program}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// The service ports this node's kube-proxy programs, with kube-proxy's semantics.
+pub fn desired_ports(cluster: &Cluster, node: &str) -> Vec<EmulatedServicePort> {
+    let mut slices: BTreeMap<ServiceRef, Vec<SliceRecord>> = BTreeMap::new();
+    for v in cluster.list("EndpointSlice") {
+        let Ok(s) = serde_json::from_value::<EndpointSlice>(v) else { continue };
+        if let Ok((record, _)) = k8s::slice_record(&s) {
+            slices.entry(record.service.clone()).or_default().push(record);
+        }
+    }
+    let mut out = Vec::new();
+    for v in cluster.list("Service") {
+        let Ok(svc) = serde_json::from_value::<Service>(v) else { continue };
+        let Some(spec) = k8s::service_spec(&svc) else { continue };
+        let meta = &svc.metadata;
+        let r = ServiceRef::new(meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
+        let recs: Vec<&SliceRecord> = slices.get(&r).into_iter().flatten().collect();
+        let exp = expect_service(&r, Some(&spec), &recs, node);
+        let Some(cluster_ip) = spec.cluster_ips.iter().find(|ip| ip.is_ipv4()) else { continue };
+        for port in &spec.ports {
+            let spn = crate::model::ServicePortName::new(&r.namespace, &r.name, &port.name);
+            let endpoints = exp
+                .expected
+                .iter()
+                .filter(|k| k.port_name == spn && k.protocol == port.protocol && k.endpoint.is_ipv4())
+                .map(|k| k.endpoint)
+                .collect();
+            out.push(EmulatedServicePort {
+                name: spn,
+                protocol: port.protocol,
+                cluster_ip: *cluster_ip,
+                port: port.port,
+                node_port: port.node_port,
+                endpoints,
+            });
+        }
+    }
+    out
+}
+
+fn keys(ports: &[EmulatedServicePort]) -> BTreeSet<EndpointKey> {
+    ports.iter().flat_map(|p| p.endpoints.iter().map(|e| EndpointKey::new(p.name.clone(), p.protocol, *e))).collect()
+}
+
+impl KubeProxyEmulator {
+    /// Programs the node once, then again after `delay` whenever Services or slices change.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let mut events = self.cluster.subscribe();
+        let mut programmed: BTreeSet<EndpointKey> = BTreeSet::new();
+        let mut stale: Vec<(String, Timestamp)> = Vec::new();
+        let mut rng = Timestamp::now().as_nanos() as u64 | 1;
+        let mut dirty = true;
+        loop {
+            if dirty {
+                tokio::time::sleep(self.delay.sample(&mut rng)).await;
+                while events.try_recv().is_ok() {}
+                programmed = self.sync(&programmed, &mut stale).await?;
+            }
+            let tick = if stale.is_empty() { Duration::from_secs(3600) } else { Duration::from_millis(500) };
+            dirty = tokio::select! {
+                ev = events.recv() => match ev {
+                    Ok(e) => e.resource == "services" || e.resource == "endpointslices",
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(_) => return Ok(()),
+                },
+                _ = tokio::time::sleep(tick) => true,
+            };
+        }
+    }
+
+    async fn sync(
+        &self,
+        before: &BTreeSet<EndpointKey>,
+        stale: &mut Vec<(String, Timestamp)>,
+    ) -> anyhow::Result<BTreeSet<EndpointKey>> {
+        let ports = desired_ports(&self.cluster, &self.node);
+        let after = keys(&ports);
+        let removed: Vec<&EndpointKey> = before.difference(&after).collect();
+        let added: Vec<&EndpointKey> = after.difference(before).collect();
+        let now = Timestamp::now();
+        let (script, program, args): (String, &str, Vec<&str>) = match self.mode {
+            ProxyMode::Iptables | ProxyMode::IptablesLegacy => {
+                let gone: Vec<String> = removed.iter().map(|k| sep_chain(&k.port_name, k.protocol, k.endpoint)).collect();
+                let program =
+                    if self.mode == ProxyMode::Iptables { "iptables-nft-restore" } else { "iptables-legacy-restore" };
+                (render_nat(&ports, true, &gone), program, vec!["--noflush"])
+            }
+            ProxyMode::Nftables => {
+                // kube-proxy flushes a removed endpoint chain at once and deletes it > 1 s later.
+                let flush: Vec<String> = removed
+                    .iter()
+                    .map(|k| {
+                        let p = ports.iter().find(|p| p.name == k.port_name).cloned().unwrap_or(EmulatedServicePort {
+                            name: k.port_name.clone(),
+                            protocol: k.protocol,
+                            cluster_ip: k.endpoint.ip(),
+                            port: 0,
+                            node_port: None,
+                            endpoints: vec![],
+                        });
+                        nft_endpoint_chain(&p, k.endpoint)
+                    })
+                    .collect();
+                let (old, young): (Vec<_>, Vec<_>) =
+                    stale.drain(..).partition(|(_, at)| now.seconds_since(*at) > 1.0);
+                *stale = young;
+                stale.extend(flush.iter().map(|c| (c.clone(), now)));
+                let delete: Vec<String> = old.into_iter().map(|(c, _)| c).collect();
+                (render_nft("ip", &ports, &flush, &delete), "nft", vec!["-f", "-"])
+            }
+        };
+        let netns = self.netns.clone();
+        let started = Timestamp::now();
+        let result = tokio::task::spawn_blocking(move || run_in(&netns, program, &args, &script)).await?;
+        let finished = Timestamp::now();
+        if let Err(e) = result {
+            tracing::error!(node = %self.node, error = %e, "kube-proxy emulator failed to program the node");
+            return Ok(before.clone());
+        }
+        for (list, kind) in [(removed, ChangeKind::Removed), (added, ChangeKind::Added)] {
+            for key in list {
+                let _ = self.truth.send(GroundTruth {
+                    node: self.node.clone(),
+                    key: key.clone(),
+                    kind,
+                    write_started: started,
+                    write_finished: finished,
+                });
+            }
+        }
+        Ok(after)
+    }
+}

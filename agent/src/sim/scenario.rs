@@ -1,0 +1,318 @@
+//! `kube-converge sim`: a whole cluster on one machine. It starts the fake API server, N nodes
+//! as network namespaces with kube-proxy emulators, and one real agent per node; deletes one
+//! pod and isolates another by relabelling it, as operators do; and prints each node's lag as
+//! the agents measured it next to the emulators' ground truth. Everything it creates is removed
+//! when it returns, also when it is interrupted.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+
+use super::apiserver::FakeApiServer;
+use super::node::{Delay, GroundTruth, KubeProxyEmulator, NetnsGuard, ProxyMode};
+use crate::agent::{self, AgentConfig};
+use crate::k8s::WatchScope;
+use crate::model::{ChangeKind, EndpointKey};
+use crate::netns::NetNs;
+use crate::telemetry::Metrics;
+use crate::tracker::LagSample;
+
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    pub nodes: usize,
+    pub proxy_mode: ProxyMode,
+    pub delay: Delay,
+    /// Extra delay for named nodes (`node-3` → 1 s).
+    pub slow: BTreeMap<String, Duration>,
+    pub grace: Duration,
+    pub timeout: Duration,
+    /// First port of the agents' metrics servers on 127.0.0.1 (0: any free port).
+    pub metrics_port: u16,
+    /// Keep everything running after the table, until interrupted.
+    pub keep: bool,
+}
+
+/// Checks root and tools; says exactly what is missing.
+pub fn preflight(mode: ProxyMode) -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root: the simulation creates network namespaces (run it with sudo)".to_string());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for tool in std::iter::once(&"ip").chain(mode.tools()) {
+        if !std::env::split_paths(&path).any(|d| d.join(tool).is_file()) {
+            let pkg = match *tool {
+                "ip" => "iproute2",
+                "nft" => "nftables",
+                _ => "iptables",
+            };
+            missing.push(format!("{tool} (apt-get install {pkg})"));
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("cannot start the simulated cluster; missing:\n  - {}", missing.join("\n  - "))
+    }
+}
+
+fn workload() -> Vec<Value> {
+    let svc = |name: &str, ip: &str, port: u16, target: u16| {
+        json!({"kind": "Service", "metadata": {"name": name, "namespace": "demo"},
+            "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip], "selector": {"app": name},
+                "ports": [{"name": "http", "port": port, "targetPort": target, "protocol": "TCP"}]}})
+    };
+    let pod = |name: &str, app: &str, ip: &str, node: &str| {
+        json!({"kind": "Pod", "metadata": {"name": name, "namespace": "demo", "labels": {"app": app}},
+            "spec": {"nodeName": node, "terminationGracePeriodSeconds": 30},
+            "status": {"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}})
+    };
+    vec![
+        svc("web", "10.96.0.10", 80, 8080),
+        svc("api", "10.96.0.11", 443, 8443),
+        pod("web-0", "web", "10.244.1.10", "node-1"),
+        pod("web-1", "web", "10.244.2.11", "node-2"),
+        pod("web-2", "web", "10.244.3.12", "node-3"),
+        pod("api-0", "api", "10.244.1.20", "node-1"),
+        pod("api-1", "api", "10.244.2.21", "node-2"),
+    ]
+}
+
+async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: sim\r\n\r\n").as_bytes()).await.ok()?;
+    let mut buf = vec![0u8; 64];
+    let n = s.read(&mut buf).await.ok()?;
+    String::from_utf8_lossy(&buf[..n]).split_whitespace().nth(1)?.parse().ok()
+}
+
+fn pick_port(base: u16, i: usize) -> SocketAddr {
+    let want = if base == 0 { 0 } else { base + i as u16 };
+    let addr = SocketAddr::from(([127, 0, 0, 1], want));
+    match std::net::TcpListener::bind(addr) {
+        Ok(l) => l.local_addr().unwrap_or(addr),
+        Err(_) => std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).unwrap_or(addr),
+    }
+}
+
+/// One row of the result: a change on a node, as measured and as it really happened.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub node: String,
+    pub key: EndpointKey,
+    pub kind: ChangeKind,
+    pub sample: Option<LagSample>,
+    pub truth: Option<GroundTruth>,
+}
+
+#[derive(Debug, Default)]
+pub struct SimReport {
+    pub rows: Vec<Row>,
+    pub metrics: BTreeMap<String, SocketAddr>,
+}
+
+impl SimReport {
+    pub fn all_converged(&self) -> bool {
+        !self.rows.is_empty() && self.rows.iter().all(|r| r.sample.is_some() && r.truth.is_some())
+    }
+
+    pub fn table(&self) -> String {
+        let secs = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}s"));
+        let mut rows = vec![[
+            "NODE".to_string(),
+            "ENDPOINT".into(),
+            "CHANGE".into(),
+            "AGENT LAG".into(),
+            "AGENT E2E".into(),
+            "KERNEL E2E (TRUTH)".into(),
+            "AGENT - TRUTH".into(),
+        ]];
+        for r in &self.rows {
+            let s = r.sample.as_ref();
+            let trigger = s.and_then(|s| s.trigger).map(|t| t.time);
+            let truth_e2e = match (&r.truth, trigger) {
+                (Some(t), Some(tr)) => Some(t.write_started.seconds_since(tr)),
+                _ => None,
+            };
+            let diff = match (s, &r.truth) {
+                (Some(s), Some(t)) => Some(s.programmed_at.seconds_since(t.write_started)),
+                _ => None,
+            };
+            let reason = s.map_or("pending", |s| s.reason.as_str());
+            rows.push([
+                r.node.clone(),
+                format!("{} {}", r.key.port_name, r.key.endpoint),
+                format!("{} ({reason})", r.kind.as_str()),
+                secs(s.map(|s| s.lag)),
+                secs(s.and_then(|s| s.end_to_end.map(|e| e.0))),
+                secs(truth_e2e),
+                diff.map_or("-".into(), |d| format!("{d:+.3}s")),
+            ]);
+        }
+        let mut widths = [0usize; 7];
+        for r in &rows {
+            for (w, c) in widths.iter_mut().zip(r) {
+                *w = (*w).max(c.len());
+            }
+        }
+        let mut out = String::new();
+        for r in &rows {
+            let line: Vec<String> = r.iter().zip(widths).map(|(c, w)| format!("{c:w$}")).collect();
+            let _ = writeln!(out, "{}", line.join("  ").trim_end());
+        }
+        out
+    }
+}
+
+/// Runs the scenario and returns what every agent measured next to the ground truth.
+pub async fn run(opts: SimOptions) -> anyhow::Result<SimReport> {
+    preflight(opts.proxy_mode)?;
+    let api = FakeApiServer::start().await.context("starting the fake API server")?;
+    let cluster = api.cluster().clone();
+    eprintln!("sim: fake API server on {}; {} nodes in {:?} mode", api.url(), opts.nodes, opts.proxy_mode);
+
+    let mut guards = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let (truth_tx, mut truth_rx) = mpsc::unbounded_channel::<GroundTruth>();
+    let nodes: Vec<String> = (1..=opts.nodes).map(|i| format!("node-{i}")).collect();
+    for name in &nodes {
+        let guard = NetnsGuard::create(&format!("kc-sim-{}-{name}", std::process::id()))?;
+        cluster.apply(json!({"kind": "Node", "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}));
+        let extra = opts.slow.get(name).copied().unwrap_or_default();
+        let emulator = KubeProxyEmulator {
+            node: name.clone(),
+            mode: opts.proxy_mode,
+            netns: NetNs::open(std::path::Path::new(&guard.path()))?,
+            delay: Delay { base: opts.delay.base + extra, jitter: opts.delay.jitter },
+            cluster: cluster.clone(),
+            truth: truth_tx.clone(),
+        };
+        tasks.spawn(emulator.run());
+        guards.push(guard);
+    }
+    for o in workload() {
+        cluster.apply(o);
+    }
+    // Each node programs the initial state before its agent starts.
+    let mut initial: BTreeMap<String, usize> = BTreeMap::new();
+    let deadline = Instant::now() + opts.timeout;
+    while initial.len() < nodes.len() {
+        let t = tokio::time::timeout_at(deadline.into(), truth_rx.recv()).await.context("waiting for the initial rules")?;
+        let t = t.context("kube-proxy emulators stopped")?;
+        *initial.entry(t.node).or_default() += 1;
+    }
+
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&api.kubeconfig())?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (sample_tx, mut sample_rx) = mpsc::unbounded_channel::<(String, LagSample)>();
+    let mut report = SimReport::default();
+    for (i, name) in nodes.iter().enumerate() {
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig.clone(), &Default::default()).await?;
+        let client = kube::Client::try_from(config)?;
+        let listen = pick_port(opts.metrics_port, i);
+        report.metrics.insert(name.clone(), listen);
+        let (tx, mut rx) = mpsc::unbounded_channel::<LagSample>();
+        let forward = sample_tx.clone();
+        let node = name.clone();
+        tasks.spawn(async move {
+            while let Some(s) = rx.recv().await {
+                let _ = forward.send((node.clone(), s));
+            }
+            Ok(())
+        });
+        let config = AgentConfig {
+            node_name: name.clone(),
+            scope: WatchScope::default(),
+            mode: None,
+            backend: None,
+            netns: NetNs::open(std::path::Path::new(&guards[i].path()))?,
+            poll_interval: Duration::from_millis(100),
+            resync_interval: Duration::from_secs(30),
+            change_timeout: Duration::from_secs(300),
+            listen,
+            samples: Some(tx),
+        };
+        let mut stop = stop_rx.clone();
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        tasks.spawn(agent::run_with_client(client, config, Metrics::new()?, shutdown));
+    }
+    for (name, addr) in &report.metrics {
+        let start = Instant::now();
+        while http_status(*addr, "/readyz").await != Some(200) {
+            if start.elapsed() > opts.timeout {
+                anyhow::bail!("the agent of {name} did not become ready within {:?}", opts.timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    eprintln!("sim: {} agents ready; metrics on {}", nodes.len(), report.metrics.values().map(|a| format!("http://{a}/metrics")).collect::<Vec<_>>().join(" "));
+    while truth_rx.try_recv().is_ok() {}
+
+    // What operators do: delete one pod, isolate another by relabelling it.
+    eprintln!("sim: deleting pod demo/web-0 (grace period {:?})", opts.grace);
+    cluster.delete("Pod", "demo", "web-0", Some(opts.grace.as_secs().max(1)))?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    eprintln!("sim: isolating pod demo/web-1 (app=web -> app=web-offline)");
+    cluster.patch("Pod", "demo", "web-1", false, &json!({"metadata": {"labels": {"app": "web-offline"}}}), super::store::Part::Main)?;
+
+    let mut rows: BTreeMap<(String, EndpointKey), Row> = BTreeMap::new();
+    let watched = |key: &EndpointKey| ["10.244.1.10", "10.244.2.11"].contains(&key.endpoint.ip().to_string().as_str());
+    let expected_rows = nodes.len() * 2;
+    let deadline = Instant::now() + opts.timeout;
+    let mut last_progress = Instant::now();
+    loop {
+        let done = rows.values().filter(|r| r.sample.is_some() && r.truth.is_some()).count();
+        if done >= expected_rows {
+            break;
+        }
+        if last_progress.elapsed() > Duration::from_secs(2) {
+            eprintln!("sim: waiting for convergence: {done}/{expected_rows} node changes measured");
+            last_progress = Instant::now();
+        }
+        tokio::select! {
+            Some(t) = truth_rx.recv() => {
+                if t.kind == ChangeKind::Removed && watched(&t.key) {
+                    let row = rows.entry((t.node.clone(), t.key.clone())).or_insert_with(|| Row { node: t.node.clone(), key: t.key.clone(), kind: t.kind, sample: None, truth: None });
+                    row.truth = Some(t);
+                }
+            }
+            Some((node, s)) = sample_rx.recv() => {
+                if s.kind == ChangeKind::Removed && watched(&s.key) {
+                    let row = rows.entry((node.clone(), s.key.clone())).or_insert_with(|| Row { node: node.clone(), key: s.key.clone(), kind: s.kind, sample: None, truth: None });
+                    row.sample = Some(s);
+                }
+            }
+            Some(r) = tasks.join_next() => {
+                match r {
+                    Ok(Err(e)) => return Err(e.context("a simulation task failed")),
+                    Err(e) => anyhow::bail!("a simulation task panicked: {e}"),
+                    Ok(Ok(())) => {}
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                eprintln!("sim: timed out after {:?}; unconverged rows show '-'", opts.timeout);
+                break;
+            }
+        }
+    }
+    report.rows = rows.into_values().collect();
+    if opts.keep {
+        print!("{}", report.table());
+        eprintln!("sim: keeping the cluster running for dashboards; Ctrl-C to stop");
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    let _ = stop_tx.send(true);
+    tasks.abort_all();
+    drop(guards);
+    Ok(report)
+}
