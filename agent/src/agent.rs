@@ -458,7 +458,7 @@ impl Core {
             self.metrics.record_outcomes(&self.mode_label, &outcomes);
         }
         if synced_now && !self.tracker.is_synced() {
-            self.tracker.mark_synced();
+            self.tracker.mark_synced(at);
             tracing::info!(
                 services = self.services.len(),
                 slices = self.slices.len(),

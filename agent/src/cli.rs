@@ -86,19 +86,30 @@ async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
     let opts = crate::sim::scenario::SimOptions {
         nodes: usize::from(args.nodes),
         proxy_mode: args.proxy_mode,
-        delay: crate::sim::node::Delay { base: args.delay, jitter: args.jitter },
+        delay: crate::sim::node::Delay {
+            base: args.delay,
+            jitter: args.jitter,
+        },
         slow: crate::config::parse_slow(&args.slow).map_err(anyhow::Error::msg)?,
         grace: args.grace,
         timeout: args.timeout,
         metrics_port: args.metrics_port,
         keep: args.keep,
     };
-    // Dropping the simulation on Ctrl-C removes its namespaces and stops its tasks.
-    let report = tokio::select! {
-        r = crate::sim::scenario::run(opts) => r?,
-        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the simulated cluster was removed"),
+    let keep = opts.keep;
+    // Dropping the simulation on Ctrl-C removes its namespaces and stops its tasks. With
+    // --keep, the simulation itself waits for Ctrl-C after printing the table.
+    let report = if keep {
+        crate::sim::scenario::run(opts).await?
+    } else {
+        tokio::select! {
+            r = crate::sim::scenario::run(opts) => r?,
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the simulated cluster was removed"),
+        }
     };
-    println!("{}", report.table());
+    if !keep {
+        println!("{}", report.table());
+    }
     if !report.all_converged() {
         anyhow::bail!("not every node converged before the timeout (rows with '-')");
     }

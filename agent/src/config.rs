@@ -54,7 +54,12 @@ pub struct SimArgs {
     #[arg(long, env = "KUBE_CONVERGE_SIM_JITTER", value_parser = parse_duration, default_value = "200ms")]
     pub jitter: Duration,
     /// Make a node slow: NODE=DELAY, added to its base delay (repeatable; `none` for no slow node).
-    #[arg(long, env = "KUBE_CONVERGE_SIM_SLOW", value_delimiter = ',', default_value = "node-3=1s")]
+    #[arg(
+        long,
+        env = "KUBE_CONVERGE_SIM_SLOW",
+        value_delimiter = ',',
+        default_value = "node-3=1s"
+    )]
     pub slow: Vec<String>,
     /// Grace period of the deleted pod.
     #[arg(long, env = "KUBE_CONVERGE_SIM_GRACE", value_parser = parse_duration, default_value = "5s")]
@@ -73,8 +78,14 @@ pub struct SimArgs {
 /// Parses `NODE=DELAY` entries of `--slow`.
 pub fn parse_slow(entries: &[String]) -> Result<std::collections::BTreeMap<String, Duration>, String> {
     let mut out = std::collections::BTreeMap::new();
-    for e in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty() && *e != "none") {
-        let (node, d) = e.split_once('=').ok_or_else(|| format!("--slow {e:?}: expected NODE=DELAY, e.g. node-3=1s"))?;
+    for e in entries
+        .iter()
+        .map(|e| e.trim())
+        .filter(|e| !e.is_empty() && *e != "none")
+    {
+        let (node, d) = e
+            .split_once('=')
+            .ok_or_else(|| format!("--slow {e:?}: expected NODE=DELAY, e.g. node-3=1s"))?;
         out.insert(node.to_string(), parse_duration(d)?);
     }
     Ok(out)

@@ -140,6 +140,8 @@ pub struct PendingChange {
     /// was cancelled before it was programmed): it must converge, but its lag means nothing.
     #[serde(skip)]
     sampled: bool,
+    /// Adopted at start-up: when the agent observed it is unknown, so it is never timed.
+    pub adopted: bool,
 }
 
 /// A finished measurement.
@@ -202,6 +204,7 @@ pub struct Tracker {
     pending: BTreeMap<EndpointKey, PendingChange>,
     last_view: Option<(RoutedView, ReadingMeta)>,
     synced: bool,
+    adopt_after: Option<Timestamp>,
     stale: usize,
     /// Highest slice resourceVersion folded into the expectation.
     observed_resource_version: u64,
@@ -221,8 +224,55 @@ impl Tracker {
         self.synced
     }
 
-    pub fn mark_synced(&mut self) {
+    /// The initial lists are in, at `at`. The first successful reading that starts after
+    /// that adopts whatever the kernel has not caught up with as pending changes without a lag
+    /// (`adopt_unconverged`): an agent restarted while changes were pending loses none of them
+    /// and invents no lag for them.
+    pub fn mark_synced(&mut self, at: Timestamp) {
         self.synced = true;
+        self.adopt_after = Some(at);
+    }
+
+    fn adopt_unconverged(&mut self, view: &RoutedView, at: Timestamp) {
+        let mut adopted = Vec::new();
+        for exp in self.services.values() {
+            for key in &exp.expected {
+                if !self.pending.contains_key(key) && view.routes(key) == Routed::No {
+                    adopted.push((
+                        key.clone(),
+                        ChangeKind::Added,
+                        ChangeReason::Added,
+                        exp.trigger,
+                        exp.resource_version,
+                    ));
+                }
+            }
+        }
+        for (spn, proto, addr) in &view.named {
+            let Some(exp) = self.services.get(&spn.service) else {
+                continue;
+            };
+            let key = EndpointKey::new(spn.clone(), *proto, *addr);
+            if !exp.expected.contains(&key) && !self.pending.contains_key(&key) {
+                let reason = classify_removal(&key, exp, exp);
+                adopted.push((key, ChangeKind::Removed, reason, exp.trigger, exp.resource_version));
+            }
+        }
+        for (key, kind, reason, trigger, resource_version) in adopted {
+            let change = PendingChange {
+                key: key.clone(),
+                kind,
+                reason,
+                observed: at,
+                trigger,
+                resource_version,
+                state: PendingState::Pending,
+                candidate: None,
+                sampled: false,
+                adopted: true,
+            };
+            self.pending.insert(key, change);
+        }
     }
 
     pub fn observed_resource_version(&self) -> u64 {
@@ -317,6 +367,7 @@ impl Tracker {
             state: PendingState::Pending,
             candidate,
             sampled,
+            adopted: false,
         };
         self.pending.insert(key, change);
     }
@@ -324,6 +375,12 @@ impl Tracker {
     /// Folds a dataplane reading in and returns the changes it completed.
     pub fn apply_reading(&mut self, reading: &Reading) -> Vec<Outcome> {
         let meta = reading.meta;
+        if let (Some(after), ReadingOutcome::Routed(view)) = (self.adopt_after, &reading.outcome) {
+            if meta.started >= after {
+                self.adopt_after = None;
+                self.adopt_unconverged(view, meta.started);
+            }
+        }
         let mut done = Vec::new();
         for change in self.pending.values_mut() {
             let routed = match &reading.outcome {
@@ -446,7 +503,7 @@ fn classify_removal(key: &EndpointKey, old: &ServiceExpectation, new: &ServiceEx
 }
 
 fn finish(change: PendingChange, at: Timestamp, bound: Duration, read_trigger: ReadTrigger) -> Outcome {
-    if !change.sampled {
+    if !change.sampled || change.adopted {
         return Outcome::ConvergedUnsampled {
             key: change.key,
             kind: change.kind,
@@ -537,12 +594,43 @@ mod tests {
         }
     }
 
+    #[test]
+    fn restart_adopts_what_the_kernel_has_not_caught_up_with_without_inventing_lag() {
+        let mut tr = Tracker::new(TrackerConfig::default());
+        // After the restart the API says .1 and .3; the kernel still routes .1 and .2.
+        let (r, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.3").build()]);
+        tr.update_service(&r, e, t(0));
+        tr.mark_synced(t(10));
+        assert!(tr
+            .apply_reading(&reading(5, 5, &[&key("10.180.0.1"), &key("10.180.0.2")]))
+            .is_empty());
+        assert_eq!(tr.pending_count(), 0, "a reading from before the sync adopts nothing");
+        assert!(tr
+            .apply_reading(&reading(20, 20, &[&key("10.180.0.1"), &key("10.180.0.2")]))
+            .is_empty());
+        let mut got: Vec<_> = tr.pending().map(|p| (p.key.endpoint.to_string(), p.kind)).collect();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            got,
+            [
+                ("10.180.0.2:80".into(), ChangeKind::Removed),
+                ("10.180.0.3:80".into(), ChangeKind::Added)
+            ]
+        );
+        let out = tr.apply_reading(&reading(30, 30, &[&key("10.180.0.1"), &key("10.180.0.3")]));
+        assert_eq!(out.len(), 2);
+        assert!(
+            out.iter().all(|o| matches!(o, Outcome::ConvergedUnsampled { .. })),
+            "no lag is invented: {out:?}"
+        );
+    }
+
     /// A synced tracker with 10.180.0.1 and 10.180.0.2 expected and routed.
     fn steady() -> (Tracker, ServiceRef) {
         let mut tr = Tracker::new(TrackerConfig::default());
         let (r, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build()]);
         assert!(tr.update_service(&r, e, t(0)).is_empty());
-        tr.mark_synced();
+        tr.mark_synced(t(0));
         assert!(tr
             .apply_reading(&reading(1, 1, &[&key("10.180.0.1"), &key("10.180.0.2")]))
             .is_empty());
@@ -707,7 +795,7 @@ mod tests {
         let mut tr = Tracker::new(TrackerConfig::default());
         let (r, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
         tr.update_service(&r, e, t(0));
-        tr.mark_synced();
+        tr.mark_synced(t(0));
         // The only endpoint turns terminating: kube-proxy keeps it (fallback), so no change.
         let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").terminating().build()]);
         assert!(tr.update_service(&r, e, t(1000)).is_empty());
@@ -738,7 +826,7 @@ mod tests {
             slice("ns1/svc1").endpoint("10.180.0.2").build(),
         ]);
         tr.update_service(&r, e, t(0));
-        tr.mark_synced();
+        tr.mark_synced(t(0));
         // 10.180.0.2 moves to the first slice; the second slice is emptied.
         let (_, e) = expectation(&[
             slice("ns1/svc1").endpoint("10.180.0.1").endpoint("10.180.0.2").build(),
@@ -775,7 +863,7 @@ mod tests {
             slice("ns1/svc1").endpoint("fd00:10:180::1").build(),
         ]);
         tr.update_service(&r, e, t(0));
-        tr.mark_synced();
+        tr.mark_synced(t(0));
         let (_, e) = expectation(&[
             slice("ns1/svc1").endpoint("10.180.0.1").build(),
             slice("ns1/svc1").build(),
@@ -808,7 +896,7 @@ mod tests {
             .endpoint("10.180.0.1")
             .build();
         tr.update_service(&r, expect_service(&r, Some(&spec), &[&s], NODE), t(0));
-        tr.mark_synced();
+        tr.mark_synced(t(0));
         let s = slice("ns1/svc1").port("", Protocol::Tcp, 80).build();
         tr.update_service(&r, expect_service(&r, Some(&spec), &[&s], NODE), t(1000));
         assert_eq!(tr.pending().next().unwrap().key.port_name.to_string(), "ns1/svc1");
@@ -848,7 +936,7 @@ mod tests {
         let (r, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
         tr.update_service(&r, e, t(0));
         assert!(tr.apply_reading(&reading(10, 10, &[&key("10.180.0.1")])).is_empty());
-        tr.mark_synced();
+        tr.mark_synced(t(0));
         assert!(tr.apply_reading(&reading(20, 20, &[&key("10.180.0.1")])).is_empty());
         assert_eq!(tr.pending_count(), 0);
         assert_eq!(tr.stale_endpoints(), 0);
@@ -928,7 +1016,7 @@ mod tests {
         });
         let (r, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
         tr.update_service(&r, e, t(0));
-        tr.mark_synced();
+        tr.mark_synced(t(0));
         let (_, e) = expectation(&[]);
         tr.update_service(&r, e, t(1000));
         assert!(tr.expire(t(5000)).is_empty());

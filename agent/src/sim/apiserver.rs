@@ -90,16 +90,14 @@ impl FakeApiServer {
         })
     }
 
-    /// Stops serving, cuts every watch and serves again on the same address with the same
-    /// objects, as an API server restart does. With `lose_history`, watches resuming from an
-    /// old resourceVersion get 410 Gone.
-    pub async fn restart(&mut self, down_for: Duration, lose_history: bool) -> std::io::Result<()> {
+    /// Stops serving and cuts every watch, as an API server going down does. The objects stay.
+    pub fn stop(&mut self) {
         self.task.abort();
         self.cluster.close_watches();
-        if lose_history {
-            self.cluster.compact();
-        }
-        tokio::time::sleep(down_for).await;
+    }
+
+    /// Serves again on the same address after `stop`.
+    pub async fn resume(&mut self) -> std::io::Result<()> {
         let mut last = None;
         for _ in 0..50 {
             match serve(self.cluster.clone(), self.addr, self.bookmark_interval).await {

@@ -33,7 +33,11 @@ impl ProxyMode {
     pub fn tools(self) -> &'static [&'static str] {
         match self {
             ProxyMode::Iptables => &["iptables-nft-restore", "iptables-nft-save", "ip6tables-nft-save"],
-            ProxyMode::IptablesLegacy => &["iptables-legacy-restore", "iptables-legacy-save", "ip6tables-legacy-save"],
+            ProxyMode::IptablesLegacy => &[
+                "iptables-legacy-restore",
+                "iptables-legacy-save",
+                "ip6tables-legacy-save",
+            ],
             ProxyMode::Nftables => &["nft"],
         }
     }
@@ -44,9 +48,20 @@ pub struct NetnsGuard {
     pub name: String,
 }
 
+static NETNS_SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl NetnsGuard {
+    /// A name unique to this process and call: `kc-sim-PID-SEQ-TAG`.
+    pub fn unique_name(tag: &str) -> String {
+        let seq = NETNS_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("kc-sim-{}-{seq}-{tag}", std::process::id())
+    }
+
     pub fn create(name: &str) -> anyhow::Result<Self> {
-        let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
         let out = Command::new("ip").args(["netns", "add", name]).output()?;
         if !out.status.success() {
             anyhow::bail!("ip netns add {name}: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -117,7 +132,10 @@ fn run_in(netns: &NetNs, program: &str, args: &[&str], input: &str) -> Result<()
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -125,20 +143,29 @@ fn run_in(netns: &NetNs, program: &str, args: &[&str], input: &str) -> Result<()
 pub fn desired_ports(cluster: &Cluster, node: &str) -> Vec<EmulatedServicePort> {
     let mut slices: BTreeMap<ServiceRef, Vec<SliceRecord>> = BTreeMap::new();
     for v in cluster.list("EndpointSlice") {
-        let Ok(s) = serde_json::from_value::<EndpointSlice>(v) else { continue };
+        let Ok(s) = serde_json::from_value::<EndpointSlice>(v) else {
+            continue;
+        };
         if let Ok((record, _)) = k8s::slice_record(&s) {
             slices.entry(record.service.clone()).or_default().push(record);
         }
     }
     let mut out = Vec::new();
     for v in cluster.list("Service") {
-        let Ok(svc) = serde_json::from_value::<Service>(v) else { continue };
+        let Ok(svc) = serde_json::from_value::<Service>(v) else {
+            continue;
+        };
         let Some(spec) = k8s::service_spec(&svc) else { continue };
         let meta = &svc.metadata;
-        let r = ServiceRef::new(meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
+        let r = ServiceRef::new(
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+        );
         let recs: Vec<&SliceRecord> = slices.get(&r).into_iter().flatten().collect();
         let exp = expect_service(&r, Some(&spec), &recs, node);
-        let Some(cluster_ip) = spec.cluster_ips.iter().find(|ip| ip.is_ipv4()) else { continue };
+        let Some(cluster_ip) = spec.cluster_ips.iter().find(|ip| ip.is_ipv4()) else {
+            continue;
+        };
         for port in &spec.ports {
             let spn = crate::model::ServicePortName::new(&r.namespace, &r.name, &port.name);
             let endpoints = exp
@@ -161,7 +188,14 @@ pub fn desired_ports(cluster: &Cluster, node: &str) -> Vec<EmulatedServicePort> 
 }
 
 fn keys(ports: &[EmulatedServicePort]) -> BTreeSet<EndpointKey> {
-    ports.iter().flat_map(|p| p.endpoints.iter().map(|e| EndpointKey::new(p.name.clone(), p.protocol, *e))).collect()
+    ports
+        .iter()
+        .flat_map(|p| {
+            p.endpoints
+                .iter()
+                .map(|e| EndpointKey::new(p.name.clone(), p.protocol, *e))
+        })
+        .collect()
 }
 
 impl KubeProxyEmulator {
@@ -178,7 +212,11 @@ impl KubeProxyEmulator {
                 while events.try_recv().is_ok() {}
                 programmed = self.sync(&programmed, &mut stale).await?;
             }
-            let tick = if stale.is_empty() { Duration::from_secs(3600) } else { Duration::from_millis(500) };
+            let tick = if stale.is_empty() {
+                Duration::from_secs(3600)
+            } else {
+                Duration::from_millis(500)
+            };
             dirty = tokio::select! {
                 ev = events.recv() => match ev {
                     Ok(e) => e.resource == "services" || e.resource == "endpointslices",
@@ -202,9 +240,15 @@ impl KubeProxyEmulator {
         let now = Timestamp::now();
         let (script, program, args): (String, &str, Vec<&str>) = match self.mode {
             ProxyMode::Iptables | ProxyMode::IptablesLegacy => {
-                let gone: Vec<String> = removed.iter().map(|k| sep_chain(&k.port_name, k.protocol, k.endpoint)).collect();
-                let program =
-                    if self.mode == ProxyMode::Iptables { "iptables-nft-restore" } else { "iptables-legacy-restore" };
+                let gone: Vec<String> = removed
+                    .iter()
+                    .map(|k| sep_chain(&k.port_name, k.protocol, k.endpoint))
+                    .collect();
+                let program = if self.mode == ProxyMode::Iptables {
+                    "iptables-nft-restore"
+                } else {
+                    "iptables-legacy-restore"
+                };
                 (render_nat(&ports, true, &gone), program, vec!["--noflush"])
             }
             ProxyMode::Nftables => {
@@ -212,19 +256,22 @@ impl KubeProxyEmulator {
                 let flush: Vec<String> = removed
                     .iter()
                     .map(|k| {
-                        let p = ports.iter().find(|p| p.name == k.port_name).cloned().unwrap_or(EmulatedServicePort {
-                            name: k.port_name.clone(),
-                            protocol: k.protocol,
-                            cluster_ip: k.endpoint.ip(),
-                            port: 0,
-                            node_port: None,
-                            endpoints: vec![],
-                        });
+                        let p = ports
+                            .iter()
+                            .find(|p| p.name == k.port_name)
+                            .cloned()
+                            .unwrap_or(EmulatedServicePort {
+                                name: k.port_name.clone(),
+                                protocol: k.protocol,
+                                cluster_ip: k.endpoint.ip(),
+                                port: 0,
+                                node_port: None,
+                                endpoints: vec![],
+                            });
                         nft_endpoint_chain(&p, k.endpoint)
                     })
                     .collect();
-                let (old, young): (Vec<_>, Vec<_>) =
-                    stale.drain(..).partition(|(_, at)| now.seconds_since(*at) > 1.0);
+                let (old, young): (Vec<_>, Vec<_>) = stale.drain(..).partition(|(_, at)| now.seconds_since(*at) > 1.0);
                 *stale = young;
                 stale.extend(flush.iter().map(|c| (c.clone(), now)));
                 let delete: Vec<String> = old.into_iter().map(|(c, _)| c).collect();

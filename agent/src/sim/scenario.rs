@@ -58,7 +58,10 @@ pub fn preflight(mode: ProxyMode) -> anyhow::Result<()> {
     if missing.is_empty() {
         Ok(())
     } else {
-        anyhow::bail!("cannot start the simulated cluster; missing:\n  - {}", missing.join("\n  - "))
+        anyhow::bail!(
+            "cannot start the simulated cluster; missing:\n  - {}",
+            missing.join("\n  - ")
+        )
     }
 }
 
@@ -87,10 +90,16 @@ fn workload() -> Vec<Value> {
 async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: sim\r\n\r\n").as_bytes()).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: sim\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
     let mut buf = vec![0u8; 64];
     let n = s.read(&mut buf).await.ok()?;
-    String::from_utf8_lossy(&buf[..n]).split_whitespace().nth(1)?.parse().ok()
+    String::from_utf8_lossy(&buf[..n])
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn pick_port(base: u16, i: usize) -> SocketAddr {
@@ -98,7 +107,9 @@ fn pick_port(base: u16, i: usize) -> SocketAddr {
     let addr = SocketAddr::from(([127, 0, 0, 1], want));
     match std::net::TcpListener::bind(addr) {
         Ok(l) => l.local_addr().unwrap_or(addr),
-        Err(_) => std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).unwrap_or(addr),
+        Err(_) => std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap_or(addr),
     }
 }
 
@@ -171,148 +182,300 @@ impl SimReport {
     }
 }
 
-/// Runs the scenario and returns what every agent measured next to the ground truth.
-pub async fn run(opts: SimOptions) -> anyhow::Result<SimReport> {
-    preflight(opts.proxy_mode)?;
-    let api = FakeApiServer::start().await.context("starting the fake API server")?;
-    let cluster = api.cluster().clone();
-    eprintln!("sim: fake API server on {}; {} nodes in {:?} mode", api.url(), opts.nodes, opts.proxy_mode);
+struct SimNode {
+    name: String,
+    guard: NetnsGuard,
+    metrics: SocketAddr,
+    stop: Option<watch::Sender<bool>>,
+}
 
-    let mut guards = Vec::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    let (truth_tx, mut truth_rx) = mpsc::unbounded_channel::<GroundTruth>();
-    let nodes: Vec<String> = (1..=opts.nodes).map(|i| format!("node-{i}")).collect();
-    for name in &nodes {
-        let guard = NetnsGuard::create(&format!("kc-sim-{}-{name}", std::process::id()))?;
-        cluster.apply(json!({"kind": "Node", "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}));
-        let extra = opts.slow.get(name).copied().unwrap_or_default();
-        let emulator = KubeProxyEmulator {
-            node: name.clone(),
-            mode: opts.proxy_mode,
-            netns: NetNs::open(std::path::Path::new(&guard.path()))?,
-            delay: Delay { base: opts.delay.base + extra, jitter: opts.delay.jitter },
-            cluster: cluster.clone(),
-            truth: truth_tx.clone(),
+/// A running simulated cluster: API server, nodes with kube-proxy emulators, and agents.
+/// Dropping it stops everything and removes the namespaces.
+pub struct SimCluster {
+    pub api: FakeApiServer,
+    nodes: Vec<SimNode>,
+    tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+    truth_rx: mpsc::UnboundedReceiver<GroundTruth>,
+    sample_tx: mpsc::UnboundedSender<(String, LagSample)>,
+    sample_rx: mpsc::UnboundedReceiver<(String, LagSample)>,
+    timeout: Duration,
+}
+
+impl SimCluster {
+    /// Starts the API server, the nodes and their emulators, waits for the initial rules, then
+    /// starts one agent per node and waits until all are ready.
+    pub async fn start(opts: &SimOptions) -> anyhow::Result<Self> {
+        preflight(opts.proxy_mode)?;
+        let api = FakeApiServer::start().await.context("starting the fake API server")?;
+        let cluster = api.cluster().clone();
+        let (truth_tx, truth_rx) = mpsc::unbounded_channel::<GroundTruth>();
+        let (sample_tx, sample_rx) = mpsc::unbounded_channel();
+        let mut sim = Self {
+            api,
+            nodes: Vec::new(),
+            tasks: tokio::task::JoinSet::new(),
+            truth_rx,
+            sample_tx,
+            sample_rx,
+            timeout: opts.timeout,
         };
-        tasks.spawn(emulator.run());
-        guards.push(guard);
-    }
-    for o in workload() {
-        cluster.apply(o);
-    }
-    // Each node programs the initial state before its agent starts.
-    let mut initial: BTreeMap<String, usize> = BTreeMap::new();
-    let deadline = Instant::now() + opts.timeout;
-    while initial.len() < nodes.len() {
-        let t = tokio::time::timeout_at(deadline.into(), truth_rx.recv()).await.context("waiting for the initial rules")?;
-        let t = t.context("kube-proxy emulators stopped")?;
-        *initial.entry(t.node).or_default() += 1;
+        for i in 0..opts.nodes {
+            let name = format!("node-{}", i + 1);
+            let guard = NetnsGuard::create(&NetnsGuard::unique_name(&name))?;
+            cluster.apply(
+                json!({"kind": "Node", "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+                "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+            );
+            let extra = opts.slow.get(&name).copied().unwrap_or_default();
+            let emulator = KubeProxyEmulator {
+                node: name.clone(),
+                mode: opts.proxy_mode,
+                netns: NetNs::open(std::path::Path::new(&guard.path()))?,
+                delay: Delay {
+                    base: opts.delay.base + extra,
+                    jitter: opts.delay.jitter,
+                },
+                cluster: cluster.clone(),
+                truth: truth_tx.clone(),
+            };
+            sim.tasks.spawn(emulator.run());
+            sim.nodes.push(SimNode {
+                name,
+                guard,
+                metrics: pick_port(opts.metrics_port, i),
+                stop: None,
+            });
+        }
+        for o in workload() {
+            cluster.apply(o);
+        }
+        // Each node programs the initial state before its agent starts.
+        let mut initial = std::collections::BTreeSet::new();
+        let deadline = Instant::now() + opts.timeout;
+        while initial.len() < sim.nodes.len() {
+            let t = tokio::time::timeout_at(deadline.into(), sim.truth_rx.recv())
+                .await
+                .context("waiting for the initial rules")?;
+            initial.insert(t.context("kube-proxy emulators stopped")?.node);
+        }
+        for i in 0..sim.nodes.len() {
+            sim.start_agent(i).await?;
+        }
+        for i in 0..sim.nodes.len() {
+            sim.wait_ready(i).await?;
+        }
+        while sim.truth_rx.try_recv().is_ok() {}
+        Ok(sim)
     }
 
-    let kubeconfig = kube::config::Kubeconfig::from_yaml(&api.kubeconfig())?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (sample_tx, mut sample_rx) = mpsc::unbounded_channel::<(String, LagSample)>();
-    let mut report = SimReport::default();
-    for (i, name) in nodes.iter().enumerate() {
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig.clone(), &Default::default()).await?;
-        let client = kube::Client::try_from(config)?;
-        let listen = pick_port(opts.metrics_port, i);
-        report.metrics.insert(name.clone(), listen);
+    pub fn cluster(&self) -> &super::store::Cluster {
+        self.api.cluster()
+    }
+
+    pub fn node_names(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    pub fn metrics_addrs(&self) -> BTreeMap<String, SocketAddr> {
+        self.nodes.iter().map(|n| (n.name.clone(), n.metrics)).collect()
+    }
+
+    /// Starts (or restarts) the agent of node `i`; it keeps its metrics address.
+    pub async fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let kubeconfig = kube::config::Kubeconfig::from_yaml(&self.api.kubeconfig())?;
+        let client =
+            kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?)?;
+        let node = &mut self.nodes[i];
         let (tx, mut rx) = mpsc::unbounded_channel::<LagSample>();
-        let forward = sample_tx.clone();
-        let node = name.clone();
-        tasks.spawn(async move {
+        let forward = self.sample_tx.clone();
+        let name = node.name.clone();
+        self.tasks.spawn(async move {
             while let Some(s) = rx.recv().await {
-                let _ = forward.send((node.clone(), s));
+                let _ = forward.send((name.clone(), s));
             }
             Ok(())
         });
         let config = AgentConfig {
-            node_name: name.clone(),
+            node_name: node.name.clone(),
             scope: WatchScope::default(),
             mode: None,
             backend: None,
-            netns: NetNs::open(std::path::Path::new(&guards[i].path()))?,
+            netns: NetNs::open(std::path::Path::new(&node.guard.path()))?,
             poll_interval: Duration::from_millis(100),
             resync_interval: Duration::from_secs(30),
             change_timeout: Duration::from_secs(300),
-            listen,
+            listen: node.metrics,
             samples: Some(tx),
         };
-        let mut stop = stop_rx.clone();
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        node.stop = Some(stop_tx);
         let shutdown = async move {
-            let _ = stop.wait_for(|s| *s).await;
+            let _ = stop_rx.wait_for(|s| *s).await;
         };
-        tasks.spawn(agent::run_with_client(client, config, Metrics::new()?, shutdown));
+        self.tasks
+            .spawn(agent::run_with_client(client, config, Metrics::new()?, shutdown));
+        Ok(())
     }
-    for (name, addr) in &report.metrics {
+
+    /// Stops the agent of node `i` (as a crash or a rolling update would).
+    pub async fn stop_agent(&mut self, i: usize) {
+        if let Some(stop) = self.nodes[i].stop.take() {
+            let _ = stop.send(true);
+        }
+        // Wait until its metrics server is gone, so a restart can bind the same address.
+        let addr = self.nodes[i].metrics;
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn wait_ready(&self, i: usize) -> anyhow::Result<()> {
+        let node = &self.nodes[i];
         let start = Instant::now();
-        while http_status(*addr, "/readyz").await != Some(200) {
-            if start.elapsed() > opts.timeout {
-                anyhow::bail!("the agent of {name} did not become ready within {:?}", opts.timeout);
+        while http_status(node.metrics, "/readyz").await != Some(200) {
+            if start.elapsed() > self.timeout {
+                anyhow::bail!(
+                    "the agent of {} did not become ready within {:?}",
+                    node.name,
+                    self.timeout
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        Ok(())
     }
-    eprintln!("sim: {} agents ready; metrics on {}", nodes.len(), report.metrics.values().map(|a| format!("http://{a}/metrics")).collect::<Vec<_>>().join(" "));
-    while truth_rx.try_recv().is_ok() {}
 
-    // What operators do: delete one pod, isolate another by relabelling it.
-    eprintln!("sim: deleting pod demo/web-0 (grace period {:?})", opts.grace);
-    cluster.delete("Pod", "demo", "web-0", Some(opts.grace.as_secs().max(1)))?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    eprintln!("sim: isolating pod demo/web-1 (app=web -> app=web-offline)");
-    cluster.patch("Pod", "demo", "web-1", false, &json!({"metadata": {"labels": {"app": "web-offline"}}}), super::store::Part::Main)?;
+    /// Scrapes one node's /metrics.
+    pub async fn scrape(&self, node: &str) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.nodes.iter().find(|n| n.name == node)?.metrics;
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: sim\r\n\r\n").await.ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+    }
 
-    let mut rows: BTreeMap<(String, EndpointKey), Row> = BTreeMap::new();
-    let watched = |key: &EndpointKey| ["10.244.1.10", "10.244.2.11"].contains(&key.endpoint.ip().to_string().as_str());
-    let expected_rows = nodes.len() * 2;
-    let deadline = Instant::now() + opts.timeout;
-    let mut last_progress = Instant::now();
-    loop {
-        let done = rows.values().filter(|r| r.sample.is_some() && r.truth.is_some()).count();
-        if done >= expected_rows {
-            break;
-        }
-        if last_progress.elapsed() > Duration::from_secs(2) {
-            eprintln!("sim: waiting for convergence: {done}/{expected_rows} node changes measured");
-            last_progress = Instant::now();
-        }
-        tokio::select! {
-            Some(t) = truth_rx.recv() => {
-                if t.kind == ChangeKind::Removed && watched(&t.key) {
-                    let row = rows.entry((t.node.clone(), t.key.clone())).or_insert_with(|| Row { node: t.node.clone(), key: t.key.clone(), kind: t.kind, sample: None, truth: None });
-                    row.truth = Some(t);
-                }
-            }
-            Some((node, s)) = sample_rx.recv() => {
-                if s.kind == ChangeKind::Removed && watched(&s.key) {
-                    let row = rows.entry((node.clone(), s.key.clone())).or_insert_with(|| Row { node: node.clone(), key: s.key.clone(), kind: s.kind, sample: None, truth: None });
-                    row.sample = Some(s);
-                }
-            }
-            Some(r) = tasks.join_next() => {
-                match r {
-                    Ok(Err(e)) => return Err(e.context("a simulation task failed")),
-                    Err(e) => anyhow::bail!("a simulation task panicked: {e}"),
-                    Ok(Ok(())) => {}
-                }
-            }
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                eprintln!("sim: timed out after {:?}; unconverged rows show '-'", opts.timeout);
+    /// Collects, per node, the agent's sample and the emulator's truth for changes of `kind`
+    /// to endpoints matching `watched`, until every node has `per_node` of both or the timeout.
+    pub async fn collect(
+        &mut self,
+        kind: ChangeKind,
+        watched: impl Fn(&EndpointKey) -> bool,
+        per_node: usize,
+    ) -> anyhow::Result<Vec<Row>> {
+        let mut rows: BTreeMap<(String, EndpointKey), Row> = BTreeMap::new();
+        let expected = self.nodes.len() * per_node;
+        let deadline = Instant::now() + self.timeout;
+        let mut last_progress = Instant::now();
+        loop {
+            let done = rows
+                .values()
+                .filter(|r| r.sample.is_some() && r.truth.is_some())
+                .count();
+            if done >= expected {
                 break;
             }
+            if last_progress.elapsed() > Duration::from_secs(2) {
+                eprintln!("sim: waiting for convergence: {done}/{expected} node changes measured");
+                last_progress = Instant::now();
+            }
+            let new_row = |node: &str, key: &EndpointKey| Row {
+                node: node.to_string(),
+                key: key.clone(),
+                kind,
+                sample: None,
+                truth: None,
+            };
+            tokio::select! {
+                Some(t) = self.truth_rx.recv() => {
+                    if t.kind == kind && watched(&t.key) {
+                        let row = rows.entry((t.node.clone(), t.key.clone())).or_insert_with(|| new_row(&t.node, &t.key));
+                        row.truth = Some(t);
+                    }
+                }
+                Some((node, s)) = self.sample_rx.recv() => {
+                    if s.kind == kind && watched(&s.key) {
+                        let row = rows.entry((node.clone(), s.key.clone())).or_insert_with(|| new_row(&node, &s.key));
+                        row.sample = Some(s);
+                    }
+                }
+                Some(r) = self.tasks.join_next() => {
+                    match r {
+                        Ok(Err(e)) => return Err(e.context("a simulation task failed")),
+                        Err(e) if e.is_panic() => anyhow::bail!("a simulation task panicked: {e}"),
+                        _ => {}
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    eprintln!("sim: timed out after {:?}; unconverged rows show '-'", self.timeout);
+                    break;
+                }
+            }
         }
+        Ok(rows.into_values().collect())
     }
-    report.rows = rows.into_values().collect();
+
+    /// Drains samples received so far (for tests that count them).
+    pub fn drain_samples(&mut self) -> Vec<(String, LagSample)> {
+        let mut out = Vec::new();
+        while let Ok(s) = self.sample_rx.try_recv() {
+            out.push(s);
+        }
+        out
+    }
+}
+
+impl Drop for SimCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(stop) = n.stop.take() {
+                let _ = stop.send(true);
+            }
+        }
+        self.tasks.abort_all();
+    }
+}
+
+/// The demo: delete one pod, isolate another, and report what every agent measured next to
+/// the ground truth.
+pub async fn run(opts: SimOptions) -> anyhow::Result<SimReport> {
+    let mut sim = SimCluster::start(&opts).await?;
+    eprintln!(
+        "sim: fake API server on {}; {} nodes in {:?} mode",
+        sim.api.url(),
+        opts.nodes,
+        opts.proxy_mode
+    );
+    let metrics = sim.metrics_addrs();
+    eprintln!(
+        "sim: {} agents ready; metrics on {}",
+        metrics.len(),
+        metrics
+            .values()
+            .map(|a| format!("http://{a}/metrics"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    eprintln!("sim: deleting pod demo/web-0 (grace period {:?})", opts.grace);
+    sim.cluster()
+        .delete("Pod", "demo", "web-0", Some(opts.grace.as_secs().max(1)))?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    eprintln!("sim: isolating pod demo/web-1 (app=web -> app=web-offline)");
+    let relabel = json!({"metadata": {"labels": {"app": "web-offline"}}});
+    sim.cluster()
+        .patch("Pod", "demo", "web-1", false, &relabel, super::store::Part::Main)?;
+    let watched = |key: &EndpointKey| ["10.244.1.10", "10.244.2.11"].contains(&key.endpoint.ip().to_string().as_str());
+    let rows = sim.collect(ChangeKind::Removed, watched, 2).await?;
+    let report = SimReport { rows, metrics };
     if opts.keep {
         print!("{}", report.table());
         eprintln!("sim: keeping the cluster running for dashboards; Ctrl-C to stop");
         let _ = tokio::signal::ctrl_c().await;
     }
-    let _ = stop_tx.send(true);
-    tasks.abort_all();
-    drop(guards);
+    drop(sim);
     Ok(report)
 }
