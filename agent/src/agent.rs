@@ -43,6 +43,10 @@ pub struct AgentConfig {
 
 type SliceId = (String, String);
 
+/// Frontends of the service ports with pending changes, shared with the dataplane loop for
+/// targeted reads.
+type PendingFrontends = Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>;
+
 #[derive(Debug)]
 struct SliceItem {
     id: SliceId,
@@ -107,6 +111,7 @@ pub async fn run_with_client(
     });
     let pending_wakeup = Arc::new(Notify::new());
     let pending_count = Arc::new(AtomicUsize::new(0));
+    let pending_frontends: PendingFrontends = Arc::default();
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(async move { server.await.context("admin server failed") });
@@ -117,8 +122,16 @@ pub async fn run_with_client(
         tx,
         pending_wakeup.clone(),
         pending_count.clone(),
+        pending_frontends.clone(),
     ));
-    let core = Core::new(&config, metrics, health, pending_wakeup, pending_count);
+    let core = Core::new(
+        &config,
+        metrics,
+        health,
+        pending_wakeup,
+        pending_count,
+        pending_frontends,
+    );
     tasks.spawn(core.run(rx));
 
     // Every task runs for the agent's lifetime: the first one to end, ends the agent.
@@ -176,6 +189,10 @@ struct Core {
     samples: Option<mpsc::UnboundedSender<crate::tracker::LagSample>>,
     pending_wakeup: Arc<Notify>,
     pending_count: Arc<AtomicUsize>,
+    pending_frontends: PendingFrontends,
+    /// Unattributed routes of the last full read, carried into targeted reads (which cannot
+    /// see rules of unknown services).
+    last_unattributed: std::collections::HashSet<(crate::model::Protocol, SocketAddr)>,
 }
 
 impl Core {
@@ -185,6 +202,7 @@ impl Core {
         health: Arc<Health>,
         pending_wakeup: Arc<Notify>,
         pending_count: Arc<AtomicUsize>,
+        pending_frontends: PendingFrontends,
     ) -> Self {
         Self {
             node: config.node_name.clone(),
@@ -205,6 +223,8 @@ impl Core {
             samples: config.samples.clone(),
             pending_wakeup,
             pending_count,
+            pending_frontends,
+            last_unattributed: Default::default(),
         }
     }
 
@@ -229,6 +249,9 @@ impl Core {
             self.metrics.refresh_gauges(&self.tracker, Timestamp::now());
             self.pending_count
                 .store(self.tracker.pending_count(), Ordering::Relaxed);
+            if let Ok(mut f) = self.pending_frontends.lock() {
+                *f = self.tracker.pending_frontends();
+            }
         }
     }
 
@@ -254,7 +277,7 @@ impl Core {
                         for w in &snap.warnings {
                             tracing::warn!(warning = %w, "dataplane rule not understood; affected endpoints are unknown");
                         }
-                        let draining = snap.draining.unwrap_or_default();
+                        let draining = snap.draining.filter(|_| snap.scope.is_none()).unwrap_or_default();
                         self.metrics.draining_endpoints.set(draining.endpoints as i64);
                         self.metrics
                             .draining_connections
@@ -269,7 +292,15 @@ impl Core {
                         }
                         self.health.dataplane_read.store(true, Ordering::Relaxed);
                         let catalog = ServiceCatalog::build(self.tracker.services());
-                        ReadingOutcome::Routed(catalog.view(&snap))
+                        let mut view = catalog.view(&snap);
+                        match &snap.scope {
+                            None => self.last_unattributed = view.unattributed.clone(),
+                            Some(read) => {
+                                view.scope = Some(self.tracker.ports_served_only_by(read));
+                                view.unattributed.extend(self.last_unattributed.iter().copied());
+                            }
+                        }
+                        ReadingOutcome::Routed(view)
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "dataplane read failed; pending changes are unknown");
@@ -477,7 +508,9 @@ async fn dataplane_loop(
     tx: mpsc::Sender<Input>,
     pending_wakeup: Arc<Notify>,
     pending_count: Arc<AtomicUsize>,
+    pending_frontends: PendingFrontends,
 ) -> anyhow::Result<()> {
+    let mut last_full = Instant::now();
     let mut reader: Option<Box<dyn DataplaneReader>> = None;
     let mut probe: Option<GenerationProbe> = None;
     let (ntx, mut nrx) = mpsc::unbounded_channel::<Notification>();
@@ -538,11 +571,24 @@ async fn dataplane_loop(
         if let Some(mut r) = reader.take() {
             let events = listening && r.change_source() == ChangeSource::NfTablesEvents;
             let mut p = probe.take();
+            // Polled modes read only the pending service ports between full reads.
+            let targets = match trigger {
+                ReadTrigger::Poll | ReadTrigger::Pending if !events && last_full.elapsed() < config.resync_interval => {
+                    pending_frontends.lock().map(|f| f.clone()).unwrap_or_default()
+                }
+                _ => Default::default(),
+            };
+            if targets.is_empty() {
+                last_full = Instant::now();
+            }
             let started = Timestamp::now();
             let clock = Instant::now();
             let (r_back, p_back, g1, result, g2) = tokio::task::spawn_blocking(move || {
                 let g1 = p.as_mut().and_then(|p| p.current().ok());
-                let result = r.read();
+                let result = match targets.is_empty() {
+                    true => r.read(),
+                    false => r.read_targeted(&targets).unwrap_or_else(|| r.read()),
+                };
                 let g2 = p.as_mut().and_then(|p| p.current().ok());
                 (r, p, g1, result, g2)
             })
@@ -570,12 +616,16 @@ async fn dataplane_loop(
             };
             overrun = false;
             prev_started = Some(started);
+            let read_trigger = match &result {
+                Ok(snap) if snap.scope.is_some() => ReadTrigger::Targeted,
+                _ => trigger,
+            };
             let meta = ReadingMeta {
                 started,
                 finished,
                 programmed_at,
                 error_bound,
-                trigger,
+                trigger: read_trigger,
             };
             let (mode, backend) = (r_back.mode(), r_back.backend().to_string());
             let rebuild = matches!(&result, Err(ReadError::ToolMissing { .. } | ReadError::NotFound { .. }));

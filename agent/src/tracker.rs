@@ -6,7 +6,7 @@
 //! It must never report a removal as converged while the last reading that could confirm it
 //! still routes to the endpoint, or could not tell (the safety rule).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -25,6 +25,8 @@ pub enum ReadTrigger {
     Event,
     /// A periodic poll.
     Poll,
+    /// A poll of only the service ports with pending changes.
+    Targeted,
     /// New pending changes asked for a check.
     Pending,
     /// The first read after start-up.
@@ -36,6 +38,7 @@ impl ReadTrigger {
         match self {
             ReadTrigger::Event => "event",
             ReadTrigger::Poll => "poll",
+            ReadTrigger::Targeted => "targeted",
             ReadTrigger::Pending => "pending",
             ReadTrigger::Initial => "initial",
         }
@@ -55,6 +58,8 @@ pub struct RoutedView {
     /// Address families the reader could not read: every key in them is `unknown`.
     pub unreadable_v4: bool,
     pub unreadable_v6: bool,
+    /// A targeted read covers only these service ports; the others were not read at all.
+    pub scope: Option<HashSet<ServicePortName>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +67,8 @@ pub enum Routed {
     Yes,
     No,
     Unknown,
+    /// Outside a targeted read's scope: this reading says nothing about the key.
+    NotRead,
 }
 
 impl RoutedView {
@@ -71,6 +78,9 @@ impl RoutedView {
         } else {
             self.unreadable_v6
         };
+        if self.scope.as_ref().is_some_and(|s| !s.contains(&key.port_name)) {
+            return Routed::NotRead;
+        }
         if unreadable || self.uncertain.contains(&key.port_name) {
             return Routed::Unknown;
         }
@@ -375,7 +385,8 @@ impl Tracker {
     /// Folds a dataplane reading in and returns the changes it completed.
     pub fn apply_reading(&mut self, reading: &Reading) -> Vec<Outcome> {
         let meta = reading.meta;
-        if let (Some(after), ReadingOutcome::Routed(view)) = (self.adopt_after, &reading.outcome) {
+        let full = !matches!(&reading.outcome, ReadingOutcome::Routed(v) if v.scope.is_some());
+        if let (Some(after), ReadingOutcome::Routed(view), true) = (self.adopt_after, &reading.outcome, full) {
             if meta.started >= after {
                 self.adopt_after = None;
                 self.adopt_unconverged(view, meta.started);
@@ -390,6 +401,9 @@ impl Tracker {
             // A reading that began before the agent saw the change cannot confirm it: the kernel
             // may have routed the endpoint again after that reading's snapshot.
             let can_confirm = meta.started >= change.observed;
+            if routed == Routed::NotRead {
+                continue;
+            }
             if routed == Routed::Unknown {
                 change.candidate = None;
                 if can_confirm && change.state != PendingState::TimedOut {
@@ -418,13 +432,40 @@ impl Tracker {
             };
             outcomes.push(finish(change, at, bound, meta.trigger));
         }
-        if let ReadingOutcome::Routed(view) = &reading.outcome {
-            self.stale = self.count_stale(view);
-            self.last_view = Some((view.clone(), meta));
-        } else {
-            self.last_view = None;
+        match &reading.outcome {
+            ReadingOutcome::Routed(view) if full => {
+                self.stale = self.count_stale(view);
+                self.last_view = Some((view.clone(), meta));
+            }
+            ReadingOutcome::Routed(_) => {} // a targeted read is no picture of the whole node
+            ReadingOutcome::Failed { .. } => self.last_view = None,
         }
         outcomes
+    }
+
+    /// The service ports all of whose frontends are in `read` (what a targeted read covered).
+    pub fn ports_served_only_by(&self, read: &BTreeSet<String>) -> HashSet<ServicePortName> {
+        self.services
+            .values()
+            .flat_map(|e| &e.frontends)
+            .filter(|(_, fronts)| !fronts.is_empty() && fronts.iter().all(|f| read.contains(f)))
+            .map(|((spn, _), _)| spn.clone())
+            .collect()
+    }
+
+    /// The frontends of the service ports with pending changes, for targeted reads.
+    pub fn pending_frontends(&self) -> BTreeSet<String> {
+        let ports: HashSet<(&ServicePortName, Protocol)> = self
+            .pending
+            .values()
+            .map(|c| (&c.key.port_name, c.key.protocol))
+            .collect();
+        ports
+            .into_iter()
+            .filter_map(|(spn, proto)| self.services.get(&spn.service)?.frontends.get(&(spn.clone(), proto)))
+            .flatten()
+            .cloned()
+            .collect()
     }
 
     /// Marks changes pending longer than the timeout. They stay pending (a hold must keep
@@ -1025,6 +1066,37 @@ mod tests {
         assert_eq!(tr.pending().next().unwrap().state, PendingState::TimedOut);
         assert!((tr.oldest_pending_age(t(13_000)) - 12.0).abs() < 1e-9);
         assert_eq!(samples(&tr.apply_reading(&reading(14_000, 14_000, &[]))).len(), 1);
+    }
+
+    #[test]
+    fn targeted_reads_only_speak_for_their_scope() {
+        let (mut tr, r) = steady();
+        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
+        tr.update_service(&r, e, t(1000));
+        assert_eq!(
+            tr.pending_frontends().into_iter().collect::<Vec<_>>(),
+            ["172.30.0.41:80"]
+        );
+        let mut other = view(&[]);
+        other.scope = Some([ServicePortName::new("ns9", "x", "p")].into());
+        let r1 = Reading {
+            outcome: ReadingOutcome::Routed(other),
+            ..reading(1100, 1100, &[])
+        };
+        assert!(tr.apply_reading(&r1).is_empty(), "out of scope: not a confirmation");
+        assert_eq!(
+            tr.pending().next().unwrap().state,
+            PendingState::Pending,
+            "and not unknown either"
+        );
+        let mut scoped = view(&[&key("10.180.0.1")]);
+        scoped.scope = Some([key("10.180.0.1").port_name].into());
+        let r2 = Reading {
+            outcome: ReadingOutcome::Routed(scoped),
+            ..reading(1200, 1200, &[])
+        };
+        assert_eq!(samples(&tr.apply_reading(&r2)).len(), 1);
+        assert_eq!(tr.stale_endpoints(), 0, "a targeted read leaves the stale count alone");
     }
 
     #[test]

@@ -333,6 +333,27 @@ impl DataplaneReader for IpvsReader {
     }
 
     fn read(&mut self) -> Result<DataplaneSnapshot, ReadError> {
+        self.read_matching(None)
+    }
+
+    fn read_targeted(&mut self, frontends: &BTreeSet<String>) -> Option<Result<DataplaneSnapshot, ReadError>> {
+        Some(self.read_matching(Some(frontends)))
+    }
+}
+
+/// Whether a virtual server serves one of `frontends` (`*:port` matches a NodePort on any
+/// node address).
+fn serves(vs: &VirtualServer, frontends: &BTreeSet<String>) -> bool {
+    let Some(a) = vs.addr.filter(|_| vs.fwmark == 0) else {
+        return false;
+    };
+    frontends.contains(&SocketAddr::new(a, vs.port).to_string()) || frontends.contains(&format!("*:{}", vs.port))
+}
+
+impl IpvsReader {
+    /// One service dump, then destinations of every virtual server (or only of those serving
+    /// `only`): the destination dumps are the expensive part.
+    fn read_matching(&mut self, only: Option<&BTreeSet<String>>) -> Result<DataplaneSnapshot, ReadError> {
         let conn = match &mut self.conn {
             Some(c) => c,
             None => self.conn.insert(IpvsConn::open(&self.netns).map_err(|e| match e {
@@ -345,7 +366,11 @@ impl DataplaneReader for IpvsReader {
         };
         let result = (|| -> io::Result<Vec<(VirtualServer, Vec<Destination>)>> {
             let mut out = Vec::new();
-            for vs in conn.services()? {
+            for vs in conn
+                .services()?
+                .into_iter()
+                .filter(|vs| only.is_none_or(|f| serves(vs, f)))
+            {
                 match conn.destinations(&vs) {
                     Ok(d) => out.push((vs, d)),
                     // The virtual server was deleted between the two requests.
@@ -430,6 +455,15 @@ mod tests {
             ),
             (1, 3, 1)
         );
+    }
+
+    #[test]
+    fn targeted_reads_select_cluster_ip_and_node_port_servers() {
+        let vs = |a: [u8; 4], port| decode_service(&service_msg(a, port)).unwrap();
+        let wanted: BTreeSet<String> = ["10.96.0.10:80".to_string(), "*:30080".to_string()].into();
+        assert!(serves(&vs([10, 96, 0, 10], 80), &wanted));
+        assert!(serves(&vs([192, 168, 0, 2], 30080), &wanted), "a NodePort on a node address");
+        assert!(!serves(&vs([10, 96, 0, 11], 80), &wanted));
     }
 
     #[test]

@@ -90,6 +90,9 @@ pub struct DataplaneSnapshot {
     pub unreadable_v4: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub unreadable_v6: bool,
+    /// For a targeted read: the frontends it covered (everything else was not read).
+    #[serde(skip)]
+    pub scope: Option<BTreeSet<String>>,
     /// IPVS destinations with weight 0: no new connections, existing ones draining.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub draining: Option<Draining>,
@@ -148,6 +151,12 @@ pub trait DataplaneReader: Send {
     fn backend(&self) -> &str;
     fn change_source(&self) -> ChangeSource;
     fn read(&mut self) -> Result<DataplaneSnapshot, ReadError>;
+
+    /// Reads only what serves `frontends` (`ip:port`, `*:nodePort`), when the mode allows a
+    /// cheaper targeted read; `None` when it does not. The snapshot's `scope` says what was read.
+    fn read_targeted(&mut self, _frontends: &BTreeSet<String>) -> Option<Result<DataplaneSnapshot, ReadError>> {
+        None
+    }
 }
 
 /// Where a mode decision came from.
