@@ -230,8 +230,10 @@ async fn scenario(plane: Plane) {
     tokio::time::sleep(hold).await;
     plane.program(&ns, &["10.180.0.1"], &["10.180.0.2"]);
     let removed = ["change=\"removed\"", "reason=\"deleted\""];
+    // Both histograms: a scrape may fall between the two observations of one sample.
     let body = wait_for(listen, "the removal sample", Duration::from_secs(10), |b| {
         metric(b, "kube_converge_lag_seconds_count", &removed) >= 1.0
+            && metric(b, "kube_converge_end_to_end_lag_seconds_count", &removed) >= 1.0
     })
     .await;
     let lag = metric(&body, "kube_converge_lag_seconds_sum", &removed);
