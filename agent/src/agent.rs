@@ -37,8 +37,16 @@ pub struct AgentConfig {
     pub resync_interval: Duration,
     pub change_timeout: Duration,
     pub listen: SocketAddr,
-    /// Receives every finished lag measurement (the simulation's table; later the node status).
+    /// Receives every finished lag measurement (the simulation's table).
     pub samples: Option<mpsc::UnboundedSender<crate::tracker::LagSample>>,
+    /// Publication of the NodeConvergence status; `None` disables it.
+    pub status: Option<StatusConfig>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct StatusConfig {
+    pub status_interval: Duration,
+    pub heartbeat_interval: Duration,
 }
 
 type SliceId = (String, String);
@@ -50,6 +58,7 @@ type PendingFrontends = Arc<std::sync::Mutex<std::collections::BTreeSet<String>>
 #[derive(Debug)]
 struct SliceItem {
     id: SliceId,
+    resource_version: u64,
     record: Result<(SliceRecord, Vec<SliceProblem>), SliceError>,
 }
 
@@ -103,9 +112,10 @@ pub async fn run_with_client(
     let scope = config.scope.clone();
     let slices = k8s::watch::<EndpointSlice, _>(client.clone(), &scope, |s| SliceItem {
         id: (s.namespace().unwrap_or_default(), s.name_any()),
+        resource_version: s.resource_version().and_then(|v| v.parse().ok()).unwrap_or(0),
         record: k8s::slice_record(s),
     });
-    let services = k8s::watch::<Service, _>(client, &scope, |s| ServiceItem {
+    let services = k8s::watch::<Service, _>(client.clone(), &scope, |s| ServiceItem {
         service: ServiceRef::new(s.namespace().unwrap_or_default(), s.name_any()),
         spec: k8s::service_spec(s),
     });
@@ -124,6 +134,17 @@ pub async fn run_with_client(
         pending_count.clone(),
         pending_frontends.clone(),
     ));
+    let (status_tx, status_rx) = tokio::sync::watch::channel(Arc::new(crate::publish::StatusDraft::default()));
+    if let Some(sc) = config.status {
+        let publisher = crate::publish::Publisher {
+            api: kube::Api::all(client.clone()),
+            node: config.node_name.clone(),
+            status_interval: sc.status_interval,
+            heartbeat_interval: sc.heartbeat_interval,
+            metrics: metrics.clone(),
+        };
+        tasks.spawn(publisher.run(status_rx));
+    }
     let core = Core::new(
         &config,
         metrics,
@@ -131,6 +152,7 @@ pub async fn run_with_client(
         pending_wakeup,
         pending_count,
         pending_frontends,
+        status_tx,
     );
     tasks.spawn(core.run(rx));
 
@@ -193,6 +215,13 @@ struct Core {
     /// Unattributed routes of the last full read, carried into targeted reads (which cannot
     /// see rules of unknown services).
     last_unattributed: std::collections::HashSet<(crate::model::Protocol, SocketAddr)>,
+    status_tx: tokio::sync::watch::Sender<Arc<crate::publish::StatusDraft>>,
+    lags: crate::publish::RecentLags,
+    /// The highest EndpointSlice resourceVersion processed.
+    observed_rv: u64,
+    backend: String,
+    /// The last read: Ok(warnings) or Err(error kind).
+    last_read: Option<Result<usize, &'static str>>,
 }
 
 impl Core {
@@ -203,6 +232,7 @@ impl Core {
         pending_wakeup: Arc<Notify>,
         pending_count: Arc<AtomicUsize>,
         pending_frontends: PendingFrontends,
+        status_tx: tokio::sync::watch::Sender<Arc<crate::publish::StatusDraft>>,
     ) -> Self {
         Self {
             node: config.node_name.clone(),
@@ -225,7 +255,49 @@ impl Core {
             pending_count,
             pending_frontends,
             last_unattributed: Default::default(),
+            status_tx,
+            lags: Default::default(),
+            observed_rv: 0,
+            backend: "unknown".into(),
+            last_read: None,
         }
+    }
+
+    fn health(&self) -> (&'static str, Option<String>) {
+        let unknown = self
+            .tracker
+            .pending()
+            .filter(|c| c.state == crate::tracker::PendingState::Unknown)
+            .count();
+        match self.last_read {
+            None => ("Unknown", Some("no dataplane read yet".into())),
+            Some(Err(kind)) => (
+                "Degraded",
+                Some(format!("dataplane reads fail ({kind}); changes are unknown")),
+            ),
+            Some(Ok(w)) if w > 0 => ("Degraded", Some(format!("{w} dataplane rules not understood"))),
+            Some(Ok(_)) if unknown > 0 => ("Degraded", Some(format!("{unknown} changes unknown"))),
+            Some(Ok(_)) => ("Healthy", None),
+        }
+    }
+
+    fn publish(&self) {
+        let draft = crate::publish::draft(
+            &self.tracker,
+            &self.lags,
+            &self.mode_label,
+            &self.backend,
+            self.health(),
+            self.observed_rv,
+        );
+        self.status_tx.send_if_modified(|cur| {
+            if **cur == draft {
+                false
+            } else {
+                *cur = Arc::new(draft);
+                true
+            }
+        });
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Input>) -> anyhow::Result<()> {
@@ -252,6 +324,7 @@ impl Core {
             if let Ok(mut f) = self.pending_frontends.lock() {
                 *f = self.tracker.pending_frontends();
             }
+            self.publish();
         }
     }
 
@@ -274,6 +347,7 @@ impl Core {
                     .inc();
                 let outcome = match result {
                     Ok(snap) => {
+                        self.last_read = Some(Ok(snap.warnings.len()));
                         for w in &snap.warnings {
                             tracing::warn!(warning = %w, "dataplane rule not understood; affected endpoints are unknown");
                         }
@@ -303,6 +377,7 @@ impl Core {
                         ReadingOutcome::Routed(view)
                     }
                     Err(e) => {
+                        self.last_read = Some(Err(e.kind()));
                         tracing::warn!(error = %e, "dataplane read failed; pending changes are unknown");
                         self.metrics.dataplane_read_errors.with_label_values(&[e.kind()]).inc();
                         ReadingOutcome::Failed { kind: e.kind() }
@@ -311,6 +386,7 @@ impl Core {
                 self.apply_reading(Reading { meta, outcome });
             }
             Input::ReaderUnavailable(e, meta) => {
+                self.last_read = Some(Err(e.kind()));
                 self.metrics.dataplane_read_errors.with_label_values(&[e.kind()]).inc();
                 self.mode_label = "unknown".into();
                 self.metrics.set_info("unknown", "unknown");
@@ -325,6 +401,7 @@ impl Core {
     /// Records the dataplane mode; what kube-proxy programs differs slightly per mode, so a
     /// change of mode recomputes every expectation.
     fn set_mode(&mut self, mode: Mode, backend: &str, at: Timestamp) {
+        self.backend = backend.to_string();
         if self.mode_label != mode.as_str() {
             self.mode_label = mode.as_str().into();
             self.metrics.set_info(mode.as_str(), backend);
@@ -346,6 +423,7 @@ impl Core {
                 if let Some(tx) = &self.samples {
                     let _ = tx.send(s.clone());
                 }
+                self.lags.push(s);
                 tracing::info!(key = %s.key, change = s.kind.as_str(), reason = s.reason.as_str(), lag_seconds = s.lag,
                     end_to_end_seconds = s.end_to_end.map(|e| e.0), trigger = s.read_trigger.as_str(), "converged");
             }
@@ -362,7 +440,10 @@ impl Core {
                 }
                 self.slice_init = Some(Vec::new());
             }
-            WatchMsg::InitItem(item) => self.slice_init.get_or_insert_with(Vec::new).push(item),
+            WatchMsg::InitItem(item) => {
+                self.observed_rv = self.observed_rv.max(item.resource_version);
+                self.slice_init.get_or_insert_with(Vec::new).push(item)
+            }
             WatchMsg::InitDone(at) => {
                 let items = self.slice_init.take().unwrap_or_default();
                 let mut touched: BTreeSet<ServiceRef> = self.by_service.keys().cloned().collect();
@@ -377,6 +458,7 @@ impl Core {
                 self.recompute_all(touched, at);
             }
             WatchMsg::Apply(item, at) => {
+                self.observed_rv = self.observed_rv.max(item.resource_version);
                 let mut touched = BTreeSet::new();
                 if let Some(old) = self.remove_slice(&item.id) {
                     touched.insert(old);
@@ -387,6 +469,7 @@ impl Core {
                 self.recompute_all(touched, at);
             }
             WatchMsg::Delete(item, at) => {
+                self.observed_rv = self.observed_rv.max(item.resource_version);
                 let touched: BTreeSet<_> = self.remove_slice(&item.id).into_iter().collect();
                 self.recompute_all(touched, at);
             }

@@ -34,12 +34,16 @@ fn netns(args: &DataplaneArgs) -> anyhow::Result<NetNs> {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let quiet = matches!(cli.command, Command::Sim(_) | Command::Inspect(_));
+    let quiet = !matches!(cli.command, Command::Agent(_));
     telemetry::init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     match cli.command {
         Command::Agent(args) => run_agent(args).await,
         Command::Inspect(args) => run_inspect(args).await,
         Command::Sim(args) => run_sim(args).await,
+        Command::Crd => {
+            print!("{}", crate::crd::crd_yaml());
+            Ok(())
+        }
     }
 }
 
@@ -62,6 +66,10 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         change_timeout: args.change_timeout,
         listen: args.listen,
         samples: None,
+        status: args.publish_status.then_some(crate::agent::StatusConfig {
+            status_interval: args.status_interval,
+            heartbeat_interval: args.heartbeat_interval,
+        }),
     };
     agent::run(config, metrics).await
 }

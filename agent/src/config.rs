@@ -37,6 +37,8 @@ pub enum Command {
     /// Run a simulated cluster (nodes as network namespaces, kube-proxy emulators, one agent
     /// per node), delete and isolate a pod, and print each node's measured lag next to the truth.
     Sim(SimArgs),
+    /// Print the NodeConvergence CustomResourceDefinition (YAML).
+    Crd,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -141,6 +143,15 @@ pub struct AgentArgs {
     /// A change pending longer than this is reported timed out (it stays tracked).
     #[arg(long, env = "KUBE_CONVERGE_CHANGE_TIMEOUT", value_parser = parse_duration, default_value = "5m")]
     pub change_timeout: Duration,
+    /// At most one NodeConvergence status write per this interval while the state changes.
+    #[arg(long, env = "KUBE_CONVERGE_STATUS_INTERVAL", value_parser = parse_duration, default_value = "1s")]
+    pub status_interval: Duration,
+    /// A heartbeat status write when nothing changes.
+    #[arg(long, env = "KUBE_CONVERGE_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "30s")]
+    pub heartbeat_interval: Duration,
+    /// Publish this node's NodeConvergence status (needed by holds and `isolate`).
+    #[arg(long, env = "KUBE_CONVERGE_PUBLISH_STATUS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub publish_status: bool,
     /// Address of the HTTP server for /metrics, /healthz and /readyz.
     #[arg(long, env = "KUBE_CONVERGE_LISTEN", default_value = "0.0.0.0:9108")]
     pub listen: SocketAddr,

@@ -462,7 +462,10 @@ mod tests {
         let vs = |a: [u8; 4], port| decode_service(&service_msg(a, port)).unwrap();
         let wanted: BTreeSet<String> = ["10.96.0.10:80".to_string(), "*:30080".to_string()].into();
         assert!(serves(&vs([10, 96, 0, 10], 80), &wanted));
-        assert!(serves(&vs([192, 168, 0, 2], 30080), &wanted), "a NodePort on a node address");
+        assert!(
+            serves(&vs([192, 168, 0, 2], 30080), &wanted),
+            "a NodePort on a node address"
+        );
         assert!(!serves(&vs([10, 96, 0, 11], 80), &wanted));
     }
 

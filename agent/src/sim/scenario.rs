@@ -306,6 +306,10 @@ impl SimCluster {
             change_timeout: Duration::from_secs(300),
             listen: node.metrics,
             samples: Some(tx),
+            status: Some(crate::agent::StatusConfig {
+                status_interval: Duration::from_secs(1),
+                heartbeat_interval: Duration::from_secs(30),
+            }),
         };
         let (stop_tx, mut stop_rx) = watch::channel(false);
         node.stop = Some(stop_tx);

@@ -1,0 +1,209 @@
+//! Publication of this node's state as the status of its `NodeConvergence` object. Writes are
+//! coalesced: at most one per `status_interval` while the state changes, otherwise one
+//! heartbeat per `heartbeat_interval` — the budget of kubelet's node leases. It reads a draft
+//! the core hands over; it never touches the tracker.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::Api;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::crd::{ConvergedEndpoint, NodeConvergence, NodeConvergenceSpec, NodeConvergenceStatus, PendingEndpoint};
+use crate::model::Timestamp;
+use crate::telemetry::Metrics;
+use crate::tracker::{LagSample, PendingChange, PendingState, Tracker};
+
+/// At most this many pending changes are listed in the status; the rest are counted.
+pub const MAX_PENDING_LISTED: usize = 100;
+const RECENT_LISTED: usize = 32;
+const LAG_WINDOW: usize = 1000;
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything the status says except the heartbeat time.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StatusDraft {
+    pub status: NodeConvergenceStatus,
+    pub observed_resource_version: u64,
+}
+
+/// Recent lags for percentiles and the `recent` list.
+#[derive(Debug, Default)]
+pub struct RecentLags {
+    lags: VecDeque<f64>,
+    recent: VecDeque<ConvergedEndpoint>,
+}
+
+impl RecentLags {
+    pub fn push(&mut self, s: &LagSample) {
+        self.lags.push_back(s.lag);
+        if self.lags.len() > LAG_WINDOW {
+            self.lags.pop_front();
+        }
+        self.recent.push_front(ConvergedEndpoint {
+            namespace: s.key.port_name.service.namespace.clone(),
+            service: s.key.port_name.service.name.clone(),
+            endpoint: s.key.endpoint.to_string(),
+            ip: s.key.endpoint.ip().to_string(),
+            change: s.kind.as_str().into(),
+            reason: s.reason.as_str().into(),
+            lag_seconds: round_ms(s.lag),
+            end_to_end_seconds: s.end_to_end.map(|e| round_ms(e.0)),
+            programmed_time: s.programmed_at.to_rfc3339(),
+        });
+        self.recent.truncate(RECENT_LISTED);
+    }
+
+    fn percentile(&self, q: f64) -> Option<f64> {
+        if self.lags.is_empty() {
+            return None;
+        }
+        let mut v: Vec<f64> = self.lags.iter().copied().collect();
+        v.sort_by(f64::total_cmp);
+        Some(round_ms(v[((v.len() - 1) as f64 * q).round() as usize]))
+    }
+}
+
+fn round_ms(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+fn pending_entry(c: &PendingChange) -> PendingEndpoint {
+    PendingEndpoint {
+        namespace: c.key.port_name.service.namespace.clone(),
+        service: c.key.port_name.service.name.clone(),
+        port: c.key.port_name.port.clone(),
+        protocol: c.key.protocol.as_str().into(),
+        endpoint: c.key.endpoint.to_string(),
+        ip: c.key.endpoint.ip().to_string(),
+        change: c.kind.as_str().into(),
+        reason: c.reason.as_str().into(),
+        state: match c.state {
+            PendingState::Pending => "pending",
+            PendingState::Unknown => "unknown",
+            PendingState::TimedOut => "timed_out",
+        }
+        .into(),
+        observed_time: c.observed.to_rfc3339(),
+    }
+}
+
+/// Builds the draft from the core's state.
+pub fn draft(
+    tracker: &Tracker,
+    lags: &RecentLags,
+    mode: &str,
+    backend: &str,
+    health: (&str, Option<String>),
+    observed_resource_version: u64,
+) -> StatusDraft {
+    let pending: Vec<PendingEndpoint> = tracker.pending().take(MAX_PENDING_LISTED).map(pending_entry).collect();
+    let count = tracker.pending_count();
+    StatusDraft {
+        observed_resource_version,
+        status: NodeConvergenceStatus {
+            mode: mode.into(),
+            backend: backend.into(),
+            health: health.0.into(),
+            health_message: health.1,
+            pending_truncated: count.saturating_sub(pending.len()) as u32,
+            pending_count: count as u32,
+            pending,
+            observed_resource_version: observed_resource_version.to_string(),
+            lag_p50_seconds: lags.percentile(0.5),
+            lag_p99_seconds: lags.percentile(0.99),
+            lag_samples: lags.lags.len() as u32,
+            recent: lags.recent.iter().cloned().collect(),
+            heartbeat_time: String::new(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        },
+    }
+}
+
+pub struct Publisher {
+    pub api: Api<NodeConvergence>,
+    pub node: String,
+    pub status_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub metrics: Metrics,
+}
+
+impl Publisher {
+    pub async fn run(self, mut drafts: watch::Receiver<Arc<StatusDraft>>) -> anyhow::Result<()> {
+        let mut written: Option<Arc<StatusDraft>> = None;
+        let mut last_write: Option<Instant> = None;
+        loop {
+            let heartbeat_due = last_write.map_or_else(Instant::now, |t| t + self.heartbeat_interval);
+            tokio::select! {
+                changed = drafts.changed() => if changed.is_err() { return Ok(()) },
+                _ = tokio::time::sleep_until(heartbeat_due.into()) => {}
+            }
+            // Coalesce: no more than one write per status interval.
+            if let Some(t) = last_write {
+                tokio::time::sleep_until((t + self.status_interval).into()).await;
+            }
+            let draft = drafts.borrow_and_update().clone();
+            let heartbeat = last_write.is_none_or(|t| t.elapsed() >= self.heartbeat_interval);
+            if !heartbeat && written.as_deref() == Some(&*draft) {
+                continue;
+            }
+            last_write = Some(Instant::now());
+            match tokio::time::timeout(WRITE_TIMEOUT, self.write(&draft)).await {
+                Ok(Ok(())) => {
+                    self.metrics.status_writes.with_label_values(&["ok"]).inc();
+                    written = Some(draft);
+                }
+                Ok(Err(e)) => {
+                    self.metrics.status_writes.with_label_values(&[error_kind(&e)]).inc();
+                    tracing::warn!(node = %self.node, error = %e, "writing the NodeConvergence status failed; retrying (RBAC: the agent needs get/create on nodeconvergences and patch on nodeconvergences/status)");
+                }
+                Err(_) => {
+                    self.metrics.status_writes.with_label_values(&["timeout"]).inc();
+                    tracing::warn!(node = %self.node, "writing the NodeConvergence status timed out");
+                }
+            }
+        }
+    }
+
+    async fn write(&self, draft: &StatusDraft) -> Result<(), kube::Error> {
+        let mut status = draft.status.clone();
+        status.heartbeat_time = Timestamp::now().to_rfc3339();
+        let patch = json!({"status": status});
+        match self
+            .api
+            .patch_status(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                let obj = NodeConvergence::new(
+                    &self.node,
+                    NodeConvergenceSpec {
+                        node_name: self.node.clone(),
+                    },
+                );
+                match self.api.create(&PostParams::default(), &obj).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 409 => {}
+                    Err(e) => return Err(e),
+                }
+                self.api
+                    .patch_status(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ())
+            }
+            other => other.map(|_| ()),
+        }
+    }
+}
+
+fn error_kind(e: &kube::Error) -> &'static str {
+    match e {
+        kube::Error::Api(s) if s.code == 403 => "forbidden",
+        kube::Error::Api(s) if s.code == 409 => "conflict",
+        kube::Error::Api(_) => "api_error",
+        _ => "error",
+    }
+}
