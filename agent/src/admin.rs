@@ -1,11 +1,11 @@
-//! The admin HTTP server: /metrics, /healthz and /readyz. It only reads shared state; it never
-//! blocks the agent's core loop.
+//! The admin HTTP server: /metrics, /healthz, /readyz and the preStop hold `/v1/hold`. It only
+//! reads shared state and the API; it never blocks the agent's core loop.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -38,18 +38,130 @@ impl Health {
     }
 }
 
+/// What the hold endpoint needs: API access, default options and a bound on concurrent holds.
+#[derive(Clone)]
+pub struct HoldContext {
+    pub client: kube::Client,
+    pub defaults: crate::hold::HoldOptions,
+    pub slots: Arc<tokio::sync::Semaphore>,
+}
+
 #[derive(Clone)]
 struct AdminState {
     metrics: Metrics,
     health: Arc<Health>,
+    hold: Option<HoldContext>,
 }
 
-pub fn router(metrics: Metrics, health: Arc<Health>) -> Router {
+pub fn router(metrics: Metrics, health: Arc<Health>, hold: Option<HoldContext>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(AdminState { metrics, health })
+        .route("/v1/hold", get(hold_handler))
+        .with_state(AdminState { metrics, health, hold })
+}
+
+fn json_response(code: StatusCode, body: serde_json::Value) -> axum::response::Response {
+    (code, [(header::CONTENT_TYPE, "application/json")], format!("{body}\n")).into_response()
+}
+
+fn bad_request(message: String) -> axum::response::Response {
+    json_response(StatusCode::BAD_REQUEST, serde_json::json!({"error": message}))
+}
+
+/// `GET /v1/hold?namespace=N&pod=P&timeout=T` (or `ip=`): 200 once the pod converged on every
+/// node, 504 on timeout naming the nodes still waited on, 400/404 on bad input, 429 when too
+/// many holds are in progress.
+async fn hold_handler(
+    State(s): State<AdminState>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> axum::response::Response {
+    use crate::hold::{hold_until_converged, HoldError, HoldTarget};
+    let Some(ctx) = s.hold.clone() else {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "holds are disabled on this agent"}),
+        );
+    };
+    for k in q.keys() {
+        if !["namespace", "pod", "ip", "timeout", "skipStaleAfter", "annotate"].contains(&k.as_str()) {
+            return bad_request(format!(
+                "unknown parameter {k:?}; use namespace, pod, ip, timeout, skipStaleAfter, annotate"
+            ));
+        }
+    }
+    let ip = match q.get("ip").map(|v| v.parse::<std::net::IpAddr>()) {
+        Some(Ok(ip)) => Some(ip),
+        Some(Err(_)) => return bad_request(format!("ip={:?} is not an IP address", q["ip"])),
+        None => None,
+    };
+    let pod = q.get("pod").filter(|p| !p.is_empty()).cloned();
+    let namespace = q.get("namespace").filter(|n| !n.is_empty()).cloned();
+    if pod.is_none() && ip.is_none() {
+        return bad_request("give pod= (with namespace=) or ip=".into());
+    }
+    if pod.is_some() && namespace.is_none() {
+        return bad_request("pod= needs namespace=".into());
+    }
+    let mut opts = ctx.defaults.clone();
+    if let Some(t) = q.get("timeout") {
+        match crate::config::parse_duration(t) {
+            Ok(d) if d > std::time::Duration::ZERO && d <= std::time::Duration::from_secs(3600) => opts.timeout = d,
+            _ => return bad_request(format!("timeout={t:?}: use a duration between 1ms and 1h, e.g. 25s")),
+        }
+    }
+    if let Some(t) = q.get("skipStaleAfter") {
+        match crate::config::parse_duration(t) {
+            Ok(d) => opts.skip_stale_after = Some(d),
+            Err(e) => return bad_request(format!("skipStaleAfter: {e}")),
+        }
+    }
+    let annotate = q.get("annotate").is_some_and(|v| v == "true" || v == "1");
+    let Ok(_slot) = ctx.slots.clone().try_acquire_owned() else {
+        return json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            serde_json::json!({"error": "too many holds in progress; retry"}),
+        );
+    };
+    s.metrics.holds_in_progress.inc();
+    let target = HoldTarget {
+        namespace: namespace.unwrap_or_default(),
+        pod,
+        ip,
+        ..Default::default()
+    };
+    let result = hold_until_converged(&ctx.client, &target, &opts, |_| {}).await;
+    s.metrics.holds_in_progress.dec();
+    match result {
+        Ok(report) if report.converged => {
+            s.metrics.holds.with_label_values(&["converged"]).inc();
+            if annotate {
+                if let Some(pod) = &report.pod {
+                    crate::isolate::annotate_converged(&ctx.client, &report.namespace, pod).await;
+                }
+            }
+            json_response(StatusCode::OK, serde_json::to_value(&report).unwrap_or_default())
+        }
+        Ok(report) => {
+            s.metrics.holds.with_label_values(&["timeout"]).inc();
+            let mut body = serde_json::to_value(&report).unwrap_or_default();
+            body["error"] = serde_json::json!(format!(
+                "timed out; still waiting on: {}",
+                report.waiting_on().join(", ")
+            ));
+            json_response(StatusCode::GATEWAY_TIMEOUT, body)
+        }
+        Err(e @ (HoldError::PodNotFound { .. } | HoldError::PodHasNoIp { .. })) => {
+            s.metrics.holds.with_label_values(&["not_found"]).inc();
+            json_response(StatusCode::NOT_FOUND, serde_json::json!({"error": e.to_string()}))
+        }
+        Err(e @ HoldError::BadRequest(_)) => bad_request(e.to_string()),
+        Err(e @ HoldError::Api(_)) => {
+            s.metrics.holds.with_label_values(&["error"]).inc();
+            json_response(StatusCode::BAD_GATEWAY, serde_json::json!({"error": e.to_string()}))
+        }
+    }
 }
 
 async fn metrics_handler(State(s): State<AdminState>) -> impl IntoResponse {
@@ -76,11 +188,11 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
     health: Arc<Health>,
+    hold: Option<HoldContext>,
 ) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = std::io::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    Ok((
-        local,
-        async move { axum::serve(listener, router(metrics, health)).await },
-    ))
+    Ok((local, async move {
+        axum::serve(listener, router(metrics, health, hold)).await
+    }))
 }

@@ -41,6 +41,8 @@ pub struct AgentConfig {
     pub samples: Option<mpsc::UnboundedSender<crate::tracker::LagSample>>,
     /// Publication of the NodeConvergence status; `None` disables it.
     pub status: Option<StatusConfig>,
+    /// Concurrent `/v1/hold` requests served at most.
+    pub max_holds: usize,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -103,7 +105,12 @@ pub async fn run_with_client(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let health = Arc::new(Health::default());
-    let (addr, server) = admin::serve(config.listen, metrics.clone(), health.clone())
+    let hold = admin::HoldContext {
+        client: client.clone(),
+        defaults: crate::hold::HoldOptions::default(),
+        slots: Arc::new(tokio::sync::Semaphore::new(config.max_holds)),
+    };
+    let (addr, server) = admin::serve(config.listen, metrics.clone(), health.clone(), Some(hold))
         .await
         .with_context(|| format!("binding the admin server to {}", config.listen))?;
     tracing::info!(%addr, node = %config.node_name, "admin server listening (/metrics, /healthz, /readyz)");

@@ -3,7 +3,10 @@
 use anyhow::Context;
 
 use crate::agent::{self, AgentConfig};
-use crate::config::{AgentArgs, BackendArg, Cli, Command, DataplaneArgs, InspectArgs, ModeArg, OutputFormat, SimArgs};
+use crate::config::{
+    AgentArgs, BackendArg, Cli, Command, DataplaneArgs, InspectArgs, IsolateArgs, ModeArg, OutputFormat, RestoreArgs,
+    SimArgs, StatusArgs, WaitArgs,
+};
 use crate::dataplane::{iptables::Backend, Mode};
 use crate::k8s::WatchScope;
 use crate::netns::NetNs;
@@ -44,6 +47,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", crate::crd::crd_yaml());
             Ok(())
         }
+        Command::Isolate(args) => run_isolate(args).await,
+        Command::Restore(args) => run_restore(args).await,
+        Command::Status(args) => run_status(args).await,
     }
 }
 
@@ -70,6 +76,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             status_interval: args.status_interval,
             heartbeat_interval: args.heartbeat_interval,
         }),
+        max_holds: 64,
     };
     agent::run(config, metrics).await
 }
@@ -122,5 +129,113 @@ async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
         anyhow::bail!("not every node converged before the timeout (rows with '-')");
     }
     println!("every node converged; the agents' lags are never earlier than the kernel truth (AGENT - TRUTH >= 0)");
+    Ok(())
+}
+
+async fn cluster_client() -> anyhow::Result<kube::Client> {
+    kube::Client::try_default()
+        .await
+        .context("connecting to the cluster (KUBECONFIG, ~/.kube/config or in-cluster config): check that one is present and valid")
+}
+
+fn hold_options(w: &WaitArgs) -> crate::hold::HoldOptions {
+    crate::hold::HoldOptions {
+        timeout: w.timeout,
+        stale_after: w.stale_after,
+        skip_stale_after: w.skip_stale_after,
+        ..Default::default()
+    }
+}
+
+fn finish(report: &crate::hold::HoldReport, what: &str) -> anyhow::Result<()> {
+    print!("{}", report.table());
+    if report.converged {
+        println!("{what} converged on every node after {:.1}s", report.waited_seconds);
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "timed out after {:.0}s; still waiting on: {}",
+            report.waited_seconds,
+            report.waiting_on().join(", ")
+        )
+    }
+}
+
+async fn run_isolate(args: IsolateArgs) -> anyhow::Result<()> {
+    use crate::isolate::Relabel;
+    let client = cluster_client().await?;
+    let ns = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let relabel = match (&args.label, &args.remove_label) {
+        (Some(l), _) => {
+            let (k, v) = l
+                .split_once('=')
+                .context("--label takes KEY=VALUE, e.g. app=test-offline")?;
+            Relabel::Set(k.into(), v.into())
+        }
+        (None, Some(k)) => Relabel::Remove(k.clone()),
+        (None, None) => Relabel::Default,
+    };
+    let mut progress = crate::isolate::Progress::default();
+    let report = crate::isolate::isolate(
+        &client,
+        &ns,
+        &args.pod,
+        relabel,
+        &hold_options(&args.wait),
+        &mut progress,
+    )
+    .await?;
+    finish(&report, &format!("isolation of {ns}/{}", args.pod))?;
+    if args.delete {
+        crate::isolate::delete_pod(&client, &ns, &args.pod).await?;
+        println!("deleted pod {ns}/{}", args.pod);
+    }
+    Ok(())
+}
+
+async fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let client = cluster_client().await?;
+    let ns = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let mut progress = crate::isolate::Progress::default();
+    let report = crate::isolate::restore(&client, &ns, &args.pod, &hold_options(&args.wait), &mut progress).await?;
+    finish(&report, &format!("restore of {ns}/{}", args.pod))
+}
+
+async fn run_status(args: StatusArgs) -> anyhow::Result<()> {
+    let client = cluster_client().await?;
+    match args.pod {
+        None => print!("{}", crate::isolate::status_table(&client).await?),
+        Some(pod) => {
+            let ns = args
+                .namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_string());
+            let target = crate::hold::HoldTarget {
+                namespace: ns,
+                pod: Some(pod),
+                ..Default::default()
+            };
+            let opts = crate::hold::HoldOptions {
+                timeout: std::time::Duration::ZERO,
+                ..Default::default()
+            };
+            let report = crate::hold::hold_until_converged(&client, &target, &opts, |_| {}).await?;
+            print!("{}", report.table());
+            println!(
+                "{}",
+                if report.converged {
+                    "converged everywhere"
+                } else {
+                    "not converged everywhere"
+                }
+            );
+        }
+    }
     Ok(())
 }

@@ -39,6 +39,63 @@ pub enum Command {
     Sim(SimArgs),
     /// Print the NodeConvergence CustomResourceDefinition (YAML).
     Crd,
+    /// Relabel a pod out of its Services and wait until every node stopped routing to it.
+    Isolate(IsolateArgs),
+    /// Put back the labels `isolate` changed and wait until every node routes to the pod again.
+    Restore(RestoreArgs),
+    /// Show every node's convergence state, or one pod's.
+    Status(StatusArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct WaitArgs {
+    /// Give up after this long (exit non-zero).
+    #[arg(long, env = "KUBE_CONVERGE_TIMEOUT", value_parser = parse_duration, default_value = "2m")]
+    pub timeout: Duration,
+    /// A node whose agent heartbeat is older than this is stale.
+    #[arg(long, env = "KUBE_CONVERGE_STALE_AFTER", value_parser = parse_duration, default_value = "90s")]
+    pub stale_after: Duration,
+    /// Stop waiting for stale nodes and nodes without an agent after this long (default: wait).
+    #[arg(long, env = "KUBE_CONVERGE_SKIP_STALE_AFTER", value_parser = parse_duration)]
+    pub skip_stale_after: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct IsolateArgs {
+    /// The pod to isolate.
+    pub pod: String,
+    /// Its namespace (default: the kubeconfig context's).
+    #[arg(short, long, env = "KUBE_CONVERGE_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Set this label (KEY=VALUE), e.g. app=test-offline. Default: the first selector key of the
+    /// pod's first Service, with "-offline" appended to its value.
+    #[arg(long, conflicts_with = "remove_label")]
+    pub label: Option<String>,
+    /// Remove this label instead.
+    #[arg(long)]
+    pub remove_label: Option<String>,
+    /// Delete the pod once every node has converged.
+    #[arg(long)]
+    pub delete: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct RestoreArgs {
+    pub pod: String,
+    #[arg(short, long, env = "KUBE_CONVERGE_NAMESPACE")]
+    pub namespace: Option<String>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct StatusArgs {
+    /// Show this pod's convergence on every node instead of the node summary.
+    pub pod: Option<String>,
+    #[arg(short, long, env = "KUBE_CONVERGE_NAMESPACE")]
+    pub namespace: Option<String>,
 }
 
 #[derive(Clone, Debug, Args)]

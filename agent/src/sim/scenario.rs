@@ -310,6 +310,7 @@ impl SimCluster {
                 status_interval: Duration::from_secs(1),
                 heartbeat_interval: Duration::from_secs(30),
             }),
+            max_holds: 64,
         };
         let (stop_tx, mut stop_rx) = watch::channel(false);
         node.stop = Some(stop_tx);

@@ -1,0 +1,262 @@
+//! Holds and `isolate` on the simulated cluster: a hold is released only after every node's
+//! kernel stopped routing to the pod (checked against the emulators' ground truth).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use kube_converge::hold::HoldOptions;
+use kube_converge::model::{ChangeKind, EndpointKey, Timestamp};
+use kube_converge::sim::node::{Delay, ProxyMode};
+use kube_converge::sim::scenario::{preflight, SimCluster, SimOptions};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn options(slow: &[(&str, u64)]) -> Option<SimOptions> {
+    if let Err(e) = preflight(ProxyMode::Iptables) {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{e}");
+        }
+        eprintln!("SKIPPED: {e}");
+        return None;
+    }
+    Some(SimOptions {
+        nodes: 3,
+        proxy_mode: ProxyMode::Iptables,
+        delay: Delay {
+            base: Duration::from_millis(50),
+            jitter: Duration::from_millis(100),
+        },
+        slow: slow
+            .iter()
+            .map(|(n, ms)| (n.to_string(), Duration::from_millis(*ms)))
+            .collect::<BTreeMap<_, _>>(),
+        grace: Duration::from_secs(2),
+        timeout: Duration::from_secs(30),
+        metrics_port: 0,
+        keep: false,
+    })
+}
+
+async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let code = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+fn node1(sim: &SimCluster) -> SocketAddr {
+    sim.metrics_addrs()["node-1"]
+}
+
+fn is_ip(ip: &'static str) -> impl Fn(&EndpointKey) -> bool {
+    move |k| k.endpoint.ip().to_string() == ip
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_is_released_only_after_the_slowest_nodes_kernel_dropped_the_pod() {
+    let Some(opts) = options(&[("node-3", 1500)]) else {
+        return;
+    };
+    let mut sim = SimCluster::start(&opts).await.unwrap();
+    let addr = node1(&sim);
+    // Two holds at once: the pod being deleted, and (by IP) the same pod.
+    let a = tokio::spawn(async move {
+        let r = get(addr, "/v1/hold?namespace=demo&pod=web-0&timeout=25s").await;
+        (r, Timestamp::now())
+    });
+    let b = tokio::spawn(async move { get(addr, "/v1/hold?ip=10.244.1.10&namespace=demo&timeout=25s").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sim.cluster().delete("Pod", "demo", "web-0", Some(20)).unwrap();
+    let rows = sim.collect(ChangeKind::Removed, is_ip("10.244.1.10"), 1).await.unwrap();
+    let ((code, body), released) = a.await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["converged"], true);
+    assert_eq!(body["nodes"].as_array().unwrap().len(), 3, "{body}");
+    for r in &rows {
+        let t = r.truth.as_ref().unwrap_or_else(|| panic!("no truth for {}", r.node));
+        assert!(
+            released >= t.write_finished,
+            "hold released before {}'s kernel dropped the pod (released {released:?}, kernel {:?})",
+            r.node,
+            t.write_finished
+        );
+    }
+    let (code_b, body_b) = b.await.unwrap();
+    assert_eq!(code_b, 200, "{body_b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_and_unknown_hold_requests() {
+    let Some(opts) = options(&[]) else { return };
+    let sim = SimCluster::start(&opts).await.unwrap();
+    let addr = node1(&sim);
+    for path in [
+        "/v1/hold",
+        "/v1/hold?pod=web-0",
+        "/v1/hold?ip=not-an-ip",
+        "/v1/hold?namespace=demo&pod=web-0&timeout=soon",
+        "/v1/hold?bogus=1",
+    ] {
+        assert_eq!(get(addr, path).await.0, 400, "{path}");
+    }
+    let (code, body) = get(addr, "/v1/hold?namespace=demo&pod=nope&timeout=2s").await;
+    assert_eq!(code, 404, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("demo/nope"));
+    // A pod that is not being removed times out with 504, naming the nodes.
+    let (code, body) = get(addr, "/v1/hold?namespace=demo&pod=web-2&timeout=1s").await;
+    assert_eq!(code, 504, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("node-1"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_an_agent_blocks_until_skipped() {
+    let Some(opts) = options(&[]) else { return };
+    let sim = SimCluster::start(&opts).await.unwrap();
+    sim.cluster()
+        .apply(json!({"kind": "Node", "metadata": {"name": "node-9"},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]}}));
+    let addr = node1(&sim);
+    sim.cluster().delete("Pod", "demo", "web-0", Some(20)).unwrap();
+    let (code, body) = get(addr, "/v1/hold?namespace=demo&pod=web-0&timeout=4s").await;
+    assert_eq!(code, 504, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("node-9 (no-agent)"), "{body}");
+    let (code, body) = get(addr, "/v1/hold?namespace=demo&pod=web-0&timeout=10s&skipStaleAfter=1s").await;
+    assert_eq!(code, 200, "{body}");
+    let skipped: Vec<&Value> = body["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["state"] == "skipped")
+        .collect();
+    assert_eq!(skipped.len(), 1);
+    assert_eq!(skipped[0]["node"], "node-9");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_survives_an_agent_restart() {
+    let Some(opts) = options(&[("node-2", 2500)]) else {
+        return;
+    };
+    let mut sim = SimCluster::start(&opts).await.unwrap();
+    let addr = node1(&sim);
+    let hold = tokio::spawn(async move { get(addr, "/v1/hold?namespace=demo&pod=web-0&timeout=25s").await });
+    sim.cluster().delete("Pod", "demo", "web-0", Some(20)).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sim.stop_agent(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sim.start_agent(1).await.unwrap();
+    let (code, body) = hold.await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["state"] == "converged"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolate_and_restore_from_the_cli_and_the_timeout_path() {
+    let Some(opts) = options(&[("node-3", 1000)]) else {
+        return;
+    };
+    let sim = SimCluster::start(&opts).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, sim.api.kubeconfig()).unwrap();
+    let run = move |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kube-converge"))
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let started = Instant::now();
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let run = run.clone();
+        move || run(&["isolate", "web-1", "-n", "demo", "--timeout", "20s"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "node-3 needs 1 s: the command cannot finish before"
+    );
+    for node in ["node-1", "node-2", "node-3"] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(node))
+            .unwrap_or_else(|| panic!("{node} missing:\n{out}"));
+        assert!(line.contains("converged"), "{line}");
+        assert!(line.contains('s'), "a lag in seconds: {line}");
+    }
+    let pod = sim.cluster().get("Pod", "demo", "web-1").unwrap();
+    assert_eq!(pod["metadata"]["labels"]["app"], "web-offline");
+    assert!(pod["metadata"]["annotations"]["converge.kube-converge.io/converged"].is_string());
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let run = run.clone();
+        move || run(&["restore", "web-1", "-n", "demo", "--timeout", "20s"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(
+        sim.cluster().get("Pod", "demo", "web-1").unwrap()["metadata"]["labels"]["app"],
+        "web"
+    );
+    // The timeout path: node-3 needs 1 s, the command allows 300 ms.
+    let (code, _out, err) =
+        tokio::task::spawn_blocking(move || run(&["isolate", "web-2", "-n", "demo", "--timeout", "300ms"]))
+            .await
+            .unwrap();
+    assert_ne!(code, Some(0));
+    assert!(err.contains("timed out") && err.contains("node-3"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolate_as_a_library_reports_per_node_lags() {
+    let Some(opts) = options(&[]) else { return };
+    let sim = SimCluster::start(&opts).await.unwrap();
+    let kc = kube::config::Kubeconfig::from_yaml(&sim.api.kubeconfig()).unwrap();
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let mut progress = kube_converge::isolate::Progress::default();
+    let opts = HoldOptions {
+        timeout: Duration::from_secs(20),
+        ..Default::default()
+    };
+    let relabel = kube_converge::isolate::Relabel::Set("app".into(), "web-offline".into());
+    let report = kube_converge::isolate::isolate(&client, "demo", "web-1", relabel, &opts, &mut progress)
+        .await
+        .unwrap();
+    assert!(report.converged);
+    assert!(
+        report.nodes.iter().all(|n| n.lag_seconds.is_some()),
+        "{}",
+        report.table()
+    );
+    // Isolating with a label that keeps the pod selected is refused.
+    let keep = kube_converge::isolate::Relabel::Set("tier".into(), "x".into());
+    let err = kube_converge::isolate::isolate(&client, "demo", "web-2", keep, &opts, &mut progress)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("still be selected"), "{err}");
+}
