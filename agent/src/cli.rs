@@ -76,7 +76,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             status_interval: args.status_interval,
             heartbeat_interval: args.heartbeat_interval,
         }),
-        max_holds: 64,
+        max_holds: args.max_holds,
     };
     agent::run(config, metrics).await
 }

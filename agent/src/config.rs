@@ -209,7 +209,10 @@ pub struct AgentArgs {
     /// Publish this node's NodeConvergence status (needed by holds and `isolate`).
     #[arg(long, env = "KUBE_CONVERGE_PUBLISH_STATUS", default_value_t = true, action = clap::ArgAction::Set)]
     pub publish_status: bool,
-    /// Address of the HTTP server for /metrics, /healthz and /readyz.
+    /// Concurrent /v1/hold requests served at most (more get 429).
+    #[arg(long, env = "KUBE_CONVERGE_MAX_HOLDS", default_value_t = 64)]
+    pub max_holds: usize,
+    /// Address of the HTTP server for /metrics, /healthz, /readyz and /v1/hold.
     #[arg(long, env = "KUBE_CONVERGE_LISTEN", default_value = "0.0.0.0:9108")]
     pub listen: SocketAddr,
 }

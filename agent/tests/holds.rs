@@ -260,3 +260,54 @@ async fn isolate_as_a_library_reports_per_node_lags() {
         .unwrap_err();
     assert!(err.to_string().contains("still be selected"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_works_as_a_kubectl_plugin() {
+    let Some(opts) = options(&[]) else { return };
+    let sim = SimCluster::start(&opts).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("kubectl-converge");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_kube-converge"), &plugin).unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, sim.api.kubeconfig()).unwrap();
+    // Wait for every agent's first status write.
+    let start = Instant::now();
+    let published = || {
+        sim.cluster()
+            .list("NodeConvergence")
+            .iter()
+            .filter(|n| n["status"]["mode"] == "iptables")
+            .count()
+    };
+    while published() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "agents never published their status"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kubectl_present =
+        std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("kubectl").is_file()));
+    let path = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap_or_default());
+    let out = if kubectl_present {
+        // Exactly as a user types it: kubectl finds kubectl-converge on PATH.
+        std::process::Command::new("kubectl")
+            .args(["converge", "status"])
+            .env("PATH", &path)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+    } else {
+        eprintln!("kubectl not installed: running the plugin binary directly");
+        std::process::Command::new(&plugin)
+            .arg("status")
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+    }
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.starts_with("NODE") && text.contains("node-1") && text.contains("iptables"),
+        "{text}"
+    );
+}
