@@ -49,6 +49,8 @@ pub struct AgentConfig {
 pub struct StatusConfig {
     pub status_interval: Duration,
     pub heartbeat_interval: Duration,
+    pub budget_interval: Duration,
+    pub burst: u32,
 }
 
 type SliceId = (String, String);
@@ -148,6 +150,8 @@ pub async fn run_with_client(
             node: config.node_name.clone(),
             status_interval: sc.status_interval,
             heartbeat_interval: sc.heartbeat_interval,
+            budget_interval: sc.budget_interval,
+            burst: sc.burst,
             metrics: metrics.clone(),
         };
         tasks.spawn(publisher.run(status_rx));

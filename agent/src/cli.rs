@@ -75,6 +75,8 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         status: args.publish_status.then_some(crate::agent::StatusConfig {
             status_interval: args.status_interval,
             heartbeat_interval: args.heartbeat_interval,
+            budget_interval: args.status_budget,
+            burst: args.status_burst,
         }),
         max_holds: args.max_holds,
     };

@@ -206,6 +206,12 @@ pub struct AgentArgs {
     /// A heartbeat status write when nothing changes.
     #[arg(long, env = "KUBE_CONVERGE_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "30s")]
     pub heartbeat_interval: Duration,
+    /// Sustained status-write budget: on average one write per this interval (node leases: 10s).
+    #[arg(long, env = "KUBE_CONVERGE_STATUS_BUDGET", value_parser = parse_duration, default_value = "10s")]
+    pub status_budget: Duration,
+    /// Writes allowed in a burst at --status-interval before the budget applies.
+    #[arg(long, env = "KUBE_CONVERGE_STATUS_BURST", default_value_t = 10)]
+    pub status_burst: u32,
     /// Publish this node's NodeConvergence status (needed by holds and `isolate`).
     #[arg(long, env = "KUBE_CONVERGE_PUBLISH_STATUS", default_value_t = true, action = clap::ArgAction::Set)]
     pub publish_status: bool,

@@ -128,29 +128,73 @@ pub struct Publisher {
     pub node: String,
     pub status_interval: Duration,
     pub heartbeat_interval: Duration,
+    /// Sustained budget: on average at most one write per this interval (kubelet's node lease
+    /// renews every 10 s), with bursts of up to `burst` writes at `status_interval`.
+    pub budget_interval: Duration,
+    pub burst: u32,
     pub metrics: Metrics,
+}
+
+/// A token bucket: `burst` tokens, refilled at one per `every`.
+#[derive(Debug)]
+pub struct WriteBudget {
+    tokens: f64,
+    burst: f64,
+    every: Duration,
+    refilled: Instant,
+}
+
+impl WriteBudget {
+    pub fn new(burst: u32, every: Duration, now: Instant) -> Self {
+        Self {
+            tokens: f64::from(burst),
+            burst: f64::from(burst),
+            every,
+            refilled: now,
+        }
+    }
+
+    /// When the next write may happen (`now` if a token is available).
+    pub fn next_allowed(&mut self, now: Instant) -> Instant {
+        let gained = now.saturating_duration_since(self.refilled).as_secs_f64() / self.every.as_secs_f64().max(1e-9);
+        self.tokens = (self.tokens + gained).min(self.burst);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            now
+        } else {
+            now + self.every.mul_f64(1.0 - self.tokens)
+        }
+    }
+
+    pub fn spend(&mut self) {
+        self.tokens -= 1.0;
+    }
 }
 
 impl Publisher {
     pub async fn run(self, mut drafts: watch::Receiver<Arc<StatusDraft>>) -> anyhow::Result<()> {
         let mut written: Option<Arc<StatusDraft>> = None;
         let mut last_write: Option<Instant> = None;
+        let mut budget = WriteBudget::new(self.burst.max(1), self.budget_interval, Instant::now());
         loop {
             let heartbeat_due = last_write.map_or_else(Instant::now, |t| t + self.heartbeat_interval);
             tokio::select! {
                 changed = drafts.changed() => if changed.is_err() { return Ok(()) },
                 _ = tokio::time::sleep_until(heartbeat_due.into()) => {}
             }
-            // Coalesce: no more than one write per status interval.
+            // Coalesce: no more than one write per status interval, and within the budget.
             if let Some(t) = last_write {
                 tokio::time::sleep_until((t + self.status_interval).into()).await;
             }
+            let allowed = budget.next_allowed(Instant::now());
+            tokio::time::sleep_until(allowed.into()).await;
             let draft = drafts.borrow_and_update().clone();
             let heartbeat = last_write.is_none_or(|t| t.elapsed() >= self.heartbeat_interval);
             if !heartbeat && written.as_deref() == Some(&*draft) {
                 continue;
             }
             last_write = Some(Instant::now());
+            budget.spend();
             match tokio::time::timeout(WRITE_TIMEOUT, self.write(&draft)).await {
                 Ok(Ok(())) => {
                     self.metrics.status_writes.with_label_values(&["ok"]).inc();
@@ -205,5 +249,59 @@ fn error_kind(e: &kube::Error) -> &'static str {
         kube::Error::Api(s) if s.code == 409 => "conflict",
         kube::Error::Api(_) => "api_error",
         _ => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_allows_bursts_then_one_write_per_interval() {
+        let t0 = Instant::now();
+        let mut b = WriteBudget::new(3, Duration::from_secs(10), t0);
+        for _ in 0..3 {
+            assert_eq!(b.next_allowed(t0), t0);
+            b.spend();
+        }
+        let next = b.next_allowed(t0);
+        assert_eq!(next, t0 + Duration::from_secs(10));
+        assert_eq!(
+            b.next_allowed(t0 + Duration::from_secs(10)),
+            t0 + Duration::from_secs(10)
+        );
+        b.spend();
+        assert!(b.next_allowed(t0 + Duration::from_secs(15)) > t0 + Duration::from_secs(15));
+    }
+
+    #[test]
+    fn percentiles_and_recent_list_are_bounded() {
+        let mut lags = RecentLags::default();
+        assert_eq!(lags.percentile(0.99), None);
+        let key = crate::model::EndpointKey::new(
+            crate::model::ServicePortName::new("ns", "svc", "p"),
+            crate::model::Protocol::Tcp,
+            "10.0.0.1:80".parse().unwrap(),
+        );
+        for i in 0..2000 {
+            lags.push(&LagSample {
+                key: key.clone(),
+                kind: crate::model::ChangeKind::Removed,
+                reason: crate::model::ChangeReason::Deleted,
+                lag: f64::from(i) / 1000.0,
+                lag_clamped: false,
+                end_to_end: None,
+                end_to_end_clamped: false,
+                programmed_at: Timestamp::from_millis(0),
+                error_bound: Duration::ZERO,
+                read_trigger: crate::tracker::ReadTrigger::Event,
+                resource_version: 1,
+                trigger: None,
+            });
+        }
+        assert_eq!(lags.lags.len(), LAG_WINDOW);
+        assert_eq!(lags.recent.len(), RECENT_LISTED);
+        assert_eq!(lags.percentile(0.5), Some(1.5));
+        assert_eq!(lags.percentile(0.99), Some(1.989));
     }
 }

@@ -127,8 +127,35 @@ impl Metrics {
         for c in collectors {
             m.registry.register(c)?;
         }
+        // Known label values start at zero, so every series exists from the first scrape and
+        // rate() and alerts see a 0 -> 1 step instead of a series appearing.
         for state in ["pending", "unknown", "timed_out"] {
             m.pending.with_label_values(&[state]).set(0);
+        }
+        for kind in [
+            "tool_missing",
+            "tool_failed",
+            "unparseable",
+            "netns",
+            "netlink",
+            "not_found",
+            "partial",
+        ] {
+            m.dataplane_read_errors.with_label_values(&[kind]);
+        }
+        for resource in ["endpointslices", "services"] {
+            m.watch_restarts.with_label_values(&[resource]);
+        }
+        for outcome in ["converged", "timeout", "not_found", "error"] {
+            m.holds.with_label_values(&[outcome]);
+        }
+        for result in ["ok", "forbidden", "conflict", "api_error", "timeout", "error"] {
+            m.status_writes.with_label_values(&[result]);
+        }
+        for change in ["removed", "added"] {
+            for outcome in ["converged", "converged_unsampled", "timed_out", "superseded"] {
+                m.changes.with_label_values(&[change, outcome]);
+            }
         }
         Ok(m)
     }

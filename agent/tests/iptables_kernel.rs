@@ -252,3 +252,40 @@ fn missing_binaries_and_missing_permissions_give_clear_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("CAP_NET_ADMIN"), "unclear error: {err}");
 }
+
+/// Which capabilities the readers need, as the DaemonSet grants them: NET_ADMIN for netlink
+/// (iptables-nft, nftables), NET_RAW too for iptables-legacy's raw socket.
+#[test]
+fn readers_need_net_admin_and_legacy_needs_net_raw() {
+    if !prerequisites() || !require(&["setpriv", "nft"]) {
+        return;
+    }
+    let ns = Netns::new("caps");
+    ns.run("iptables-legacy", &["-t", "nat", "-N", "KUBE-SERVICES"]);
+    ns.run("iptables-nft", &["-t", "nat", "-N", "KUBE-SERVICES"]);
+    ns.run("nft", &["add", "table", "ip", "kube-proxy"]);
+    let run = |caps: &str, args: &[&str]| {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &ns.name,
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ]);
+        cmd.arg(format!("--inh-caps={caps}"))
+            .arg(format!("--ambient-caps={caps}"));
+        cmd.arg(env!("CARGO_BIN_EXE_kube-converge")).arg("inspect").args(args);
+        cmd.output().unwrap().status.success()
+    };
+    let nft = ["--mode", "iptables", "--iptables-backend", "nft"];
+    let legacy = ["--mode", "iptables", "--iptables-backend", "legacy"];
+    let nftables = ["--mode", "nftables"];
+    assert!(!run("-all", &nft), "without capabilities nothing is readable");
+    assert!(run("+net_admin", &nft));
+    assert!(run("+net_admin", &nftables));
+    assert!(!run("+net_admin", &legacy), "iptables-legacy-save also needs NET_RAW");
+    assert!(run("+net_admin,+net_raw", &legacy));
+}

@@ -20,10 +20,15 @@ use serde_json::{json, Value};
 use super::selector::LabelSelector;
 use super::store::{resource_by_plural, Cluster, Part, StoreError, StoredEvent};
 
+/// One kind of request a client made: (user, verb, API group, resource[/subresource]), the
+/// user being the bearer token. Used to check RBAC rules against what the code really calls.
+pub type RequestKind = (String, String, String, String);
+
 #[derive(Clone)]
 struct ServerState {
     cluster: Cluster,
     bookmark_interval: Duration,
+    requests: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<RequestKind>>>,
 }
 
 /// A running fake API server on loopback.
@@ -31,6 +36,7 @@ pub struct FakeApiServer {
     cluster: Cluster,
     addr: SocketAddr,
     bookmark_interval: Duration,
+    requests: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<RequestKind>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -53,16 +59,20 @@ fn ok_json(v: &Value) -> Response {
     (StatusCode::OK, [("content-type", "application/json")], v.to_string()).into_response()
 }
 
+type Requests = std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<RequestKind>>>;
+
 async fn serve(
     cluster: Cluster,
     addr: SocketAddr,
     bookmark_interval: Duration,
+    requests: Requests,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let app = axum::Router::new().fallback(handle).with_state(ServerState {
         cluster,
         bookmark_interval,
+        requests,
     });
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -81,13 +91,20 @@ impl FakeApiServer {
     }
 
     pub async fn start_with(cluster: Cluster, addr: SocketAddr, bookmark_interval: Duration) -> std::io::Result<Self> {
-        let (addr, task) = serve(cluster.clone(), addr, bookmark_interval).await?;
+        let requests = Requests::default();
+        let (addr, task) = serve(cluster.clone(), addr, bookmark_interval, requests.clone()).await?;
         Ok(Self {
             cluster,
             addr,
             bookmark_interval,
+            requests,
             task,
         })
+    }
+
+    /// The kinds of request each user made so far.
+    pub fn requests(&self) -> std::collections::BTreeSet<RequestKind> {
+        self.requests.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
     /// Stops serving and cuts every watch, as an API server going down does. The objects stay.
@@ -100,7 +117,14 @@ impl FakeApiServer {
     pub async fn resume(&mut self) -> std::io::Result<()> {
         let mut last = None;
         for _ in 0..50 {
-            match serve(self.cluster.clone(), self.addr, self.bookmark_interval).await {
+            match serve(
+                self.cluster.clone(),
+                self.addr,
+                self.bookmark_interval,
+                std::sync::Arc::clone(&self.requests),
+            )
+            .await
+            {
                 Ok((_, task)) => {
                     self.task = task;
                     return Ok(());
@@ -126,8 +150,13 @@ impl FakeApiServer {
 
     /// A kubeconfig pointing kube-rs at this server.
     pub fn kubeconfig(&self) -> String {
+        self.kubeconfig_for("anonymous")
+    }
+
+    /// A kubeconfig whose bearer token names `user` in `requests()`.
+    pub fn kubeconfig_for(&self, user: &str) -> String {
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: sim\n  cluster:\n    server: {}\nusers:\n- name: sim\n  user: {{}}\ncontexts:\n- name: sim\n  context:\n    cluster: sim\n    user: sim\ncurrent-context: sim\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: sim\n  cluster:\n    server: {}\nusers:\n- name: sim\n  user:\n    token: {user}\ncontexts:\n- name: sim\n  context:\n    cluster: sim\n    user: sim\ncurrent-context: sim\n",
             self.url()
         )
     }
@@ -322,6 +351,30 @@ async fn handle(
         }
     };
     let q = query_map(&uri);
+    let verb = match (&method, req.name.is_some()) {
+        (&Method::GET, true) => "get",
+        (&Method::GET, false) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => "watch",
+        (&Method::GET, false) => "list",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, _) => "delete",
+        _ => "other",
+    };
+    let user = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("anonymous")
+        .to_string();
+    let group = req.api_version.rsplit_once('/').map_or("", |(g, _)| g).to_string();
+    let resource = match &req.subresource {
+        Some(sub) => format!("{}/{sub}", req.plural),
+        None => req.plural.to_string(),
+    };
+    if let Ok(mut r) = state.requests.lock() {
+        r.insert((user, verb.to_string(), group, resource));
+    }
     let ns = req.namespace.clone().unwrap_or_default();
     if req.namespaced && req.name.is_some() && req.namespace.is_none() {
         return status(

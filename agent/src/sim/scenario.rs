@@ -282,7 +282,7 @@ impl SimCluster {
 
     /// Starts (or restarts) the agent of node `i`; it keeps its metrics address.
     pub async fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
-        let kubeconfig = kube::config::Kubeconfig::from_yaml(&self.api.kubeconfig())?;
+        let kubeconfig = kube::config::Kubeconfig::from_yaml(&self.api.kubeconfig_for("agent"))?;
         let client =
             kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?)?;
         let node = &mut self.nodes[i];
@@ -309,6 +309,8 @@ impl SimCluster {
             status: Some(crate::agent::StatusConfig {
                 status_interval: Duration::from_secs(1),
                 heartbeat_interval: Duration::from_secs(30),
+                budget_interval: Duration::from_secs(10),
+                burst: 10,
             }),
             max_holds: 64,
         };

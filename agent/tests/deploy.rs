@@ -1,0 +1,331 @@
+//! The install manifests: they parse into the typed Kubernetes objects, kustomize renders
+//! them, the RBAC roles grant exactly what the code calls (recorded by the fake API server),
+//! and every metric the dashboard and the alerts use is exported by a real agent.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube_converge::sim::node::{Delay, ProxyMode};
+use kube_converge::sim::scenario::{preflight, SimCluster, SimOptions};
+use serde_json::Value;
+
+const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            yaml_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "yaml") && p.file_name().is_some_and(|n| n != "kustomization.yaml")
+        {
+            out.push(p);
+        }
+    }
+}
+
+fn documents() -> Vec<(PathBuf, Value)> {
+    let mut files = Vec::new();
+    yaml_files(Path::new(DEPLOY), &mut files);
+    files.sort();
+    files
+        .into_iter()
+        .flat_map(|f| {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let docs: Vec<Value> =
+                serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            docs.into_iter().filter(|d| !d.is_null()).map(move |d| (f.clone(), d))
+        })
+        .collect()
+}
+
+fn typed<T: serde::de::DeserializeOwned>(f: &Path, d: &Value) -> T {
+    serde_json::from_value(d.clone()).unwrap_or_else(|e| panic!("{}: not a valid {}: {e}", f.display(), d["kind"]))
+}
+
+#[test]
+fn every_manifest_parses_into_typed_objects() {
+    let docs = documents();
+    let mut kinds = BTreeSet::new();
+    for (f, d) in &docs {
+        let kind = d["kind"].as_str().unwrap_or_else(|| panic!("{}: no kind", f.display()));
+        kinds.insert(kind.to_string());
+        match kind {
+            "Namespace" => drop(typed::<Namespace>(f, d)),
+            "ServiceAccount" => drop(typed::<ServiceAccount>(f, d)),
+            "ClusterRole" => drop(typed::<ClusterRole>(f, d)),
+            "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(f, d)),
+            "Service" => drop(typed::<Service>(f, d)),
+            "CustomResourceDefinition" => drop(typed::<CustomResourceDefinition>(f, d)),
+            "DaemonSet" => {
+                let ds: DaemonSet = typed(f, d);
+                let pod = ds.spec.template.spec.unwrap();
+                assert_eq!(pod.host_network, Some(true));
+                assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
+                assert!(pod
+                    .tolerations
+                    .unwrap()
+                    .iter()
+                    .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()));
+                let c = &pod.containers[0];
+                let sc = c.security_context.clone().unwrap();
+                assert_eq!(sc.read_only_root_filesystem, Some(true));
+                assert_eq!(sc.allow_privilege_escalation, Some(false));
+                let caps = sc.capabilities.unwrap();
+                assert_eq!(caps.drop.unwrap(), ["ALL"]);
+                assert_eq!(caps.add.unwrap(), ["NET_ADMIN", "NET_RAW"]);
+                let env = c.env.clone().unwrap();
+                let node = env.iter().find(|e| e.name == "NODE_NAME").unwrap();
+                assert_eq!(
+                    node.value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path,
+                    "spec.nodeName"
+                );
+                assert_eq!(
+                    c.liveness_probe
+                        .as_ref()
+                        .unwrap()
+                        .http_get
+                        .as_ref()
+                        .unwrap()
+                        .path
+                        .as_deref(),
+                    Some("/healthz")
+                );
+                assert_eq!(
+                    c.readiness_probe
+                        .as_ref()
+                        .unwrap()
+                        .http_get
+                        .as_ref()
+                        .unwrap()
+                        .path
+                        .as_deref(),
+                    Some("/readyz")
+                );
+                assert!(c
+                    .resources
+                    .as_ref()
+                    .unwrap()
+                    .limits
+                    .as_ref()
+                    .unwrap()
+                    .contains_key("memory"));
+            }
+            "ServiceMonitor" | "PrometheusRule" => {
+                assert_eq!(d["apiVersion"], "monitoring.coreos.com/v1", "{}", f.display());
+                assert!(d["spec"].is_object());
+            }
+            other => panic!("{}: unexpected kind {other}", f.display()),
+        }
+    }
+    for k in [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "DaemonSet",
+        "Service",
+        "CustomResourceDefinition",
+        "ServiceMonitor",
+        "PrometheusRule",
+    ] {
+        assert!(kinds.contains(k), "no {k} in deploy/");
+    }
+}
+
+#[test]
+fn kustomize_renders_base_and_monitoring_overlay() {
+    if !common::require(&["kubectl"]) {
+        return;
+    }
+    for dir in ["base", "overlays/monitoring"] {
+        let out = std::process::Command::new("kubectl")
+            .args(["kustomize", &format!("{DEPLOY}/{dir}")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{dir}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("kind: DaemonSet"), "{dir}");
+        if dir.contains("monitoring") {
+            assert!(
+                text.contains("grafana_dashboard: \"1\"") && text.contains("kube-converge-dashboard"),
+                "{text}"
+            );
+        }
+    }
+}
+
+/// (verb, group, resource) granted by a ClusterRole in deploy/base.
+fn granted(role: &str) -> BTreeSet<(String, String, String)> {
+    let (f, d) = documents()
+        .into_iter()
+        .find(|(_, d)| d["kind"] == "ClusterRole" && d["metadata"]["name"] == role)
+        .unwrap_or_else(|| panic!("no ClusterRole {role}"));
+    let role: ClusterRole = typed(&f, &d);
+    let mut out = BTreeSet::new();
+    for rule in role.rules.unwrap_or_default() {
+        for g in rule.api_groups.clone().unwrap_or_default() {
+            for r in rule.resources.clone().unwrap_or_default() {
+                for v in &rule.verbs {
+                    out.insert((v.clone(), g.clone(), r.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn used(sim: &SimCluster, user: &str) -> BTreeSet<(String, String, String)> {
+    sim.api
+        .requests()
+        .into_iter()
+        .filter(|(u, ..)| u == user)
+        .map(|(_, v, g, r)| (v, g, r))
+        .collect()
+}
+
+fn sim_options() -> Option<SimOptions> {
+    if let Err(e) = preflight(ProxyMode::Iptables) {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{e}");
+        }
+        eprintln!("SKIPPED: {e}");
+        return None;
+    }
+    Some(SimOptions {
+        nodes: 2,
+        proxy_mode: ProxyMode::Iptables,
+        delay: Delay {
+            base: Duration::from_millis(50),
+            jitter: Duration::from_millis(50),
+        },
+        slow: Default::default(),
+        grace: Duration::from_secs(1),
+        timeout: Duration::from_secs(30),
+        metrics_port: 0,
+        keep: false,
+    })
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_roles_grant_exactly_what_agents_and_the_cli_call() {
+    let Some(opts) = sim_options() else { return };
+    let sim = SimCluster::start(&opts).await.unwrap();
+    let addr = sim.metrics_addrs()["node-1"];
+    // Exercise the agents: a hold while a pod is deleted (and status writes, which never stop).
+    sim.cluster().delete("Pod", "demo", "web-0", Some(5)).unwrap();
+    let hold = http_get(addr, "/v1/hold?namespace=demo&pod=web-0&timeout=20s").await;
+    assert!(hold.lines().next().is_some_and(|l| l.contains(" 200 ")), "{hold}");
+    // Exercise the CLI as an operator.
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, sim.api.kubeconfig_for("operator")).unwrap();
+    for args in [
+        vec!["isolate", "web-1", "-n", "demo", "--timeout", "20s"],
+        vec!["restore", "web-1", "-n", "demo", "--timeout", "20s"],
+        vec!["status"],
+        vec!["status", "web-2", "-n", "demo"],
+        vec!["isolate", "web-2", "-n", "demo", "--timeout", "20s", "--delete"],
+    ] {
+        let kc = kubeconfig.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_kube-converge"))
+                .args(&args)
+                .env("KUBECONFIG", kc)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let agent_used = used(&sim, "agent");
+    let agent_granted = granted("kube-converge-agent");
+    assert_eq!(
+        agent_used, agent_granted,
+        "the agent role must grant exactly what agents call"
+    );
+    let operator_used = used(&sim, "operator");
+    let operator_granted = granted("kube-converge-operator");
+    assert_eq!(
+        operator_used, operator_granted,
+        "the operator role must grant exactly what the CLI calls"
+    );
+}
+
+/// `kube_converge_*` names in a text (PromQL expressions), with histogram suffixes removed.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("kube_converge_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        out.insert(base.to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_and_alert_metrics_are_exported_by_a_real_agent() {
+    let Some(opts) = sim_options() else { return };
+    let mut sim = SimCluster::start(&opts).await.unwrap();
+    // Make every family carry a sample: a removal (lags), a hold (hold outcomes).
+    sim.cluster().delete("Pod", "demo", "web-0", Some(5)).unwrap();
+    let watched = |k: &kube_converge::model::EndpointKey| k.endpoint.ip().to_string() == "10.244.1.10";
+    sim.collect(kube_converge::model::ChangeKind::Removed, watched, 1)
+        .await
+        .unwrap();
+    let addr = sim.metrics_addrs()["node-1"];
+    let _ = http_get(addr, "/v1/hold?namespace=demo&pod=web-0&timeout=10s").await;
+    let start = Instant::now();
+    let scrape = loop {
+        let s = sim.scrape("node-1").await.unwrap();
+        if s.contains("kube_converge_holds_total{") || start.elapsed() > Duration::from_secs(5) {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let exported: BTreeSet<String> = scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(String::from)
+        .collect();
+    let dashboard = std::fs::read_to_string(format!("{DEPLOY}/overlays/monitoring/kube-converge.json")).unwrap();
+    let rules = std::fs::read_to_string(format!("{DEPLOY}/overlays/monitoring/prometheusrule.yaml")).unwrap();
+    let wanted: BTreeSet<String> = metric_names(&dashboard)
+        .into_iter()
+        .chain(metric_names(&rules))
+        .collect();
+    assert!(wanted.len() >= 10, "{wanted:?}");
+    let missing: Vec<&String> = wanted.iter().filter(|m| !exported.contains(*m)).collect();
+    assert!(
+        missing.is_empty(),
+        "used by the dashboard or alerts but not exported: {missing:?}\nexported: {exported:?}"
+    );
+}
