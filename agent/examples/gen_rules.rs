@@ -14,7 +14,9 @@ fn main() {
             cluster_ip: IpAddr::V4(Ipv4Addr::from(0x0a60_0000 + i)),
             port: 80,
             node_port: None,
-            endpoints: (0..e).map(|j| SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0af0_0000 + i * 8 + j)), 8080)).collect(),
+            endpoints: (0..e)
+                .map(|j| SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0af0_0000 + i * 8 + j)), 8080))
+                .collect(),
         })
         .collect();
     match a[1].as_str() {

@@ -605,6 +605,7 @@ async fn dataplane_loop(
     pending_frontends: PendingFrontends,
 ) -> anyhow::Result<()> {
     let mut last_full = Instant::now();
+    let mut last_full_cost = Duration::ZERO;
     let mut reader: Option<Box<dyn DataplaneReader>> = None;
     let mut probe: Option<GenerationProbe> = None;
     let (ntx, mut nrx) = mpsc::unbounded_channel::<Notification>();
@@ -665,16 +666,29 @@ async fn dataplane_loop(
         if let Some(mut r) = reader.take() {
             let events = listening && r.change_source() == ChangeSource::NfTablesEvents;
             let mut p = probe.take();
-            // Polled modes read only the pending service ports between full reads.
-            let targets = match trigger {
-                ReadTrigger::Poll | ReadTrigger::Pending if !events && last_full.elapsed() < config.resync_interval => {
-                    pending_frontends.lock().map(|f| f.clone()).unwrap_or_default()
-                }
-                _ => Default::default(),
-            };
-            if targets.is_empty() {
-                last_full = Instant::now();
+            // Between full reads, read only the service ports with pending changes where the
+            // reader can (IPVS, nftables); a full read is due every `full_interval`, which grows
+            // with the cost of a full read so a large dataplane stays cheap to watch.
+            let full_interval = config.resync_interval.max(last_full_cost * 50);
+            let full_due = last_full.elapsed() >= full_interval || trigger == ReadTrigger::Initial;
+            let pending: std::collections::BTreeSet<String> =
+                pending_frontends.lock().map(|f| f.clone()).unwrap_or_default();
+            if !full_due && pending.is_empty() && trigger == ReadTrigger::Event && r.can_read_targeted() {
+                // A kernel change with nothing pending: nothing to confirm until the next full read.
+                reader = Some(r);
+                probe = p_take_back(probe, p);
+                trigger = wait_for_trigger(
+                    poll_wait(&config, &reader, listening, &pending_count),
+                    &pending_wakeup,
+                    &mut nrx,
+                    &mut seen,
+                    &mut overrun,
+                )
+                .await;
+                continue;
             }
+            let targets = if full_due { Default::default() } else { pending };
+            let full = targets.is_empty();
             let started = Timestamp::now();
             let clock = Instant::now();
             let (r_back, p_back, g1, result, g2) = tokio::task::spawn_blocking(move || {
@@ -688,6 +702,10 @@ async fn dataplane_loop(
             })
             .await?;
             let elapsed = clock.elapsed();
+            if full {
+                last_full = Instant::now();
+                last_full_cost = elapsed;
+            }
             let finished = Timestamp::now();
             // Notifications that arrived during the read: if any announces a generation other
             // than the one read, the state moved on and must be read again right away.
@@ -748,24 +766,55 @@ async fn dataplane_loop(
                 continue;
             }
         }
-        let idle = if pending_count.load(Ordering::Relaxed) > 0 {
-            config.poll_interval
-        } else {
-            config.resync_interval
-        };
-        let wait = match &reader {
-            Some(r) if r.change_source() == ChangeSource::NfTablesEvents && listening => config.resync_interval,
-            Some(_) => idle,
-            None => config.poll_interval.max(Duration::from_secs(5)),
-        };
-        trigger = tokio::select! {
-            Some(n) = nrx.recv() => {
-                note(&mut seen, &mut overrun, n);
-                ReadTrigger::Event
-            }
-            _ = pending_wakeup.notified() => ReadTrigger::Pending,
-            _ = tokio::time::sleep(wait) => ReadTrigger::Poll,
-        };
+        trigger = wait_for_trigger(
+            poll_wait(&config, &reader, listening, &pending_count),
+            &pending_wakeup,
+            &mut nrx,
+            &mut seen,
+            &mut overrun,
+        )
+        .await;
+    }
+}
+
+fn p_take_back(current: Option<GenerationProbe>, taken: Option<GenerationProbe>) -> Option<GenerationProbe> {
+    current.or(taken)
+}
+
+/// How long to wait for a trigger before polling.
+fn poll_wait(
+    config: &AgentConfig,
+    reader: &Option<Box<dyn DataplaneReader>>,
+    listening: bool,
+    pending_count: &AtomicUsize,
+) -> Duration {
+    let idle = if pending_count.load(Ordering::Relaxed) > 0 {
+        config.poll_interval
+    } else {
+        config.resync_interval
+    };
+    match reader {
+        Some(r) if r.change_source() == ChangeSource::NfTablesEvents && listening => config.resync_interval,
+        Some(_) => idle,
+        None => config.poll_interval.max(Duration::from_secs(5)),
+    }
+}
+
+/// Waits for the next reason to read: a kernel notification, new pending changes, or a timer.
+async fn wait_for_trigger(
+    wait: Duration,
+    pending_wakeup: &Notify,
+    nrx: &mut mpsc::UnboundedReceiver<Notification>,
+    seen: &mut VecDeque<(u32, Timestamp)>,
+    overrun: &mut bool,
+) -> ReadTrigger {
+    tokio::select! {
+        Some(n) = nrx.recv() => {
+            note(seen, overrun, n);
+            ReadTrigger::Event
+        }
+        _ = pending_wakeup.notified() => ReadTrigger::Pending,
+        _ = tokio::time::sleep(wait) => ReadTrigger::Poll,
     }
 }
 

@@ -437,7 +437,9 @@ impl Tracker {
                 self.stale = self.count_stale(view);
                 self.last_view = Some((view.clone(), meta));
             }
-            ReadingOutcome::Routed(_) => {} // a targeted read is no picture of the whole node
+            // A targeted read is no picture of the whole node, and the last full one may now be
+            // out of date for the ports it covered: no candidates from it any more.
+            ReadingOutcome::Routed(_) => self.last_view = None,
             ReadingOutcome::Failed { .. } => self.last_view = None,
         }
         outcomes

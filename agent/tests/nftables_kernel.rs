@@ -192,3 +192,44 @@ fn a_table_vanishing_mid_read_never_crashes_the_reader() {
     churn.join().unwrap();
     assert!(ok > 0, "no read succeeded at all");
 }
+
+#[test]
+fn targeted_reads_cover_exactly_the_asked_frontends() {
+    use kube_converge::dataplane::nftables::NftablesReader;
+    use kube_converge::dataplane::DataplaneReader;
+    if !require(&["ip", "nft"]) {
+        return;
+    }
+    let ns = Netns::new("nfttarget");
+    let a = port("ns1/a:p80", "172.30.0.41", &["10.180.0.1:80", "10.180.0.2:80"]);
+    let mut b = port("ns1/b:p80", "172.30.0.42", &["10.180.1.1:80"]);
+    b.node_port = None;
+    nft(&ns, &render_nft("ip", &[a.clone(), b.clone()], &[], &[]));
+    let mut reader = NftablesReader::new(kube_converge::netns::NetNs::open(std::path::Path::new(&ns.path())).unwrap());
+    let want: std::collections::BTreeSet<String> = ["172.30.0.41:80".to_string()].into();
+    let snap = reader.read_targeted(&want).unwrap().unwrap();
+    assert_eq!(snap.scope.as_ref(), Some(&want));
+    let names: Vec<String> = snap
+        .services
+        .iter()
+        .map(|s| s.name.as_ref().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["ns1/a:p80"], "only the asked service port is read");
+    assert_eq!(snap.services[0].endpoints.len(), 2);
+    // The endpoint leaves the kube-proxy way: the targeted read sees it gone at once.
+    let after = port("ns1/a:p80", "172.30.0.41", &["10.180.0.1:80"]);
+    let stale = nft_endpoint_chain(&a, "10.180.0.2:80".parse().unwrap());
+    nft(&ns, &render_nft("ip", &[after, b], std::slice::from_ref(&stale), &[]));
+    let snap = reader.read_targeted(&want).unwrap().unwrap();
+    assert_eq!(
+        snap.services[0]
+            .endpoints
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>(),
+        ["10.180.0.1:80"]
+    );
+    // A frontend with no element any more: nothing routed, no error.
+    let gone: std::collections::BTreeSet<String> = ["172.30.9.9:80".to_string()].into();
+    assert!(reader.read_targeted(&gone).unwrap().unwrap().services.is_empty());
+}

@@ -336,6 +336,10 @@ impl DataplaneReader for IpvsReader {
         self.read_matching(None)
     }
 
+    fn can_read_targeted(&self) -> bool {
+        true
+    }
+
     fn read_targeted(&mut self, frontends: &BTreeSet<String>) -> Option<Result<DataplaneSnapshot, ReadError>> {
         Some(self.read_matching(Some(frontends)))
     }

@@ -157,6 +157,11 @@ pub trait DataplaneReader: Send {
     fn read_targeted(&mut self, _frontends: &BTreeSet<String>) -> Option<Result<DataplaneSnapshot, ReadError>> {
         None
     }
+
+    /// Whether `read_targeted` does anything.
+    fn can_read_targeted(&self) -> bool {
+        false
+    }
 }
 
 /// Where a mode decision came from.

@@ -8,7 +8,7 @@
 //! unreferenced chain routes nothing. Expressions the reader does not know make the service
 //! port `unknown`, never "not routed".
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::nftnl::{self, Expr, NftConn, NftTable, NftnlError, NFT_DATA_VERDICT, NFT_GOTO, NFT_JUMP, NFT_NAT_DNAT};
@@ -260,6 +260,66 @@ impl NftablesReader {
     }
 }
 
+impl NftablesReader {
+    /// Reads only what serves `frontends`: the two dispatch maps, then the chains and verdict
+    /// maps reachable from their matching elements. A handful of requests instead of one per
+    /// service (the kernel looks sets up by name, so a full read grows with the square of the
+    /// number of services).
+    fn targeted(
+        &mut self,
+        family: u16,
+        v6: bool,
+        frontends: &BTreeSet<String>,
+    ) -> Result<Option<NftTable>, NftnlError> {
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => self.conn.insert(NftConn::open(&self.netns).map_err(NftnlError::Io)?),
+        };
+        if !conn.table_exists(family, TABLE)? {
+            return Ok(None);
+        }
+        let mut table = NftTable::default();
+        let mut pending: Vec<String> = Vec::new();
+        for map in ENTRY_MAPS {
+            let Some(set) = conn.set(family, TABLE, map)? else {
+                continue;
+            };
+            for e in &set.elems {
+                let wanted = frontend(map, &e.key, v6).is_some_and(|(f, _)| frontends.contains(&f));
+                if let (true, Some((_, Some(chain)))) = (wanted, &e.verdict) {
+                    pending.push(chain.clone());
+                }
+            }
+            let mut set = set;
+            set.elems
+                .retain(|e| frontend(map, &e.key, v6).is_some_and(|(f, _)| frontends.contains(&f)));
+            table.sets.push(set);
+        }
+        let mut seen = HashSet::new();
+        while let Some(chain) = pending.pop() {
+            if !seen.insert(chain.clone()) {
+                continue;
+            }
+            for rule in conn.chain_rules(family, TABLE, &chain)? {
+                for expr in &rule.exprs {
+                    match expr {
+                        Expr::Verdict { chain: Some(next), .. } => pending.push(next.clone()),
+                        Expr::Lookup { set, dreg: Some(0) } if seen.insert(format!("set:{set}")) => {
+                            if let Some(s) = conn.set(family, TABLE, set)? {
+                                pending.extend(s.elems.iter().filter_map(|e| e.verdict.as_ref()?.1.clone()));
+                                table.sets.push(s);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                table.rules.push(rule);
+            }
+        }
+        Ok(Some(table))
+    }
+}
+
 impl DataplaneReader for NftablesReader {
     fn mode(&self) -> Mode {
         Mode::Nftables
@@ -271,6 +331,37 @@ impl DataplaneReader for NftablesReader {
 
     fn change_source(&self) -> ChangeSource {
         ChangeSource::NfTablesEvents
+    }
+
+    fn can_read_targeted(&self) -> bool {
+        true
+    }
+
+    fn read_targeted(&mut self, frontends: &BTreeSet<String>) -> Option<Result<DataplaneSnapshot, ReadError>> {
+        let mut snap = DataplaneSnapshot {
+            scope: Some(frontends.clone()),
+            ..Default::default()
+        };
+        for (family, v6) in [(nftnl::NFPROTO_IPV4, false), (nftnl::NFPROTO_IPV6, true)] {
+            match self.targeted(family, v6, frontends) {
+                Ok(Some(table)) => {
+                    let (services, warnings) = routes_from_table(&table, v6);
+                    snap.services.extend(services);
+                    snap.warnings.extend(warnings);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.conn = None;
+                    snap.warnings.push(format!("targeted nf_tables read: {e}"));
+                    if v6 {
+                        snap.unreadable_v6 = true;
+                    } else {
+                        snap.unreadable_v4 = true;
+                    }
+                }
+            }
+        }
+        Some(Ok(snap))
     }
 
     fn read(&mut self) -> Result<DataplaneSnapshot, ReadError> {

@@ -187,6 +187,82 @@ impl NftConn {
         }
     }
 
+    /// Whether table `name` exists in `family`.
+    pub fn table_exists(&mut self, family: u16, name: &str) -> Result<bool, NftnlError> {
+        let cname = CString::new(name).map_err(|_| NftnlError::Parse)?;
+        self.dump(
+            NFT_MSG_GETTABLE,
+            family,
+            NLM_F_ACK,
+            |nlh| with_table(nlh, &cname),
+            |_| Ok(()),
+        )
+    }
+
+    /// The rules of one chain; empty when the chain does not exist.
+    pub fn chain_rules(&mut self, family: u16, table: &str, chain: &str) -> Result<Vec<NftRule>, NftnlError> {
+        let ct = CString::new(table).map_err(|_| NftnlError::Parse)?;
+        let cc = CString::new(chain).map_err(|_| NftnlError::Parse)?;
+        let mut rules = Vec::new();
+        self.dump(
+            NFT_MSG_GETRULE,
+            family,
+            NLM_F_DUMP,
+            |nlh| with_rule_filter_chain(nlh, &ct, Some(&cc)),
+            |nlh| {
+                rules.push(decode_rule(nlh)?);
+                Ok(())
+            },
+        )?;
+        // The kernel filters dumps by table; keep only the chain asked for.
+        rules.retain(|r| r.chain == chain);
+        Ok(rules)
+    }
+
+    /// One set with its elements; `None` when it does not exist.
+    pub fn set(&mut self, family: u16, table: &str, name: &str) -> Result<Option<NftSet>, NftnlError> {
+        let ct = CString::new(table).map_err(|_| NftnlError::Parse)?;
+        let cs = CString::new(name).map_err(|_| NftnlError::Parse)?;
+        let mut header = None;
+        let found = self.dump(
+            NFT_MSG_GETSET,
+            family,
+            NLM_F_ACK,
+            |nlh| {
+                with_set(nlh, &ct, Some(&cs), |s, nlh| unsafe {
+                    sys::nftnl_set_nlmsg_build_payload(nlh, s)
+                })
+            },
+            |nlh| {
+                header = Some(decode_set_header(nlh)?);
+                Ok(())
+            },
+        )?;
+        let Some(mut set) = header.filter(|_| found) else {
+            return Ok(None);
+        };
+        let mut elems = Vec::new();
+        let found = self.dump(
+            NFT_MSG_GETSETELEM,
+            family,
+            NLM_F_DUMP,
+            |nlh| {
+                with_set(nlh, &ct, Some(&cs), |s, nlh| unsafe {
+                    sys::nftnl_set_elems_nlmsg_build_payload(nlh, s)
+                })
+            },
+            |nlh| {
+                elems.extend(decode_elems(nlh)?);
+                Ok(())
+            },
+        )?;
+        if !found {
+            return Ok(None);
+        }
+        set.elems = elems;
+        Ok(Some(set))
+    }
+
     /// Dumps table `name` of `family`; `None` when the table does not exist.
     pub fn table(&mut self, family: u16, name: &str) -> Result<Option<NftTable>, NftnlError> {
         let cname = CString::new(name).map_err(|_| NftnlError::Parse)?;
@@ -276,6 +352,10 @@ fn with_table(nlh: *mut libc::nlmsghdr, table: &CStr) {
 }
 
 fn with_rule_filter(nlh: *mut libc::nlmsghdr, table: &CStr) {
+    with_rule_filter_chain(nlh, table, None)
+}
+
+fn with_rule_filter_chain(nlh: *mut libc::nlmsghdr, table: &CStr, chain: Option<&CStr>) {
     // SAFETY: the rule object is freed right after it is serialised into nlh.
     unsafe {
         let r = sys::nftnl_rule_alloc();
@@ -283,6 +363,9 @@ fn with_rule_filter(nlh: *mut libc::nlmsghdr, table: &CStr) {
             return;
         }
         sys::nftnl_rule_set_str(r, sys::NFTNL_RULE_TABLE as u16, table.as_ptr());
+        if let Some(c) = chain {
+            sys::nftnl_rule_set_str(r, sys::NFTNL_RULE_CHAIN as u16, c.as_ptr());
+        }
         sys::nftnl_rule_nlmsg_build_payload(nlh, r);
         sys::nftnl_rule_free(r);
     }

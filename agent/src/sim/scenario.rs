@@ -113,6 +113,13 @@ fn pick_port(base: u16, i: usize) -> SocketAddr {
     }
 }
 
+/// What `SimCluster::next_event` yields.
+#[derive(Debug)]
+pub enum SimEvent {
+    Truth(GroundTruth),
+    Sample(String, LagSample),
+}
+
 /// One row of the result: a change on a node, as measured and as it really happened.
 #[derive(Clone, Debug)]
 pub struct Row {
@@ -424,6 +431,15 @@ impl SimCluster {
             }
         }
         Ok(rows.into_values().collect())
+    }
+
+    /// The next ground-truth record or agent sample, for benchmarks that follow many changes.
+    pub async fn next_event(&mut self, timeout: Duration) -> Option<SimEvent> {
+        tokio::select! {
+            Some(t) = self.truth_rx.recv() => Some(SimEvent::Truth(t)),
+            Some((node, s)) = self.sample_rx.recv() => Some(SimEvent::Sample(node, s)),
+            _ = tokio::time::sleep(timeout) => None,
+        }
     }
 
     /// Drains samples received so far (for tests that count them).

@@ -1,0 +1,137 @@
+//! Benchmark: how long after the kernel change the agent's t_programmed lies, event-driven and
+//! polled, under a background churn of endpoint changes.
+//!
+//! sudo cargo run --release --example detection -- MODE SECONDS CHURN_PER_SECOND
+//! MODE: iptables | iptables-legacy | nftables (kube-proxy mode of the simulated nodes).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use kube_converge::model::{ChangeKind, EndpointKey};
+use kube_converge::sim::node::{Delay, GroundTruth, ProxyMode};
+use kube_converge::sim::scenario::{SimCluster, SimEvent, SimOptions};
+use kube_converge::sim::store::Part;
+use serde_json::json;
+
+fn pct(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let a: Vec<String> = std::env::args().collect();
+    let mode = match a.get(1).map(String::as_str).unwrap_or("iptables") {
+        "nftables" => ProxyMode::Nftables,
+        "iptables-legacy" => ProxyMode::IptablesLegacy,
+        _ => ProxyMode::Iptables,
+    };
+    let seconds: u64 = a.get(2).and_then(|v| v.parse().ok()).unwrap_or(30);
+    let churn: u64 = a.get(3).and_then(|v| v.parse().ok()).unwrap_or(100);
+    let opts = SimOptions {
+        nodes: 3,
+        proxy_mode: mode,
+        delay: Delay {
+            base: Duration::from_millis(20),
+            jitter: Duration::from_millis(30),
+        },
+        slow: Default::default(),
+        grace: Duration::from_secs(1),
+        timeout: Duration::from_secs(60),
+        metrics_port: 0,
+        keep: false,
+    };
+    let mut sim = SimCluster::start(&opts).await?;
+    let cluster = sim.cluster().clone();
+    // A churn Service with 20 pods whose readiness flips `churn` times per second.
+    cluster.apply(
+        json!({"kind": "Service", "metadata": {"name": "churn", "namespace": "demo"},
+        "spec": {"clusterIP": "10.96.0.50", "clusterIPs": ["10.96.0.50"], "selector": {"app": "churn"},
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}),
+    );
+    for i in 0..20 {
+        cluster.apply(json!({"kind": "Pod", "metadata": {"name": format!("churn-{i}"), "namespace": "demo", "labels": {"app": "churn"}},
+            "spec": {"nodeName": "node-1"}, "status": {"phase": "Running", "podIP": format!("10.244.9.{}", i + 10),
+            "conditions": [{"type": "Ready", "status": "True"}]}}));
+    }
+    let churner = {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / churn.max(1)));
+            loop {
+                tick.tick().await;
+                let pod = format!("churn-{}", i % 20);
+                let ready = if (i / 20).is_multiple_of(2) { "False" } else { "True" };
+                let _ = cluster.patch(
+                    "Pod",
+                    "demo",
+                    &pod,
+                    false,
+                    &json!({"status": {"conditions": [{"type": "Ready", "status": ready}]}}),
+                    Part::Status,
+                );
+                i += 1;
+            }
+        })
+    };
+    // The measured changes: web-2 leaves and rejoins its Service every second.
+    let mut truths: HashMap<(String, EndpointKey, ChangeKind), Vec<GroundTruth>> = HashMap::new();
+    let mut after_started = Vec::new();
+    let mut after_finished = Vec::new();
+    let start = Instant::now();
+    let mut next_flip = Instant::now();
+    let mut flips = 0u64;
+    while start.elapsed() < Duration::from_secs(seconds) {
+        if Instant::now() >= next_flip {
+            let app = if flips.is_multiple_of(2) { "web-offline" } else { "web" };
+            cluster.patch(
+                "Pod",
+                "demo",
+                "web-2",
+                false,
+                &json!({"metadata": {"labels": {"app": app}}}),
+                Part::Main,
+            )?;
+            flips += 1;
+            next_flip += Duration::from_secs(1);
+        }
+        let Some(ev) = sim.next_event(Duration::from_millis(50)).await else {
+            continue;
+        };
+        match ev {
+            SimEvent::Truth(t) if t.key.endpoint.ip().to_string() == "10.244.3.12" => {
+                truths
+                    .entry((t.node.clone(), t.key.clone(), t.kind))
+                    .or_default()
+                    .push(t);
+            }
+            SimEvent::Sample(node, s) if s.key.endpoint.ip().to_string() == "10.244.3.12" => {
+                // The truth for this sample: the latest write of the same change before it.
+                if let Some(t) = truths
+                    .get(&(node, s.key.clone(), s.kind))
+                    .and_then(|v| v.iter().rev().find(|t| t.write_started <= s.programmed_at))
+                {
+                    after_started.push(s.programmed_at.seconds_since(t.write_started) * 1000.0);
+                    after_finished.push(s.programmed_at.seconds_since(t.write_finished) * 1000.0);
+                }
+            }
+            _ => {}
+        }
+    }
+    churner.abort();
+    let n = after_started.len();
+    anyhow::ensure!(n > 0, "no measured change");
+    println!(
+        "{mode:?}: {n} measured changes over {seconds}s with {churn} background changes/s; \
+         t_programmed - write start: p50 {:.1} ms p99 {:.1} ms max {:.1} ms; \
+         t_programmed - write end: p50 {:.1} ms p99 {:.1} ms; min(after start) {:.1} ms",
+        pct(&mut after_started, 0.5),
+        pct(&mut after_started, 0.99),
+        pct(&mut after_started, 1.0),
+        pct(&mut after_finished, 0.5),
+        pct(&mut after_finished, 0.99),
+        pct(&mut after_started, 0.0),
+    );
+    Ok(())
+}

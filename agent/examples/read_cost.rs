@@ -1,0 +1,136 @@
+//! Benchmark: the agent's dataplane read against the userland tool on the same ruleset.
+//!
+//! sudo cargo run --release --example read_cost -- MODE SERVICES ENDPOINTS RUNS
+//! MODE: iptables-nft | iptables-legacy | nftables. Loads a kube-proxy-format ruleset into a
+//! throw-away network namespace, then times (median of RUNS) the userland tool
+//! (`iptables-*-save -t nat`, `nft -j list table ip kube-proxy`) and the agent's full read.
+
+use std::io::Write;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use kube_converge::dataplane::iptables::{Backend, IptablesReader};
+use kube_converge::dataplane::nftables::NftablesReader;
+use kube_converge::dataplane::DataplaneReader;
+use kube_converge::emulate::{render_nat, render_nft, EmulatedServicePort};
+use kube_converge::model::{Protocol, ServicePortName};
+use kube_converge::netns::NetNs;
+use kube_converge::sim::node::NetnsGuard;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn time_n(runs: usize, mut f: impl FnMut()) -> Duration {
+    median(
+        (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect(),
+    )
+}
+
+fn main() -> anyhow::Result<()> {
+    let a: Vec<String> = std::env::args().collect();
+    let mode = a.get(1).map(String::as_str).unwrap_or("iptables-legacy");
+    let n: u32 = a.get(2).and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let e: u32 = a.get(3).and_then(|v| v.parse().ok()).unwrap_or(5);
+    let runs: usize = a.get(4).and_then(|v| v.parse().ok()).unwrap_or(5);
+    let ports: Vec<EmulatedServicePort> = (0..n)
+        .map(|i| EmulatedServicePort {
+            name: ServicePortName::new(&format!("ns{}", i % 50), &format!("svc{i}"), "http"),
+            protocol: Protocol::Tcp,
+            cluster_ip: IpAddr::V4(Ipv4Addr::from(0x0a60_0000 + i)),
+            port: 80,
+            node_port: None,
+            endpoints: (0..e)
+                .map(|j| SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0af0_0000 + i * 8 + j)), 8080))
+                .collect(),
+        })
+        .collect();
+    let guard = NetnsGuard::create(&NetnsGuard::unique_name("bench"))?;
+    let netns = NetNs::open(std::path::Path::new(&guard.path()))?;
+    // Large clusters drop the per-endpoint comments (kube-proxy's 1000-endpoint threshold).
+    let comments = n * e <= 1000;
+    let (program, args, rules): (&str, Vec<&str>, String) = match mode {
+        "iptables-nft" => (
+            "iptables-nft-restore",
+            vec!["--noflush"],
+            render_nat(&ports, comments, &[]),
+        ),
+        "iptables-legacy" => (
+            "iptables-legacy-restore",
+            vec!["--noflush"],
+            render_nat(&ports, comments, &[]),
+        ),
+        "nftables" => ("nft", vec!["-f", "-"], render_nft("ip", &ports, &[], &[])),
+        other => anyhow::bail!("unknown mode {other}"),
+    };
+    let t = Instant::now();
+    let mut child = netns.command(program).args(&args).stdin(Stdio::piped()).spawn()?;
+    child.stdin.take().unwrap().write_all(rules.as_bytes())?;
+    anyhow::ensure!(child.wait()?.success(), "loading the ruleset failed");
+    let load = t.elapsed();
+    let tool = |prog: &str, args: &[&str]| {
+        let out = netns
+            .command(prog)
+            .args(args)
+            .stdout(Stdio::piped())
+            .output()
+            .expect("run tool");
+        assert!(out.status.success());
+        out.stdout.len()
+    };
+    let (tool_name, tool_time, read_time, routed) = match mode {
+        "nftables" => {
+            let tt = time_n(runs, || {
+                tool("nft", &["-j", "list", "table", "ip", "kube-proxy"]);
+            });
+            let mut r = NftablesReader::new(netns.clone());
+            let mut routed = 0;
+            let rt = time_n(runs, || {
+                routed = r.read().expect("read").services.iter().map(|s| s.endpoints.len()).sum()
+            });
+            ("nft -j list table ip kube-proxy", tt, rt, routed)
+        }
+        m => {
+            let b = if m == "iptables-nft" {
+                Backend::Nft
+            } else {
+                Backend::Legacy
+            };
+            let save = b.save_program(false);
+            let tt = time_n(runs, || {
+                tool(&save, &["-t", "nat"]);
+            });
+            let mut r = IptablesReader::new(b, netns.clone());
+            let mut routed = 0;
+            let rt = time_n(runs, || {
+                routed = r.read().expect("read").services.iter().map(|s| s.endpoints.len()).sum()
+            });
+            (
+                if b == Backend::Nft {
+                    "iptables-nft-save -t nat"
+                } else {
+                    "iptables-legacy-save -t nat"
+                },
+                tt,
+                rt,
+                routed,
+            )
+        }
+    };
+    assert_eq!(routed, (n * e) as usize, "the reader must see every endpoint");
+    println!(
+        "{mode:16} services={n:6} endpoints={:7} load={:8.2?} tool[{tool_name}]={tool_time:8.2?} agent_full_read={read_time:8.2?} ratio(tool/agent)={:.2}",
+        n * e,
+        load,
+        tool_time.as_secs_f64() / read_time.as_secs_f64()
+    );
+    Ok(())
+}
