@@ -45,7 +45,8 @@ for m in lib/libcrc32c net/ipv4/netfilter/nf_defrag_ipv4 net/ipv6/netfilter/nf_d
     *) cp "$src" "$root/modules/$(basename "$m").ko" ;;
   esac
 done
-cp "$bin" "$root/bin/kube-converge"
+# Debug info is most of a debug build; the VM's memory holds the whole initramfs.
+strip --strip-debug -o "$root/bin/kube-converge" "$bin"
 cp "$(command -v ipvsadm)" "$root/bin/ipvsadm"
 for f in "$bin" "$(command -v ipvsadm)"; do
   ldd "$f" | grep -o '/[^ ]*' | while read -r lib; do cp --parents -L "$lib" "$root/"; done
@@ -91,5 +92,5 @@ chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$work/initrd.gz"
 
 # 3. Boot. TCG: KVM may be unusable on the build machine.
-exec timeout 300 qemu-system-x86_64 -machine q35,accel=tcg -cpu max -m 512 -smp 1 -nographic -no-reboot \
+exec timeout 300 qemu-system-x86_64 -machine q35,accel=tcg -cpu max -m 1024 -smp 1 -nographic -no-reboot \
   -kernel "$vmlinuz" -initrd "$work/initrd.gz" -append "console=ttyS0 panic=-1 quiet"

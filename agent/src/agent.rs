@@ -352,9 +352,13 @@ impl Core {
             } => {
                 self.metrics.dataplane_read_duration.observe(took.as_secs_f64());
                 self.set_mode(mode, &backend, meta.started);
+                let scope = match &result {
+                    Ok(snap) if snap.scope.is_some() => "targeted",
+                    _ => "full",
+                };
                 self.metrics
                     .dataplane_reads
-                    .with_label_values(&[meta.trigger.as_str()])
+                    .with_label_values(&[meta.trigger.as_str(), scope])
                     .inc();
                 let outcome = match result {
                     Ok(snap) => {
@@ -728,16 +732,12 @@ async fn dataplane_loop(
             };
             overrun = false;
             prev_started = Some(started);
-            let read_trigger = match &result {
-                Ok(snap) if snap.scope.is_some() => ReadTrigger::Targeted,
-                _ => trigger,
-            };
             let meta = ReadingMeta {
                 started,
                 finished,
                 programmed_at,
                 error_bound,
-                trigger: read_trigger,
+                trigger,
             };
             let (mode, backend) = (r_back.mode(), r_back.backend().to_string());
             let rebuild = matches!(&result, Err(ReadError::ToolMissing { .. } | ReadError::NotFound { .. }));

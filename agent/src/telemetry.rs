@@ -93,7 +93,10 @@ impl Metrics {
                 opts("holds_total", "Finished hold requests by outcome (converged, timeout, not_found, error)."),
                 &["outcome"],
             )?,
-            dataplane_reads: IntCounterVec::new(opts("dataplane_reads_total", "Dataplane reads by trigger."), &["trigger"])?,
+            dataplane_reads: IntCounterVec::new(
+                opts("dataplane_reads_total", "Dataplane reads by trigger (event, poll, pending, initial) and scope (full, or targeted at the service ports with pending changes)."),
+                &["trigger", "scope"],
+            )?,
             dataplane_read_errors: IntCounterVec::new(opts("dataplane_read_errors_total", "Dataplane read errors by kind."), &["kind"])?,
             dataplane_read_duration: Histogram::with_opts(hist("dataplane_read_duration_seconds", "Duration of one full dataplane read.", READ_BUCKETS))?,
             watch_restarts: IntCounterVec::new(opts("watch_restarts_total", "Relists of a watched resource (after 410 Gone or a broken watch)."), &["resource"])?,
@@ -259,7 +262,7 @@ mod tests {
     fn registry_exports_every_family() {
         let m = Metrics::new().unwrap();
         m.set_info("iptables", "nft");
-        m.dataplane_reads.with_label_values(&["event"]).inc();
+        m.dataplane_reads.with_label_values(&["event", "full"]).inc();
         let text = m.encode();
         for name in [
             "kube_converge_info",

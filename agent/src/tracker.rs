@@ -25,8 +25,7 @@ pub enum ReadTrigger {
     Event,
     /// A periodic poll.
     Poll,
-    /// A poll of only the service ports with pending changes.
-    Targeted,
+
     /// New pending changes asked for a check.
     Pending,
     /// The first read after start-up.
@@ -38,7 +37,7 @@ impl ReadTrigger {
         match self {
             ReadTrigger::Event => "event",
             ReadTrigger::Poll => "poll",
-            ReadTrigger::Targeted => "targeted",
+
             ReadTrigger::Pending => "pending",
             ReadTrigger::Initial => "initial",
         }
