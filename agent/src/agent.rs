@@ -673,7 +673,7 @@ async fn dataplane_loop(
             // Between full reads, read only the service ports with pending changes where the
             // reader can (IPVS, nftables); a full read is due every `full_interval`, which grows
             // with the cost of a full read so a large dataplane stays cheap to watch.
-            let full_interval = config.resync_interval.max(last_full_cost * 50);
+            let full_interval = config.resync_interval.max(last_full_cost * 100);
             let full_due = last_full.elapsed() >= full_interval || trigger == ReadTrigger::Initial;
             let pending: std::collections::BTreeSet<String> =
                 pending_frontends.lock().map(|f| f.clone()).unwrap_or_default();
