@@ -1,5 +1,8 @@
 # syntax=docker/dockerfile:1
 # Build: docker build -t kube-converge:dev .
+#   (add --build-arg VERSION=... --build-arg REVISION=$(git rev-parse HEAD) for the labels)
+# Reproducible inputs: pinned toolchain image, Cargo.lock (--locked), Debian packages from the
+# same release; the build does not embed timestamps.
 FROM rust:1.95-bookworm AS build
 RUN apt-get update \
     && apt-get install -y --no-install-recommends pkg-config libnftnl-dev libmnl-dev \
@@ -15,6 +18,8 @@ COPY agent agent
 RUN touch agent/src/main.rs agent/src/lib.rs && cargo build --release --locked -p kube-converge
 
 FROM debian:bookworm-slim
+ARG VERSION=0.1.0
+ARG REVISION=unknown
 # iptables-save (nft and legacy backends) is what the iptables reader runs; libnftnl and
 # libmnl are linked by the nftables reader.
 RUN apt-get update \
@@ -24,7 +29,9 @@ COPY --from=build /src/target/release/kube-converge /usr/local/bin/kube-converge
 LABEL org.opencontainers.image.title="kube-converge" \
       org.opencontainers.image.description="Per-node kube-proxy dataplane convergence lag, measured from the kernel" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.source="https://github.com/kube-converge/kube-converge"
+      org.opencontainers.image.source="https://github.com/kube-converge/kube-converge" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}"
 USER 0
 ENTRYPOINT ["/usr/local/bin/kube-converge"]
 CMD ["agent"]
