@@ -274,6 +274,14 @@ impl Core {
         }
     }
 
+    /// Hands the pending count and frontends to the dataplane loop.
+    fn share_pending(&self) {
+        self.pending_count.store(self.tracker.pending_count(), Ordering::Relaxed);
+        if let Ok(mut f) = self.pending_frontends.lock() {
+            *f = self.tracker.pending_frontends();
+        }
+    }
+
     fn health(&self) -> (&'static str, Option<String>) {
         let unknown = self
             .tracker
@@ -330,11 +338,7 @@ impl Core {
                 }
             }
             self.metrics.refresh_gauges(&self.tracker, Timestamp::now());
-            self.pending_count
-                .store(self.tracker.pending_count(), Ordering::Relaxed);
-            if let Ok(mut f) = self.pending_frontends.lock() {
-                *f = self.tracker.pending_frontends();
-            }
+            self.share_pending();
             self.publish();
         }
     }
@@ -595,6 +599,8 @@ impl Core {
             );
         }
         if self.tracker.pending_count() > before || self.tracker.pending().any(|c| c.observed == at) {
+            // The dataplane loop reads the pending frontends when it wakes: share them first.
+            self.share_pending();
             self.pending_wakeup.notify_one();
         }
     }
@@ -677,8 +683,9 @@ async fn dataplane_loop(
             let full_due = last_full.elapsed() >= full_interval || trigger == ReadTrigger::Initial;
             let pending: std::collections::BTreeSet<String> =
                 pending_frontends.lock().map(|f| f.clone()).unwrap_or_default();
-            if !full_due && pending.is_empty() && trigger == ReadTrigger::Event && r.can_read_targeted() {
-                // A kernel change with nothing pending: nothing to confirm until the next full read.
+            if !full_due && pending.is_empty() && r.can_read_targeted() {
+                // Nothing pending (a kernel change, or a timer): nothing to confirm until the next
+                // full read.
                 reader = Some(r);
                 probe = p_take_back(probe, p);
                 trigger = wait_for_trigger(

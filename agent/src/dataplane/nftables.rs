@@ -222,7 +222,8 @@ impl NftablesReader {
         };
         [nftnl::NFPROTO_IPV4, nftnl::NFPROTO_IPV6]
             .into_iter()
-            .any(|f| matches!(conn.table(f, TABLE), Ok(Some(_))))
+            // One GETTABLE per family: detection runs on every resync and must stay cheap.
+            .any(|f| matches!(conn.table_exists(f, TABLE), Ok(true)))
     }
 
     fn dump(&mut self, family: u16) -> Result<Option<NftTable>, ReadError> {
