@@ -77,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
     };
     // The measured changes: web-2 leaves and rejoins its Service every second.
     let mut truths: HashMap<(String, EndpointKey, ChangeKind), Vec<GroundTruth>> = HashMap::new();
+    let mut samples = Vec::new();
     let mut after_started = Vec::new();
     let mut after_finished = Vec::new();
     let start = Instant::now();
@@ -106,20 +107,27 @@ async fn main() -> anyhow::Result<()> {
                     .or_default()
                     .push(t);
             }
-            SimEvent::Sample(node, s) if s.key.endpoint.ip().to_string() == "10.244.3.12" => {
-                // The truth for this sample: the latest write of the same change before it.
-                if let Some(t) = truths
-                    .get(&(node, s.key.clone(), s.kind))
-                    .and_then(|v| v.iter().rev().find(|t| t.write_started <= s.programmed_at))
-                {
-                    after_started.push(s.programmed_at.seconds_since(t.write_started) * 1000.0);
-                    after_finished.push(s.programmed_at.seconds_since(t.write_finished) * 1000.0);
-                }
-            }
+            SimEvent::Sample(node, s) if s.key.endpoint.ip().to_string() == "10.244.3.12" => samples.push((node, s)),
             _ => {}
         }
     }
     churner.abort();
+    // A sample can arrive before the emulator reports its write (the agent sees the commit
+    // before the write command returns): match them once everything is in.
+    while let Some(ev) = sim.next_event(Duration::from_millis(500)).await {
+        if let SimEvent::Truth(t) = ev {
+            truths.entry((t.node.clone(), t.key.clone(), t.kind)).or_default().push(t);
+        }
+    }
+    for (node, s) in &samples {
+        // The truth for this sample: the latest write of the same change before it.
+        if let Some(t) =
+            truths.get(&(node.clone(), s.key.clone(), s.kind)).and_then(|v| v.iter().rev().find(|t| t.write_started <= s.programmed_at))
+        {
+            after_started.push(s.programmed_at.seconds_since(t.write_started) * 1000.0);
+            after_finished.push(s.programmed_at.seconds_since(t.write_finished) * 1000.0);
+        }
+    }
     let n = after_started.len();
     anyhow::ensure!(n > 0, "no measured change");
     println!(
