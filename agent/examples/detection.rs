@@ -116,13 +116,17 @@ async fn main() -> anyhow::Result<()> {
     // before the write command returns): match them once everything is in.
     while let Some(ev) = sim.next_event(Duration::from_millis(500)).await {
         if let SimEvent::Truth(t) = ev {
-            truths.entry((t.node.clone(), t.key.clone(), t.kind)).or_default().push(t);
+            truths
+                .entry((t.node.clone(), t.key.clone(), t.kind))
+                .or_default()
+                .push(t);
         }
     }
     for (node, s) in &samples {
         // The truth for this sample: the latest write of the same change before it.
-        if let Some(t) =
-            truths.get(&(node.clone(), s.key.clone(), s.kind)).and_then(|v| v.iter().rev().find(|t| t.write_started <= s.programmed_at))
+        if let Some(t) = truths
+            .get(&(node.clone(), s.key.clone(), s.kind))
+            .and_then(|v| v.iter().rev().find(|t| t.write_started <= s.programmed_at))
         {
             after_started.push(s.programmed_at.seconds_since(t.write_started) * 1000.0);
             after_finished.push(s.programmed_at.seconds_since(t.write_finished) * 1000.0);

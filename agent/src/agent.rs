@@ -276,7 +276,8 @@ impl Core {
 
     /// Hands the pending count and frontends to the dataplane loop.
     fn share_pending(&self) {
-        self.pending_count.store(self.tracker.pending_count(), Ordering::Relaxed);
+        self.pending_count
+            .store(self.tracker.pending_count(), Ordering::Relaxed);
         if let Ok(mut f) = self.pending_frontends.lock() {
             *f = self.tracker.pending_frontends();
         }

@@ -151,24 +151,7 @@ impl HoldReport {
                 n.heartbeat_age_seconds.map_or("-".into(), |a| format!("{a:.0}s ago")),
             ]);
         }
-        let mut widths = [0usize; 6];
-        for r in &rows {
-            for (w, c) in widths.iter_mut().zip(r) {
-                *w = (*w).max(c.len());
-            }
-        }
-        rows.iter()
-            .map(|r| {
-                r.iter()
-                    .zip(widths)
-                    .map(|(c, w)| format!("{c:w$}"))
-                    .collect::<Vec<_>>()
-                    .join("  ")
-                    .trim_end()
-                    .to_string()
-                    + "\n"
-            })
-            .collect()
+        crate::table::render(&rows)
     }
 }
 

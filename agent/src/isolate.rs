@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write};
-use std::time::Duration;
 
 use anyhow::Context;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -275,25 +274,5 @@ pub async fn status_table(client: &Client) -> anyhow::Result<String> {
             age,
         ]);
     }
-    let mut widths = [0usize; 6];
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
-        }
-    }
-    Ok(rows
-        .iter()
-        .map(|r| {
-            r.iter()
-                .zip(widths)
-                .map(|(c, w)| format!("{c:w$}"))
-                .collect::<Vec<_>>()
-                .join("  ")
-                .trim_end()
-                .to_string()
-                + "\n"
-        })
-        .collect())
+    Ok(crate::table::render(&rows))
 }
-
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);

@@ -18,5 +18,6 @@ pub mod netns;
 pub mod publish;
 pub mod resolve;
 pub mod sim;
+pub mod table;
 pub mod telemetry;
 pub mod tracker;

@@ -12,8 +12,8 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube_converge::sim::node::{Delay, ProxyMode};
-use kube_converge::sim::scenario::{preflight, SimCluster, SimOptions};
+use kube_converge::sim::node::ProxyMode;
+use kube_converge::sim::scenario::{SimCluster, SimOptions};
 use serde_json::Value;
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
@@ -191,26 +191,7 @@ fn used(sim: &SimCluster, user: &str) -> BTreeSet<(String, String, String)> {
 }
 
 fn sim_options() -> Option<SimOptions> {
-    if let Err(e) = preflight(ProxyMode::Iptables) {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{e}");
-        }
-        eprintln!("SKIPPED: {e}");
-        return None;
-    }
-    Some(SimOptions {
-        nodes: 2,
-        proxy_mode: ProxyMode::Iptables,
-        delay: Delay {
-            base: Duration::from_millis(50),
-            jitter: Duration::from_millis(50),
-        },
-        slow: Default::default(),
-        grace: Duration::from_secs(1),
-        timeout: Duration::from_secs(30),
-        metrics_port: 0,
-        keep: false,
-    })
+    common::sim_options(ProxyMode::Iptables, 2, &[])
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {

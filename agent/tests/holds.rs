@@ -1,41 +1,20 @@
 //! Holds and `isolate` on the simulated cluster: a hold is released only after every node's
 //! kernel stopped routing to the pod (checked against the emulators' ground truth).
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use kube_converge::hold::HoldOptions;
 use kube_converge::model::{ChangeKind, EndpointKey, Timestamp};
-use kube_converge::sim::node::{Delay, ProxyMode};
-use kube_converge::sim::scenario::{preflight, SimCluster, SimOptions};
+use kube_converge::sim::node::ProxyMode;
+use kube_converge::sim::scenario::{SimCluster, SimOptions};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn options(slow: &[(&str, u64)]) -> Option<SimOptions> {
-    if let Err(e) = preflight(ProxyMode::Iptables) {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{e}");
-        }
-        eprintln!("SKIPPED: {e}");
-        return None;
-    }
-    Some(SimOptions {
-        nodes: 3,
-        proxy_mode: ProxyMode::Iptables,
-        delay: Delay {
-            base: Duration::from_millis(50),
-            jitter: Duration::from_millis(100),
-        },
-        slow: slow
-            .iter()
-            .map(|(n, ms)| (n.to_string(), Duration::from_millis(*ms)))
-            .collect::<BTreeMap<_, _>>(),
-        grace: Duration::from_secs(2),
-        timeout: Duration::from_secs(30),
-        metrics_port: 0,
-        keep: false,
-    })
+    common::sim_options(ProxyMode::Iptables, 3, slow)
 }
 
 async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {

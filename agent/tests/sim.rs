@@ -4,39 +4,16 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kube_converge::model::{ChangeKind, EndpointKey};
-use kube_converge::sim::node::{Delay, ProxyMode};
-use kube_converge::sim::scenario::{preflight, SimCluster, SimOptions, SimReport};
+use kube_converge::sim::node::ProxyMode;
+use kube_converge::sim::scenario::{SimCluster, SimOptions, SimReport};
 use kube_converge::sim::store::Part;
 use serde_json::json;
 
 fn options(mode: ProxyMode, slow: &[(&str, u64)]) -> Option<SimOptions> {
-    if let Err(e) = preflight(mode) {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{e}");
-        }
-        eprintln!("SKIPPED: {e}");
-        return None;
-    }
-    Some(SimOptions {
-        nodes: 3,
-        proxy_mode: mode,
-        delay: Delay {
-            base: Duration::from_millis(50),
-            jitter: Duration::from_millis(100),
-        },
-        slow: slow
-            .iter()
-            .map(|(n, ms)| (n.to_string(), Duration::from_millis(*ms)))
-            .collect::<BTreeMap<_, _>>(),
-        grace: Duration::from_secs(2),
-        timeout: Duration::from_secs(30),
-        metrics_port: 0,
-        keep: false,
-    })
+    common::sim_options(mode, 3, slow)
 }
 
 fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {

@@ -272,8 +272,10 @@ impl KubeProxyEmulator {
                     })
                     .collect();
                 // A chain programmed again (the endpoint came back) is no longer stale.
-                let live: BTreeSet<String> =
-                    ports.iter().flat_map(|p| p.endpoints.iter().map(|e| nft_endpoint_chain(p, *e))).collect();
+                let live: BTreeSet<String> = ports
+                    .iter()
+                    .flat_map(|p| p.endpoints.iter().map(|e| nft_endpoint_chain(p, *e)))
+                    .collect();
                 stale.retain(|(c, _)| !live.contains(c));
                 let (old, young): (Vec<_>, Vec<_>) = stale.drain(..).partition(|(_, at)| now.seconds_since(*at) > 1.0);
                 *stale = young;

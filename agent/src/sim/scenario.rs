@@ -5,7 +5,6 @@
 //! when it returns, also when it is interrupted.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -174,18 +173,7 @@ impl SimReport {
                 diff.map_or("-".into(), |d| format!("{d:+.3}s")),
             ]);
         }
-        let mut widths = [0usize; 7];
-        for r in &rows {
-            for (w, c) in widths.iter_mut().zip(r) {
-                *w = (*w).max(c.len());
-            }
-        }
-        let mut out = String::new();
-        for r in &rows {
-            let line: Vec<String> = r.iter().zip(widths).map(|(c, w)| format!("{c:w$}")).collect();
-            let _ = writeln!(out, "{}", line.join("  ").trim_end());
-        }
-        out
+        crate::table::render(&rows)
     }
 }
 

@@ -132,3 +132,36 @@ pub fn routed(report: &serde_json::Value) -> Vec<(String, Vec<String>)> {
 pub fn pair(name: &str, eps: &[&str]) -> (String, Vec<String>) {
     (name.to_string(), eps.iter().map(|e| e.to_string()).collect())
 }
+
+/// Options for a small simulated cluster in tests, or `None` (skipped locally, a failure under
+/// CI=true) when root or tools are missing.
+pub fn sim_options(
+    mode: kube_converge::sim::node::ProxyMode,
+    nodes: usize,
+    slow: &[(&str, u64)],
+) -> Option<kube_converge::sim::scenario::SimOptions> {
+    use std::time::Duration;
+    if let Err(e) = kube_converge::sim::scenario::preflight(mode) {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{e}");
+        }
+        eprintln!("SKIPPED: {e}");
+        return None;
+    }
+    Some(kube_converge::sim::scenario::SimOptions {
+        nodes,
+        proxy_mode: mode,
+        delay: kube_converge::sim::node::Delay {
+            base: Duration::from_millis(50),
+            jitter: Duration::from_millis(100),
+        },
+        slow: slow
+            .iter()
+            .map(|(n, ms)| (n.to_string(), Duration::from_millis(*ms)))
+            .collect(),
+        grace: Duration::from_secs(2),
+        timeout: Duration::from_secs(30),
+        metrics_port: 0,
+        keep: false,
+    })
+}
