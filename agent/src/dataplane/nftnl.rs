@@ -219,6 +219,26 @@ impl NftConn {
         Ok(rules)
     }
 
+    /// The elements of one set; `None` when the set does not exist.
+    fn elems(&mut self, family: u16, table: &CStr, set: &CStr) -> Result<Option<Vec<NftElem>>, NftnlError> {
+        let mut elems = Vec::new();
+        let found = self.dump(
+            NFT_MSG_GETSETELEM,
+            family,
+            NLM_F_DUMP,
+            |nlh| {
+                with_set(nlh, table, Some(set), |s, nlh| unsafe {
+                    sys::nftnl_set_elems_nlmsg_build_payload(nlh, s)
+                })
+            },
+            |nlh| {
+                elems.extend(decode_elems(nlh)?);
+                Ok(())
+            },
+        )?;
+        Ok(found.then_some(elems))
+    }
+
     /// One set with its elements; `None` when it does not exist.
     pub fn set(&mut self, family: u16, table: &str, name: &str) -> Result<Option<NftSet>, NftnlError> {
         let ct = CString::new(table).map_err(|_| NftnlError::Parse)?;
@@ -241,24 +261,9 @@ impl NftConn {
         let Some(mut set) = header.filter(|_| found) else {
             return Ok(None);
         };
-        let mut elems = Vec::new();
-        let found = self.dump(
-            NFT_MSG_GETSETELEM,
-            family,
-            NLM_F_DUMP,
-            |nlh| {
-                with_set(nlh, &ct, Some(&cs), |s, nlh| unsafe {
-                    sys::nftnl_set_elems_nlmsg_build_payload(nlh, s)
-                })
-            },
-            |nlh| {
-                elems.extend(decode_elems(nlh)?);
-                Ok(())
-            },
-        )?;
-        if !found {
+        let Some(elems) = self.elems(family, &ct, &cs)? else {
             return Ok(None);
-        }
+        };
         set.elems = elems;
         Ok(Some(set))
     }
@@ -312,25 +317,8 @@ impl NftConn {
                 continue;
             }
             let cset = CString::new(set.name.clone()).map_err(|_| NftnlError::Parse)?;
-            let mut elems = Vec::new();
-            let found = self.dump(
-                NFT_MSG_GETSETELEM,
-                family,
-                NLM_F_DUMP,
-                |nlh| {
-                    with_set(nlh, &cname, Some(&cset), |s, nlh| unsafe {
-                        sys::nftnl_set_elems_nlmsg_build_payload(nlh, s)
-                    })
-                },
-                |nlh| {
-                    elems.extend(decode_elems(nlh)?);
-                    Ok(())
-                },
-            )?;
-            if !found {
-                // The set vanished between the two dumps: the table is changing under us.
-                return Err(NftnlError::Interrupted);
-            }
+            // A set vanishing between the two dumps means the table is changing under us.
+            let elems = self.elems(family, &cname, &cset)?.ok_or(NftnlError::Interrupted)?;
             set.elems = elems;
             table.sets.push(set);
         }
