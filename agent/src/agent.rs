@@ -302,13 +302,17 @@ impl Core {
     }
 
     fn publish(&self) {
+        // Safety: until the first full reading after the lists has adopted what the kernel has
+        // not caught up with (e.g. right after a restart), an empty pending list proves
+        // nothing: publish no observed version, so holds treat this node as lagging.
+        let observed = if self.tracker.is_settled() { self.observed_rv } else { 0 };
         let draft = crate::publish::draft(
             &self.tracker,
             &self.lags,
             &self.mode_label,
             &self.backend,
             self.health(),
-            self.observed_rv,
+            observed,
         );
         self.status_tx.send_if_modified(|cur| {
             if **cur == draft {

@@ -164,15 +164,7 @@ pub async fn isolate(
         names.iter().cloned().collect::<Vec<_>>().join(", "),
         value.as_deref().unwrap_or("<removed>")
     );
-    let target = HoldTarget {
-        namespace: ns.into(),
-        pod: Some(pod_name.into()),
-        ip: None,
-        services: names,
-        addition: false,
-    };
-    let report = hold_until_converged(client, &target, opts, |r| progress.update(r)).await?;
-    progress.finish();
+    let report = wait(client, ns, pod_name, names, false, opts, progress).await?;
     if report.converged {
         annotate_converged(client, ns, pod_name).await;
     }
@@ -214,12 +206,25 @@ pub async fn restore(
         .map(|s| s.name_any())
         .collect();
     eprintln!("restored the labels of {ns}/{pod_name}; waiting for every node to route to it again");
+    wait(client, ns, pod_name, names, true, opts, progress).await
+}
+
+/// Waits, with progress, until every node has converged for the pod.
+async fn wait(
+    client: &Client,
+    ns: &str,
+    pod: &str,
+    services: BTreeSet<String>,
+    addition: bool,
+    opts: &HoldOptions,
+    progress: &mut Progress,
+) -> anyhow::Result<HoldReport> {
     let target = HoldTarget {
         namespace: ns.into(),
-        pod: Some(pod_name.into()),
+        pod: Some(pod.into()),
         ip: None,
-        services: names,
-        addition: true,
+        services,
+        addition,
     };
     let report = hold_until_converged(client, &target, opts, |r| progress.update(r)).await?;
     progress.finish();

@@ -233,6 +233,13 @@ impl Tracker {
         self.synced
     }
 
+    /// Synced, and a full reading since the sync has adopted whatever the kernel had not caught
+    /// up with. Until then the pending list may be missing changes, so nobody may conclude
+    /// from it that nothing is pending.
+    pub fn is_settled(&self) -> bool {
+        self.synced && self.adopt_after.is_none()
+    }
+
     /// The initial lists are in, at `at`. The first successful reading that starts after
     /// that adopts whatever the kernel has not caught up with as pending changes without a lag
     /// (`adopt_unconverged`): an agent restarted while changes were pending loses none of them
