@@ -20,10 +20,10 @@ RUN touch agent/src/main.rs agent/src/lib.rs && cargo build --release --locked -
 FROM debian:bookworm-slim
 ARG VERSION=0.1.0
 ARG REVISION=unknown
-# iptables-save (nft and legacy backends) is what the iptables reader runs; libnftnl and
-# libmnl are linked by the nftables reader.
+# The readers talk to the kernel directly (nf_tables and IPVS netlink, the legacy iptables
+# table's getsockopt): no iptables or nft binary is needed. libnftnl and libmnl are linked.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends iptables libnftnl11 libmnl0 ca-certificates \
+    && apt-get install -y --no-install-recommends libnftnl11 libmnl0 ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/kube-converge /usr/local/bin/kube-converge
 LABEL org.opencontainers.image.title="kube-converge" \

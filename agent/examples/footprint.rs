@@ -1,15 +1,16 @@
 //! Benchmark: the agent's RSS and CPU with a large cache and dataplane, idle and under churn.
 //!
-//! sudo cargo run --release --example footprint -- SERVICES ENDPOINTS_PER_SERVICE IDLE_S CHURN_S RATE
-//! The API (in-process fake) holds SERVICES Services with ENDPOINTS each; the node's nftables
-//! dataplane programs exactly those. The agent runs as its own process (the release binary).
+//! sudo cargo run --release --example footprint -- SERVICES ENDPOINTS_PER_SERVICE IDLE_S CHURN_S RATE [MODE]
+//! The API (in-process fake) holds SERVICES Services with ENDPOINTS each; the node's dataplane
+//! (MODE: nftables, the default, or iptables-nft) programs exactly those. The agent runs as its
+//! own process (the release binary).
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kube_converge::emulate::{render_nft, EmulatedServicePort};
+use kube_converge::emulate::{render_nat, render_nft, EmulatedServicePort};
 use kube_converge::model::{Protocol, ServicePortName};
 use kube_converge::netns::NetNs;
 use kube_converge::sim::apiserver::FakeApiServer;
@@ -42,7 +43,12 @@ fn ip(base: u32, i: u32) -> IpAddr {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
-    let a: Vec<u64> = std::env::args().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let mode = std::env::args().nth(6).unwrap_or_else(|| "nftables".into());
+    let a: Vec<u64> = std::env::args()
+        .skip(1)
+        .take(5)
+        .filter_map(|v| v.parse().ok())
+        .collect();
     let (n, e) = (*a.first().unwrap_or(&10_000) as u32, *a.get(1).unwrap_or(&10) as u32);
     let (idle, churn, rate) = (
         *a.get(2).unwrap_or(&60),
@@ -80,15 +86,16 @@ async fn main() -> anyhow::Result<()> {
     let guard = NetnsGuard::create(&NetnsGuard::unique_name("footprint"))?;
     let netns = NetNs::open(std::path::Path::new(&guard.path()))?;
     let t = Instant::now();
-    let mut child = netns.command("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn()?;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(render_nft("ip", &ports, &[], &[]).as_bytes())?;
+    let (program, args, rules) = match mode.as_str() {
+        "nftables" => ("nft", vec!["-f", "-"], render_nft("ip", &ports, &[], &[])),
+        "iptables-nft" => ("iptables-nft-restore", vec![], render_nat(&ports, false, &[])),
+        other => anyhow::bail!("unknown mode {other} (nftables or iptables-nft)"),
+    };
+    let mut child = netns.command(program).args(&args).stdin(Stdio::piped()).spawn()?;
+    child.stdin.take().unwrap().write_all(rules.as_bytes())?;
     anyhow::ensure!(child.wait()?.success(), "loading the ruleset failed");
     eprintln!(
-        "{n} services x {e} endpoints in the API and the dataplane (nft load {:.0?})",
+        "{n} services x {e} endpoints in the API and the {mode} dataplane (load {:.0?})",
         t.elapsed()
     );
     let dir = tempfile::tempdir()?;
@@ -128,6 +135,8 @@ async fn main() -> anyhow::Result<()> {
     }
     eprintln!("agent ready after {:.1?}; settling 20 s", start.elapsed());
     tokio::time::sleep(Duration::from_secs(20)).await;
+    let (settled, settled_peak) = rss_mib(pid);
+    eprintln!("settled: RSS {settled:.1} MiB, peak so far {settled_peak:.1} MiB");
     let c0 = cpu_seconds(pid);
     tokio::time::sleep(Duration::from_secs(idle)).await;
     let idle_cpu = (cpu_seconds(pid) - c0) / idle as f64 * 100.0;
@@ -156,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
     let churn_cpu = (cpu_seconds(pid) - c1) / t.elapsed().as_secs_f64() * 100.0;
     let (churn_rss, peak) = rss_mib(pid);
     println!(
-        "services={n} endpoints={} cache+dataplane; idle {idle}s: CPU {idle_cpu:.2}% of one core, RSS {idle_rss:.1} MiB; \
+        "{mode}: services={n} endpoints={} cache+dataplane; idle {idle}s: CPU {idle_cpu:.2}% of one core, RSS {idle_rss:.1} MiB; \
          churn {rate}/s for {churn}s: CPU {churn_cpu:.1}%, RSS {churn_rss:.1} MiB; peak RSS {peak:.1} MiB",
         n * e
     );

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,9 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::admin::{self, Health};
 use crate::dataplane::nfnotify::{self, GenerationProbe, Notification};
-use crate::dataplane::{self, iptables::Backend, ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError};
+use crate::dataplane::{
+    self, iptables::Backend, ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError, ReadScope, ReadTargets,
+};
 use crate::expected::{expect_service_with, Semantics, ServiceSpec, SliceRecord};
 use crate::k8s::{self, SliceError, SliceProblem, WatchMsg, WatchScope};
 use crate::model::{ServiceRef, Timestamp};
@@ -55,9 +57,19 @@ pub struct StatusConfig {
 
 type SliceId = (String, String);
 
-/// Frontends of the service ports with pending changes, shared with the dataplane loop for
-/// targeted reads.
-type PendingFrontends = Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>;
+/// What the tracker tells the dataplane loop: when to wake, what to read.
+#[derive(Clone, Default)]
+struct ReadRequests {
+    /// Woken when new changes are pending (or a full read is wanted).
+    wakeup: Arc<Notify>,
+    /// Pending changes: the loop polls at the poll interval while there are any.
+    count: Arc<AtomicUsize>,
+    /// The service ports with pending changes, for targeted reads.
+    targets: Arc<std::sync::Mutex<ReadTargets>>,
+    /// Set while the tracker waits for a full reading to settle (after the initial lists):
+    /// targeted reads cannot adopt what the kernel has not caught up with.
+    full_wanted: Arc<AtomicBool>,
+}
 
 #[derive(Debug)]
 struct SliceItem {
@@ -128,21 +140,13 @@ pub async fn run_with_client(
         service: ServiceRef::new(s.namespace().unwrap_or_default(), s.name_any()),
         spec: k8s::service_spec(s),
     });
-    let pending_wakeup = Arc::new(Notify::new());
-    let pending_count = Arc::new(AtomicUsize::new(0));
-    let pending_frontends: PendingFrontends = Arc::default();
+    let requests = ReadRequests::default();
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(async move { server.await.context("admin server failed") });
     tasks.spawn(forward(slices, tx.clone(), Input::Slice));
     tasks.spawn(forward(services, tx.clone(), Input::Service));
-    tasks.spawn(dataplane_loop(
-        config.clone(),
-        tx,
-        pending_wakeup.clone(),
-        pending_count.clone(),
-        pending_frontends.clone(),
-    ));
+    tasks.spawn(dataplane_loop(config.clone(), tx, requests.clone()));
     let (status_tx, status_rx) = tokio::sync::watch::channel(Arc::new(crate::publish::StatusDraft::default()));
     if let Some(sc) = config.status {
         let publisher = crate::publish::Publisher {
@@ -156,15 +160,7 @@ pub async fn run_with_client(
         };
         tasks.spawn(publisher.run(status_rx));
     }
-    let core = Core::new(
-        &config,
-        metrics,
-        health,
-        pending_wakeup,
-        pending_count,
-        pending_frontends,
-        status_tx,
-    );
+    let core = Core::new(&config, metrics, health, requests, status_tx);
     tasks.spawn(core.run(rx));
 
     // Every task runs for the agent's lifetime: the first one to end, ends the agent.
@@ -220,9 +216,7 @@ struct Core {
     mode_label: String,
     semantics: Semantics,
     samples: Option<mpsc::UnboundedSender<crate::tracker::LagSample>>,
-    pending_wakeup: Arc<Notify>,
-    pending_count: Arc<AtomicUsize>,
-    pending_frontends: PendingFrontends,
+    requests: ReadRequests,
     /// Unattributed routes of the last full read, carried into targeted reads (which cannot
     /// see rules of unknown services).
     last_unattributed: std::collections::HashSet<(crate::model::Protocol, SocketAddr)>,
@@ -240,9 +234,7 @@ impl Core {
         config: &AgentConfig,
         metrics: Metrics,
         health: Arc<Health>,
-        pending_wakeup: Arc<Notify>,
-        pending_count: Arc<AtomicUsize>,
-        pending_frontends: PendingFrontends,
+        requests: ReadRequests,
         status_tx: tokio::sync::watch::Sender<Arc<crate::publish::StatusDraft>>,
     ) -> Self {
         Self {
@@ -262,9 +254,7 @@ impl Core {
             mode_label: "unknown".into(),
             semantics: Semantics::default(),
             samples: config.samples.clone(),
-            pending_wakeup,
-            pending_count,
-            pending_frontends,
+            requests,
             last_unattributed: Default::default(),
             status_tx,
             lags: Default::default(),
@@ -276,11 +266,14 @@ impl Core {
 
     /// Hands the pending count and frontends to the dataplane loop.
     fn share_pending(&self) {
-        self.pending_count
+        self.requests
+            .count
             .store(self.tracker.pending_count(), Ordering::Relaxed);
-        if let Ok(mut f) = self.pending_frontends.lock() {
-            *f = self.tracker.pending_frontends();
+        if let Ok(mut f) = self.requests.targets.lock() {
+            *f = self.tracker.pending_targets();
         }
+        let wanted = self.tracker.is_synced() && !self.tracker.is_settled();
+        self.requests.full_wanted.store(wanted, Ordering::Relaxed);
     }
 
     fn health(&self) -> (&'static str, Option<String>) {
@@ -369,6 +362,7 @@ impl Core {
                     .dataplane_reads
                     .with_label_values(&[meta.trigger.as_str(), scope])
                     .inc();
+                let full_read = matches!(&result, Ok(snap) if snap.scope.is_none());
                 let outcome = match result {
                     Ok(snap) => {
                         self.last_read = Some(Ok(snap.warnings.len()));
@@ -393,8 +387,11 @@ impl Core {
                         let mut view = catalog.view(&snap);
                         match &snap.scope {
                             None => self.last_unattributed = view.unattributed.clone(),
-                            Some(read) => {
-                                view.scope = Some(self.tracker.ports_served_only_by(read));
+                            Some(scope) => {
+                                view.scope = Some(match scope {
+                                    ReadScope::Frontends(read) => self.tracker.ports_served_only_by(read),
+                                    ReadScope::Ports(ports) => ports.iter().cloned().collect(),
+                                });
                                 view.unattributed.extend(self.last_unattributed.iter().copied());
                             }
                         }
@@ -408,6 +405,11 @@ impl Core {
                     }
                 };
                 self.apply_reading(Reading { meta, outcome });
+                if full_read {
+                    // A full read's snapshot and decoded rules are gone now; without this glibc
+                    // keeps their pages in its arenas and the agent's RSS stays at the peak.
+                    crate::telemetry::release_freed_memory();
+                }
             }
             Input::ReaderUnavailable(e, meta) => {
                 self.last_read = Some(Err(e.kind()));
@@ -453,6 +455,9 @@ impl Core {
             }
         }
         self.metrics.record_outcomes(&self.mode_label, &outcomes);
+        if self.tracker.is_settled() {
+            self.requests.full_wanted.store(false, Ordering::Relaxed);
+        }
     }
 
     fn on_slice(&mut self, msg: WatchMsg<SliceItem>) {
@@ -602,23 +607,23 @@ impl Core {
                 slices = self.slices.len(),
                 "initial lists complete; tracking changes"
             );
+            // The lists' pages of JSON and k8s-openapi objects are freed by now.
+            crate::telemetry::release_freed_memory();
+            // Settling takes a full read that starts after this point; a read under way now
+            // started too early. Ask for one now rather than at the next resync.
+            self.share_pending();
+            self.requests.wakeup.notify_one();
         }
         if self.tracker.pending_count() > before || self.tracker.pending().any(|c| c.observed == at) {
             // The dataplane loop reads the pending frontends when it wakes: share them first.
             self.share_pending();
-            self.pending_wakeup.notify_one();
+            self.requests.wakeup.notify_one();
         }
     }
 }
 
 /// Reads the dataplane on kernel notifications, on new pending changes and on a timer.
-async fn dataplane_loop(
-    config: AgentConfig,
-    tx: mpsc::Sender<Input>,
-    pending_wakeup: Arc<Notify>,
-    pending_count: Arc<AtomicUsize>,
-    pending_frontends: PendingFrontends,
-) -> anyhow::Result<()> {
+async fn dataplane_loop(config: AgentConfig, tx: mpsc::Sender<Input>, requests: ReadRequests) -> anyhow::Result<()> {
     let mut last_full = Instant::now();
     let mut last_full_cost = Duration::ZERO;
     let mut reader: Option<Box<dyn DataplaneReader>> = None;
@@ -685,17 +690,18 @@ async fn dataplane_loop(
             // reader can (IPVS, nftables); a full read is due every `full_interval`, which grows
             // with the cost of a full read so a large dataplane stays cheap to watch.
             let full_interval = config.resync_interval.max(last_full_cost * 100);
-            let full_due = last_full.elapsed() >= full_interval || trigger == ReadTrigger::Initial;
-            let pending: std::collections::BTreeSet<String> =
-                pending_frontends.lock().map(|f| f.clone()).unwrap_or_default();
+            let full_due = last_full.elapsed() >= full_interval
+                || trigger == ReadTrigger::Initial
+                || requests.full_wanted.load(Ordering::Relaxed);
+            let pending: ReadTargets = requests.targets.lock().map(|f| f.clone()).unwrap_or_default();
             if !full_due && pending.is_empty() && r.can_read_targeted() {
                 // Nothing pending (a kernel change, or a timer): nothing to confirm until the next
                 // full read.
                 reader = Some(r);
                 probe = p_take_back(probe, p);
                 trigger = wait_for_trigger(
-                    poll_wait(&config, &reader, listening, &pending_count),
-                    &pending_wakeup,
+                    poll_wait(&config, &reader, listening, &requests.count),
+                    &requests.wakeup,
                     &mut nrx,
                     &mut seen,
                     &mut overrun,
@@ -779,8 +785,8 @@ async fn dataplane_loop(
             }
         }
         trigger = wait_for_trigger(
-            poll_wait(&config, &reader, listening, &pending_count),
-            &pending_wakeup,
+            poll_wait(&config, &reader, listening, &requests.count),
+            &requests.wakeup,
             &mut nrx,
             &mut seen,
             &mut overrun,

@@ -224,17 +224,19 @@ fn auto_detection_picks_the_backend_holding_kube_chains_and_reports_none() {
 
 #[test]
 fn missing_binaries_and_missing_permissions_give_clear_errors() {
-    let out = Command::new(env!("CARGO_BIN_EXE_kube-converge"))
-        .args(["inspect", "--mode", "iptables", "--iptables-backend", "nft"])
-        .env("PATH", "/nonexistent")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("iptables-nft-save") && err.contains("apt-get install iptables"),
-        "unclear error: {err}"
-    );
+    // Both backends read the kernel directly: no userland tool is needed.
+    for backend in BACKENDS {
+        let out = Command::new(env!("CARGO_BIN_EXE_kube-converge"))
+            .args(["inspect", "--mode", "iptables", "--iptables-backend", backend])
+            .env("PATH", "/nonexistent")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{backend} backend without binaries: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     if !require(&["setpriv", "iptables-nft-save"]) {
         return;
     }
@@ -286,6 +288,156 @@ fn readers_need_net_admin_and_legacy_needs_net_raw() {
     assert!(!run("-all", &nft), "without capabilities nothing is readable");
     assert!(run("+net_admin", &nft));
     assert!(run("+net_admin", &nftables));
-    assert!(!run("+net_admin", &legacy), "iptables-legacy-save also needs NET_RAW");
+    assert!(
+        !run("+net_admin", &legacy),
+        "the legacy table is read through a raw socket: NET_RAW too"
+    );
     assert!(run("+net_admin,+net_raw", &legacy));
+}
+
+/// The reader's own view of a snapshot: one line per service port, sorted.
+fn lines(snap: &kube_converge::dataplane::DataplaneSnapshot) -> Vec<String> {
+    let mut out: Vec<String> = snap
+        .services
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {} {:?} {:?} {:?}",
+                s.name.as_ref().map_or("?".into(), |n| n.to_string()),
+                s.chain_id.as_deref().unwrap_or("?"),
+                s.frontends,
+                s.endpoints,
+                s.uncertain
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Both backends read the kernel directly (nf_tables netlink, the legacy table's blob). On the
+/// same kernel state each must see exactly what its `iptables-*-save` shows, in both families,
+/// and a targeted read (nft) of some service ports must see of them exactly what a full read
+/// sees, including their chains being gone.
+#[test]
+fn kernel_reads_agree_with_iptables_save_and_targeted_reads_with_full_ones() {
+    use kube_converge::dataplane::iptables::{routes_from_save, Backend, IptablesReader};
+    use kube_converge::dataplane::{DataplaneReader, DataplaneSnapshot, ReadScope, ReadTargets};
+    if !prerequisites() {
+        return;
+    }
+    let ns = Netns::new("iptnl");
+    let ports = |v6: bool, without: Option<usize>| -> Vec<EmulatedServicePort> {
+        (0..12)
+            .filter(|i| Some(*i) != without)
+            .map(|i| {
+                let (vip, ep) = if v6 {
+                    (format!("fd00:172:30::{}", i + 1), format!("[fd00:10:180::{}]", i + 1))
+                } else {
+                    (format!("172.30.0.{}", i + 1), format!("10.180.0.{}", i + 1))
+                };
+                let eps: Vec<String> = (0..(i % 4)).map(|j| format!("{ep}:{}", 8080 + j)).collect();
+                let mut p = port(
+                    &format!("ns{}/svc{i}:p{}", i % 3, 80 + i),
+                    &vip,
+                    &eps.iter().map(String::as_str).collect::<Vec<_>>(),
+                );
+                p.protocol = if i % 5 == 4 { Protocol::Udp } else { Protocol::Tcp };
+                p.node_port = (i % 2 == 1).then_some(30000 + i as u16);
+                p
+            })
+            .collect()
+    };
+    let netns = kube_converge::netns::NetNs::open(std::path::Path::new(&ns.path())).unwrap();
+    let mut full = DataplaneSnapshot::default();
+    for (backend, b) in [("legacy", Backend::Legacy), ("nft", Backend::Nft)] {
+        for v6 in [false, true] {
+            // Comments on in one family and off in the other: names then come from hashes.
+            restore(&ns, backend, v6, &render_nat(&ports(v6, None), !v6, &[]));
+        }
+        full = IptablesReader::new(b, netns.clone()).read().expect("kernel read");
+        let mut from_text = DataplaneSnapshot::default();
+        for v6 in [false, true] {
+            let save = ns.run(&b.save_program(v6), &["-t", "nat"]);
+            let (services, warnings, broken) = routes_from_save(&String::from_utf8_lossy(&save.stdout));
+            assert!(warnings.is_empty() && !broken, "{warnings:?}");
+            from_text.services.extend(services);
+        }
+        assert_eq!(
+            lines(&full),
+            lines(&from_text),
+            "the {backend} reader and {} disagree",
+            b.save_program(false)
+        );
+        assert!(full.warnings.is_empty(), "{:?}", full.warnings);
+        assert_eq!(full.services.iter().map(|s| s.endpoints.len()).sum::<usize>(), 2 * 18);
+    }
+    let mut reader = IptablesReader::new(Backend::Nft, netns);
+    assert_eq!(
+        lines(&reader.read().unwrap()),
+        lines(&full),
+        "the full read teaches the reader its chains"
+    );
+    // Targeted: svc3 (3 endpoints, a NodePort) in both families, and a port never seen.
+    let v4_svc3 = &ports(false, None)[3];
+    let never = ServicePortName::parse("ns9/never:p1").unwrap();
+    let targets = ReadTargets {
+        ports: [(v4_svc3.name.clone(), v4_svc3.protocol), (never.clone(), Protocol::Tcp)].into(),
+        ..Default::default()
+    };
+    let snap = reader.read_targeted(&targets).unwrap().unwrap();
+    assert_eq!(
+        snap.scope,
+        Some(ReadScope::Ports([v4_svc3.name.clone()].into())),
+        "the unknown port is not covered"
+    );
+    let endpoints = |s: &DataplaneSnapshot| -> Vec<String> {
+        let mut e: Vec<String> = s
+            .services
+            .iter()
+            .flat_map(|s| &s.endpoints)
+            .map(|e| e.to_string())
+            .collect();
+        e.sort();
+        e
+    };
+    let full_svc3 = DataplaneSnapshot {
+        services: full
+            .services
+            .iter()
+            .filter(|s| s.chain_id == snap.services[0].chain_id)
+            .cloned()
+            .collect(),
+        ..Default::default()
+    };
+    assert_eq!(endpoints(&snap), endpoints(&full_svc3));
+    assert_eq!(endpoints(&snap).len(), 6, "3 endpoints in each family");
+
+    // One endpoint leaves (its SEP chain deleted), then the whole service port (all chains).
+    let mut fewer = ports(false, None);
+    let gone = fewer[3].endpoints.pop().unwrap();
+    restore(
+        &ns,
+        "nft",
+        false,
+        &render_nat(&fewer, true, &[sep_chain(&fewer[3].name, fewer[3].protocol, gone)]),
+    );
+    let snap = reader.read_targeted(&targets).unwrap().unwrap();
+    assert_eq!(endpoints(&snap).len(), 5);
+    assert!(!endpoints(&snap).contains(&gone.to_string()));
+    for v6 in [false, true] {
+        let all = ports(v6, None);
+        let svc3 = &all[3];
+        let hash = kube_converge::dataplane::iptables::port_proto_hash(&svc3.name, svc3.protocol);
+        let mut dead = vec![format!("KUBE-SVC-{hash}"), format!("KUBE-EXT-{hash}")];
+        dead.extend(svc3.endpoints.iter().map(|e| sep_chain(&svc3.name, svc3.protocol, *e)));
+        restore(&ns, "nft", v6, &render_nat(&ports(v6, Some(3)), !v6, &dead));
+    }
+    let snap = reader.read_targeted(&targets).unwrap().unwrap();
+    assert!(snap.services.is_empty(), "{:?}", snap.services);
+    assert_eq!(
+        snap.scope,
+        Some(ReadScope::Ports([v4_svc3.name.clone()].into())),
+        "a port the last full read knew stays covered: its chains being gone is the answer"
+    );
 }

@@ -196,7 +196,7 @@ fn a_table_vanishing_mid_read_never_crashes_the_reader() {
 #[test]
 fn targeted_reads_cover_exactly_the_asked_frontends() {
     use kube_converge::dataplane::nftables::NftablesReader;
-    use kube_converge::dataplane::DataplaneReader;
+    use kube_converge::dataplane::{DataplaneReader, ReadScope, ReadTargets};
     if !require(&["ip", "nft"]) {
         return;
     }
@@ -206,9 +206,12 @@ fn targeted_reads_cover_exactly_the_asked_frontends() {
     b.node_port = None;
     nft(&ns, &render_nft("ip", &[a.clone(), b.clone()], &[], &[]));
     let mut reader = NftablesReader::new(kube_converge::netns::NetNs::open(std::path::Path::new(&ns.path())).unwrap());
-    let want: std::collections::BTreeSet<String> = ["172.30.0.41:80".to_string()].into();
+    let want = ReadTargets {
+        frontends: ["172.30.0.41:80".to_string()].into(),
+        ..Default::default()
+    };
     let snap = reader.read_targeted(&want).unwrap().unwrap();
-    assert_eq!(snap.scope.as_ref(), Some(&want));
+    assert_eq!(snap.scope, Some(ReadScope::Frontends(want.frontends.clone())));
     let names: Vec<String> = snap
         .services
         .iter()
@@ -230,6 +233,9 @@ fn targeted_reads_cover_exactly_the_asked_frontends() {
         ["10.180.0.1:80"]
     );
     // A frontend with no element any more: nothing routed, no error.
-    let gone: std::collections::BTreeSet<String> = ["172.30.9.9:80".to_string()].into();
+    let gone = ReadTargets {
+        frontends: ["172.30.9.9:80".to_string()].into(),
+        ..Default::default()
+    };
     assert!(reader.read_targeted(&gone).unwrap().unwrap().services.is_empty());
 }

@@ -141,6 +141,40 @@ async fn an_agent_restarted_while_a_change_is_pending_loses_none_and_invents_no_
     assert!(converged, "the adopted removal never converged");
 }
 
+/// An agent whose first full read finished before its lists came in (a slow or unreachable API
+/// server at start-up) cannot vouch for its pending list until a full read after the lists. It
+/// must ask for one at once, not wait for the next resync (30 s here): until then its status
+/// shows no observed version and every hold waits on the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_lists_came_after_its_first_read_settles_without_waiting_for_a_resync() {
+    let Some(opts) = options(ProxyMode::Iptables, &[]) else {
+        return;
+    };
+    let mut sim = SimCluster::start(&opts).await.unwrap();
+    sim.stop_agent(1).await;
+    sim.api.stop();
+    sim.cluster().delete("NodeConvergence", "", "node-2", None).unwrap();
+    sim.start_agent(1).await.unwrap();
+    // The dataplane loop reads at once; the lists fail until the API server is back.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sim.api.resume().await.unwrap();
+    let observed = || {
+        sim.cluster()
+            .get("NodeConvergence", "", "node-2")
+            .and_then(|n| n["status"]["observedResourceVersion"].as_str().map(str::to_owned))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let start = std::time::Instant::now();
+    while observed() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "node-2 published no observed version 10 s after its API server came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_server_restart_410_and_watch_disconnects_are_survived() {
     let Some(opts) = options(ProxyMode::Iptables, &[]) else {

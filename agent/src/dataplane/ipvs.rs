@@ -11,7 +11,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use netlink_sys::{protocols::NETLINK_GENERIC, Socket};
 
-use super::{ChangeSource, DataplaneReader, DataplaneSnapshot, Draining, Mode, ReadError, ServiceRoutes};
+use super::{
+    ChangeSource, DataplaneReader, DataplaneSnapshot, Draining, Mode, ReadError, ReadScope, ReadTargets, ServiceRoutes,
+};
 use crate::model::Protocol;
 use crate::netns::NetNs;
 
@@ -340,8 +342,8 @@ impl DataplaneReader for IpvsReader {
         true
     }
 
-    fn read_targeted(&mut self, frontends: &BTreeSet<String>) -> Option<Result<DataplaneSnapshot, ReadError>> {
-        Some(self.read_matching(Some(frontends)))
+    fn read_targeted(&mut self, targets: &ReadTargets) -> Option<Result<DataplaneSnapshot, ReadError>> {
+        Some(self.read_matching(Some(&targets.frontends)))
     }
 }
 
@@ -390,6 +392,8 @@ impl IpvsReader {
                 Ok(DataplaneSnapshot {
                     services,
                     draining: Some(draining),
+                    // Safety: a read of some virtual servers says nothing about the others.
+                    scope: only.map(|f| ReadScope::Frontends(f.clone())),
                     ..Default::default()
                 })
             }

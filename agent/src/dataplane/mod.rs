@@ -90,15 +90,39 @@ pub struct DataplaneSnapshot {
     pub unreadable_v4: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub unreadable_v6: bool,
-    /// For a targeted read: the frontends it covered (everything else was not read).
+    /// For a targeted read: what it covered (everything else was not read).
     #[serde(skip)]
-    pub scope: Option<BTreeSet<String>>,
+    pub scope: Option<ReadScope>,
     /// IPVS destinations with weight 0: no new connections, existing ones draining.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub draining: Option<Draining>,
     /// Human-readable notes about rules the reader skipped or could not parse.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+}
+
+/// What a targeted read is asked to cover: the service ports with pending changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReadTargets {
+    /// Their frontends (`ip:port`, `*:nodePort`).
+    pub frontends: BTreeSet<String>,
+    /// The service ports themselves.
+    pub ports: BTreeSet<(ServicePortName, Protocol)>,
+}
+
+impl ReadTargets {
+    pub fn is_empty(&self) -> bool {
+        self.frontends.is_empty() && self.ports.is_empty()
+    }
+}
+
+/// What a targeted read covered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadScope {
+    /// Every service port all of whose frontends are among these (read from the frontends on).
+    Frontends(BTreeSet<String>),
+    /// Exactly these service ports (read from their own chains on).
+    Ports(BTreeSet<ServicePortName>),
 }
 
 /// Connections still draining from destinations that take no new ones (IPVS weight 0).
@@ -152,9 +176,9 @@ pub trait DataplaneReader: Send {
     fn change_source(&self) -> ChangeSource;
     fn read(&mut self) -> Result<DataplaneSnapshot, ReadError>;
 
-    /// Reads only what serves `frontends` (`ip:port`, `*:nodePort`), when the mode allows a
-    /// cheaper targeted read; `None` when it does not. The snapshot's `scope` says what was read.
-    fn read_targeted(&mut self, _frontends: &BTreeSet<String>) -> Option<Result<DataplaneSnapshot, ReadError>> {
+    /// Reads only what serves `targets`, when the mode allows a cheaper targeted read; `None`
+    /// when it does not. The snapshot's `scope` says what was read.
+    fn read_targeted(&mut self, _targets: &ReadTargets) -> Option<Result<DataplaneSnapshot, ReadError>> {
         None
     }
 

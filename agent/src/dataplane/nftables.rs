@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::nftnl::{self, Expr, NftConn, NftTable, NftnlError, NFT_DATA_VERDICT, NFT_GOTO, NFT_JUMP, NFT_NAT_DNAT};
-use super::{ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError, ServiceRoutes};
+use super::{ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError, ReadScope, ReadTargets, ServiceRoutes};
 use crate::model::{Protocol, ServicePortName};
 use crate::netns::NetNs;
 
@@ -193,7 +193,16 @@ fn follow(
                             }
                         }
                     }
-                    Expr::Nat { .. } => {}
+                    Expr::Nat { .. }
+                    | Expr::Payload { .. }
+                    | Expr::Meta { .. }
+                    | Expr::Cmp { .. }
+                    | Expr::Bitwise { .. } => {}
+                    // kube-proxy's nftables mode uses no xtables extensions.
+                    Expr::Match { name, .. } | Expr::Target { name, .. } => {
+                        group.uncertain = true;
+                        warnings.push(format!("chain {chain}: xtables extension {name:?} not understood"));
+                    }
                     Expr::Other(name) if HARMLESS.contains(&name.as_str()) => {}
                     Expr::Other(name) => {
                         group.uncertain = true;
@@ -338,9 +347,10 @@ impl DataplaneReader for NftablesReader {
         true
     }
 
-    fn read_targeted(&mut self, frontends: &BTreeSet<String>) -> Option<Result<DataplaneSnapshot, ReadError>> {
+    fn read_targeted(&mut self, targets: &ReadTargets) -> Option<Result<DataplaneSnapshot, ReadError>> {
+        let frontends = &targets.frontends;
         let mut snap = DataplaneSnapshot {
-            scope: Some(frontends.clone()),
+            scope: Some(ReadScope::Frontends(frontends.clone())),
             ..Default::default()
         };
         for (family, v6) in [(nftnl::NFPROTO_IPV4, false), (nftnl::NFPROTO_IPV6, true)] {
@@ -412,6 +422,7 @@ mod tests {
         NftRule {
             chain: chain.into(),
             exprs,
+            userdata: None,
         }
     }
 

@@ -14,6 +14,7 @@ use crate::netns::NetNs;
 pub const NFPROTO_IPV4: u16 = 2;
 pub const NFPROTO_IPV6: u16 = 10;
 const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_GETSET: u16 = 10;
 const NFT_MSG_GETSETELEM: u16 = 13;
@@ -44,14 +45,38 @@ pub enum Expr {
         addr_reg: Option<u32>,
         proto_reg: Option<u32>,
     },
+    /// `payload load` of `len` bytes at `offset` of header `base` into `dreg`.
+    Payload {
+        base: u32,
+        offset: u32,
+        len: u32,
+        dreg: u32,
+    },
+    /// `meta load` of `key` into `dreg` (a `meta set` has no dreg: `None`).
+    Meta { key: u32, dreg: Option<u32> },
+    /// `cmp` of register `sreg` against `data` with operator `op`.
+    Cmp { sreg: u32, op: u32, data: Vec<u8> },
+    /// `bitwise` on a register (a mask: the loaded value is no longer whole).
+    Bitwise { sreg: u32, dreg: u32 },
+    /// An xtables match run through nft_compat (iptables-nft), with its binary info.
+    Match { name: String, rev: u32, info: Vec<u8> },
+    /// An xtables target run through nft_compat (iptables-nft), with its binary info.
+    Target { name: String, rev: u32, info: Vec<u8> },
     /// Any other expression, by name.
     Other(String),
 }
+
+pub const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+pub const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+pub const NFT_META_L4PROTO: u32 = 16;
+pub const NFT_CMP_EQ: u32 = 0;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct NftRule {
     pub chain: String,
     pub exprs: Vec<Expr>,
+    /// The rule's user data (TLVs; iptables-nft may keep a rule's comment there).
+    pub userdata: Option<Vec<u8>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -87,6 +112,15 @@ pub enum NftnlError {
 fn cstr(p: *const c_char) -> Option<String> {
     // SAFETY: libnftnl returns NUL-terminated strings it owns, valid while the object lives.
     (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+/// Copies `len` bytes libnftnl owns (empty for NULL).
+fn bytes(p: *const std::ffi::c_void, len: u32) -> Vec<u8> {
+    if p.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: libnftnl guarantees `len` readable bytes at `p` while the object lives.
+    unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len as usize) }.to_vec()
 }
 
 /// A netlink socket speaking nf_tables, opened in a given network namespace.
@@ -199,6 +233,29 @@ impl NftConn {
         )
     }
 
+    /// Whether chain `chain` exists in table `table` of `family` (one small request).
+    pub fn chain_exists(&mut self, family: u16, table: &str, chain: &str) -> Result<bool, NftnlError> {
+        let ct = CString::new(table).map_err(|_| NftnlError::Parse)?;
+        let cc = CString::new(chain).map_err(|_| NftnlError::Parse)?;
+        self.dump(
+            NFT_MSG_GETCHAIN,
+            family,
+            NLM_F_ACK,
+            // SAFETY: the chain object is freed right after it is serialised into nlh.
+            |nlh| unsafe {
+                let c = sys::nftnl_chain_alloc();
+                if c.is_null() {
+                    return;
+                }
+                sys::nftnl_chain_set_str(c, sys::NFTNL_CHAIN_TABLE as u16, ct.as_ptr());
+                sys::nftnl_chain_set_str(c, sys::NFTNL_CHAIN_NAME as u16, cc.as_ptr());
+                sys::nftnl_chain_nlmsg_build_payload(nlh, c);
+                sys::nftnl_chain_free(c);
+            },
+            |_| Ok(()),
+        )
+    }
+
     /// The rules of one chain; empty when the chain does not exist.
     pub fn chain_rules(&mut self, family: u16, table: &str, chain: &str) -> Result<Vec<NftRule>, NftnlError> {
         let ct = CString::new(table).map_err(|_| NftnlError::Parse)?;
@@ -268,8 +325,9 @@ impl NftConn {
         Ok(Some(set))
     }
 
-    /// Dumps table `name` of `family`; `None` when the table does not exist.
-    pub fn table(&mut self, family: u16, name: &str) -> Result<Option<NftTable>, NftnlError> {
+    /// Every rule of table `name` of `family`, in chain order; `None` when the table does not
+    /// exist.
+    pub fn rules(&mut self, family: u16, name: &str) -> Result<Option<Vec<NftRule>>, NftnlError> {
         let cname = CString::new(name).map_err(|_| NftnlError::Parse)?;
         // Dumps filtered by a missing table are simply empty: ask for the table itself first.
         let exists = self.dump(
@@ -282,17 +340,33 @@ impl NftConn {
         if !exists {
             return Ok(None);
         }
-        let mut table = NftTable::default();
-        let rules_found = self.dump(
+        let mut rules = Vec::new();
+        let found = self.dump(
             NFT_MSG_GETRULE,
             family,
             NLM_F_DUMP,
-            |nlh| with_rule_filter(nlh, &cname),
+            |nlh| with_rule_filter_chain(nlh, &cname, None),
             |nlh| {
-                table.rules.push(decode_rule(nlh)?);
+                rules.push(decode_rule(nlh)?);
                 Ok(())
             },
         )?;
+        if !found {
+            return Err(NftnlError::Interrupted); // the table went away between requests
+        }
+        Ok(Some(rules))
+    }
+
+    /// Dumps table `name` of `family`; `None` when the table does not exist.
+    pub fn table(&mut self, family: u16, name: &str) -> Result<Option<NftTable>, NftnlError> {
+        let cname = CString::new(name).map_err(|_| NftnlError::Parse)?;
+        let Some(rules) = self.rules(family, name)? else {
+            return Ok(None);
+        };
+        let mut table = NftTable {
+            rules,
+            ..Default::default()
+        };
         let mut names = Vec::new();
         let sets_found = self.dump(
             NFT_MSG_GETSET,
@@ -308,7 +382,7 @@ impl NftConn {
                 Ok(())
             },
         )?;
-        if !rules_found || !sets_found {
+        if !sets_found {
             return Err(NftnlError::Interrupted); // the table went away between requests
         }
         for mut set in names {
@@ -337,10 +411,6 @@ fn with_table(nlh: *mut libc::nlmsghdr, table: &CStr) {
         sys::nftnl_table_nlmsg_build_payload(nlh, t);
         sys::nftnl_table_free(t);
     }
-}
-
-fn with_rule_filter(nlh: *mut libc::nlmsghdr, table: &CStr) {
-    with_rule_filter_chain(nlh, table, None)
 }
 
 fn with_rule_filter_chain(nlh: *mut libc::nlmsghdr, table: &CStr, chain: Option<&CStr>) {
@@ -392,6 +462,11 @@ fn decode_rule(nlh: *const libc::nlmsghdr) -> Result<NftRule, NftnlError> {
             return Err(NftnlError::Parse);
         }
         let chain = cstr(sys::nftnl_rule_get_str(r, sys::NFTNL_RULE_CHAIN as u16)).unwrap_or_default();
+        let userdata = sys::nftnl_rule_is_set(r, sys::NFTNL_RULE_USERDATA as u16).then(|| {
+            let mut len = 0u32;
+            let p = sys::nftnl_rule_get_data(r, sys::NFTNL_RULE_USERDATA as u16, &mut len);
+            bytes(p, len)
+        });
         let mut exprs = Vec::new();
         let it = sys::nftnl_expr_iter_create(r);
         if !it.is_null() {
@@ -403,7 +478,7 @@ fn decode_rule(nlh: *const libc::nlmsghdr) -> Result<NftRule, NftnlError> {
             sys::nftnl_expr_iter_destroy(it);
         }
         sys::nftnl_rule_free(r);
-        Ok(NftRule { chain, exprs })
+        Ok(NftRule { chain, exprs, userdata })
     }
 }
 
@@ -411,7 +486,13 @@ fn decode_rule(nlh: *const libc::nlmsghdr) -> Result<NftRule, NftnlError> {
 unsafe fn decode_expr(e: *mut sys::nftnl_expr) -> Expr {
     let is = |a: u32| unsafe { sys::nftnl_expr_is_set(e, a as u16) };
     let u32_of = |a: u32| unsafe { sys::nftnl_expr_get_u32(e, a as u16) };
-    let name = cstr(unsafe { sys::nftnl_expr_get_str(e, sys::NFTNL_EXPR_NAME as u16) }).unwrap_or_default();
+    let str_of = |a: u32| cstr(unsafe { sys::nftnl_expr_get_str(e, a as u16) }).unwrap_or_default();
+    let data_of = |a: u32| {
+        let mut len = 0u32;
+        // SAFETY: libnftnl returns a pointer to `len` bytes it owns, or NULL.
+        bytes(unsafe { sys::nftnl_expr_get(e, a as u16, &mut len) }, len)
+    };
+    let name = str_of(sys::NFTNL_EXPR_NAME);
     match name.as_str() {
         "immediate" => {
             if is(sys::NFTNL_EXPR_IMM_VERDICT) {
@@ -425,18 +506,45 @@ unsafe fn decode_expr(e: *mut sys::nftnl_expr) -> Expr {
                     chain,
                 };
             }
-            let mut len = 0u32;
-            let p = unsafe { sys::nftnl_expr_get(e, sys::NFTNL_EXPR_IMM_DATA as u16, &mut len) };
-            let data = if p.is_null() {
-                Vec::new()
-            } else {
-                unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len as usize) }.to_vec()
-            };
             Expr::Immediate {
                 dreg: u32_of(sys::NFTNL_EXPR_IMM_DREG),
-                data,
+                data: data_of(sys::NFTNL_EXPR_IMM_DATA),
             }
         }
+        "payload" => Expr::Payload {
+            base: u32_of(sys::NFTNL_EXPR_PAYLOAD_BASE),
+            offset: u32_of(sys::NFTNL_EXPR_PAYLOAD_OFFSET),
+            len: u32_of(sys::NFTNL_EXPR_PAYLOAD_LEN),
+            // A payload write (`sreg`) has no dreg; u32::MAX matches no register.
+            dreg: if is(sys::NFTNL_EXPR_PAYLOAD_DREG) {
+                u32_of(sys::NFTNL_EXPR_PAYLOAD_DREG)
+            } else {
+                u32::MAX
+            },
+        },
+        "meta" => Expr::Meta {
+            key: u32_of(sys::NFTNL_EXPR_META_KEY),
+            dreg: is(sys::NFTNL_EXPR_META_DREG).then(|| u32_of(sys::NFTNL_EXPR_META_DREG)),
+        },
+        "cmp" => Expr::Cmp {
+            sreg: u32_of(sys::NFTNL_EXPR_CMP_SREG),
+            op: u32_of(sys::NFTNL_EXPR_CMP_OP),
+            data: data_of(sys::NFTNL_EXPR_CMP_DATA),
+        },
+        "bitwise" => Expr::Bitwise {
+            sreg: u32_of(sys::NFTNL_EXPR_BITWISE_SREG),
+            dreg: u32_of(sys::NFTNL_EXPR_BITWISE_DREG),
+        },
+        "match" => Expr::Match {
+            name: str_of(sys::NFTNL_EXPR_MT_NAME),
+            rev: u32_of(sys::NFTNL_EXPR_MT_REV),
+            info: data_of(sys::NFTNL_EXPR_MT_INFO),
+        },
+        "target" => Expr::Target {
+            name: str_of(sys::NFTNL_EXPR_TG_NAME),
+            rev: u32_of(sys::NFTNL_EXPR_TG_REV),
+            info: data_of(sys::NFTNL_EXPR_TG_INFO),
+        },
         "lookup" => Expr::Lookup {
             set: cstr(unsafe { sys::nftnl_expr_get_str(e, sys::NFTNL_EXPR_LOOKUP_SET as u16) }).unwrap_or_default(),
             dreg: is(sys::NFTNL_EXPR_LOOKUP_DREG).then(|| u32_of(sys::NFTNL_EXPR_LOOKUP_DREG)),

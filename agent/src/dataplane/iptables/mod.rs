@@ -1,20 +1,28 @@
 //! Reader for kube-proxy's iptables mode (IPv4 and IPv6, iptables-nft and iptables-legacy).
 //!
-//! It parses `iptables-save -t nat` and follows the chain graph from `KUBE-SERVICES` and
-//! `KUBE-NODEPORTS` through `KUBE-FW-*`, `KUBE-EXT-*`, `KUBE-SVC-*` and `KUBE-SVL-*` to the
-//! `KUBE-SEP-*` chains' DNAT targets. A SEP chain that no reachable chain jumps to does not
-//! count: kube-proxy leaves such chains behind in large clusters. Comments are optional (they
-//! are dropped above 1000 endpoints); names then come from the entry rules or chain hashes.
+//! It reads the `nat` table from the kernel with no userland tool (chain by chain over
+//! nf_tables netlink for the nft backend, `nft.rs`; the legacy table's binary blob,
+//! `legacy.rs`) and follows the chain graph from `KUBE-SERVICES` and `KUBE-NODEPORTS` through
+//! `KUBE-FW-*`, `KUBE-EXT-*`, `KUBE-SVC-*` and `KUBE-SVL-*` to the `KUBE-SEP-*` chains' DNAT
+//! targets. A SEP chain that no reachable chain jumps to does not count: kube-proxy leaves such
+//! chains behind in large clusters. Comments are optional (they are dropped above 1000
+//! endpoints); names then come from the entry rules or chain hashes. A DNAT the reader does not
+//! understand makes its service port `unknown`, never "not routed".
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+mod legacy;
+mod nft;
+mod save;
+pub mod xt;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::process::Stdio;
 
 use sha2::{Digest, Sha256};
 
-use super::{ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError, ServiceRoutes};
+use super::{ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError, ReadScope, ReadTargets, ServiceRoutes};
 use crate::model::{Protocol, ServicePortName};
 use crate::netns::NetNs;
+use xt::Dnat;
 
 /// The iptables backend kube-proxy writes through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,158 +66,35 @@ pub(crate) fn base32_16(bytes: &[u8]) -> String {
     out
 }
 
-/// One parsed `-A` rule: only the parts the graph walk needs.
+/// Where a rule sends the packets it matches, as far as reaching endpoints goes.
+#[derive(Clone, Debug, Default, PartialEq)]
+enum Verdict {
+    /// No target, or one that sends nothing to another address (ACCEPT, RETURN, MARK, ...).
+    #[default]
+    Continue,
+    /// `-j`/`-g` to this name: a chain when the table has one by that name.
+    Jump(String),
+    Dnat(Dnat),
+}
+
+/// One rule of the nat table: only the parts the graph walk needs. Matches that are negated
+/// or cover more than one address or port are left out.
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Rule {
-    destination: Option<String>,
-    protocol: Option<String>,
-    dport: Option<String>,
+    /// `-d` with a host address.
+    destination: Option<IpAddr>,
+    protocol: Option<Protocol>,
+    dport: Option<u16>,
     comment: Option<String>,
-    /// `-j` or `-g` target.
-    target: Option<String>,
-    to_destination: Option<String>,
+    verdict: Verdict,
 }
 
 #[derive(Debug, Default)]
 struct NatTable {
     chains: HashMap<String, Vec<Rule>>,
-    /// Chains with a rule that could not be tokenized.
+    /// Chains with a rule that could not be read.
     broken: HashSet<String>,
     warnings: Vec<String>,
-}
-
-/// Splits a rule the way iptables-save quotes it: double quotes, backslash escapes.
-fn tokenize(line: &str) -> Option<Vec<String>> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut in_token = false;
-    let mut quoted = false;
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                cur.push(chars.next()?);
-                in_token = true;
-            }
-            '"' => {
-                quoted = !quoted;
-                in_token = true;
-            }
-            c if c.is_whitespace() && !quoted => {
-                if in_token {
-                    out.push(std::mem::take(&mut cur));
-                    in_token = false;
-                }
-            }
-            c => {
-                cur.push(c);
-                in_token = true;
-            }
-        }
-    }
-    if quoted {
-        return None;
-    }
-    if in_token {
-        out.push(cur);
-    }
-    Some(out)
-}
-
-fn parse_rule(tokens: &[String]) -> Rule {
-    let mut rule = Rule::default();
-    let mut negate = false;
-    let mut i = 0;
-    while i < tokens.len() {
-        let tok = tokens[i].as_str();
-        let value = tokens.get(i + 1).cloned();
-        let mut consumed = 1;
-        match tok {
-            "!" => {
-                negate = true;
-                i += 1;
-                continue;
-            }
-            "-d" | "--destination" | "--dst" => {
-                if !negate {
-                    rule.destination = value;
-                }
-                consumed = 2;
-            }
-            "-p" | "--protocol" => {
-                if !negate {
-                    rule.protocol = value;
-                }
-                consumed = 2;
-            }
-            "--dport" | "--destination-port" => {
-                if !negate {
-                    rule.dport = value;
-                }
-                consumed = 2;
-            }
-            "--comment" => {
-                rule.comment = value;
-                consumed = 2;
-            }
-            "-j" | "--jump" | "-g" | "--goto" => {
-                rule.target = value;
-                consumed = 2;
-            }
-            "--to-destination" => {
-                rule.to_destination = value;
-                consumed = 2;
-            }
-            _ => {}
-        }
-        negate = false;
-        i += consumed;
-    }
-    rule
-}
-
-/// Parses the `*nat` section of `iptables-save` or `iptables-restore` input.
-fn parse_nat(text: &str) -> NatTable {
-    let mut table = NatTable::default();
-    let mut in_nat = false;
-    for (lineno, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        if let Some(name) = line.strip_prefix('*') {
-            in_nat = name == "nat";
-            continue;
-        }
-        if !in_nat || line == "COMMIT" {
-            continue;
-        }
-        if let Some(decl) = line.strip_prefix(':') {
-            if let Some(chain) = decl.split_whitespace().next() {
-                table.chains.entry(chain.to_string()).or_default();
-            }
-            continue;
-        }
-        let Some(rest) = line.strip_prefix("-A ") else {
-            table
-                .warnings
-                .push(format!("line {}: not a rule: {line:.120}", lineno + 1));
-            continue;
-        };
-        let chain = rest.split_whitespace().next().unwrap_or_default().to_string();
-        match tokenize(rest) {
-            Some(tokens) => table.chains.entry(chain).or_default().push(parse_rule(&tokens[1..])),
-            None => {
-                table.warnings.push(format!(
-                    "line {}: unbalanced quotes in chain {chain}: {line:.120}",
-                    lineno + 1
-                ));
-                table.broken.insert(chain.clone());
-                table.chains.entry(chain).or_default();
-            }
-        }
-    }
-    table
 }
 
 const ENTRY_CHAINS: [&str; 2] = ["KUBE-SERVICES", "KUBE-NODEPORTS"];
@@ -236,6 +121,7 @@ fn name_from_comment(comment: &str) -> Option<ServicePortName> {
     ServicePortName::parse(base)
 }
 
+/// A host address from `-d`'s `addr[/len]` (`None` for a network).
 fn strip_prefix_len(ip: &str) -> Option<IpAddr> {
     let (addr, len) = ip.split_once('/').unwrap_or((ip, ""));
     let parsed: IpAddr = addr.parse().ok()?;
@@ -243,7 +129,18 @@ fn strip_prefix_len(ip: &str) -> Option<IpAddr> {
     (len.is_empty() || len == host_len).then_some(parsed)
 }
 
-/// Follows the chain graph and returns the routed service ports.
+impl NatTable {
+    /// The chain a rule jumps to, when it is one of this table's chains and not an entry chain.
+    fn jump_target<'a>(&self, rule: &'a Rule) -> Option<&'a str> {
+        match &rule.verdict {
+            Verdict::Jump(t) if !ENTRY_CHAINS.contains(&t.as_str()) && self.chains.contains_key(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// Follows the chain graph from the entry chains and returns the routed service ports, the
+/// warnings, and whether an entry chain itself could not be read.
 fn walk(table: &NatTable) -> (Vec<ServiceRoutes>, Vec<String>, bool) {
     let mut groups: BTreeMap<String, ServiceRoutes> = BTreeMap::new();
     let mut warnings = table.warnings.clone();
@@ -256,33 +153,24 @@ fn walk(table: &NatTable) -> (Vec<ServiceRoutes>, Vec<String>, bool) {
             continue;
         };
         for rule in rules {
-            let Some(target) = rule.target.as_deref() else {
+            let Some(target) = table.jump_target(rule) else {
                 continue;
             };
-            if ENTRY_CHAINS.contains(&target) || !table.chains.contains_key(target) {
-                continue;
-            }
             let id = group_id(target).to_string();
             let group = groups.entry(id.clone()).or_default();
             group.chain_id = Some(id);
-            if let Some(proto) = rule.protocol.as_deref().and_then(|p| p.parse().ok()) {
-                group.protocol = Some(proto);
-            }
+            group.protocol = rule.protocol.or(group.protocol);
             if group.name.is_none() {
                 group.name = rule.comment.as_deref().and_then(name_from_comment);
             }
-            if let Some(port) = &rule.dport {
-                match (entry, rule.destination.as_deref().and_then(strip_prefix_len)) {
-                    ("KUBE-SERVICES", Some(ip)) => {
-                        group
-                            .frontends
-                            .insert(SocketAddr::new(ip, port.parse().unwrap_or(0)).to_string());
-                    }
-                    ("KUBE-NODEPORTS", _) => {
-                        group.frontends.insert(format!("*:{port}"));
-                    }
-                    _ => {}
+            match (entry, rule.destination, rule.dport) {
+                ("KUBE-SERVICES", Some(ip), Some(port)) => {
+                    group.frontends.insert(SocketAddr::new(ip, port).to_string());
                 }
+                ("KUBE-NODEPORTS", _, Some(port)) => {
+                    group.frontends.insert(format!("*:{port}"));
+                }
+                _ => {}
             }
             follow(table, target, group, &mut warnings);
         }
@@ -290,45 +178,60 @@ fn walk(table: &NatTable) -> (Vec<ServiceRoutes>, Vec<String>, bool) {
     (groups.into_values().collect(), warnings, entry_broken)
 }
 
+/// Follows the per-port chains of the service ports with these chain hashes (a targeted read:
+/// the entry chains were not read).
+fn walk_ports(table: &NatTable, ids: &BTreeSet<String>) -> (Vec<ServiceRoutes>, Vec<String>) {
+    let mut services = Vec::new();
+    let mut warnings = table.warnings.clone();
+    for id in ids {
+        let mut group = ServiceRoutes {
+            chain_id: Some(id.clone()),
+            ..Default::default()
+        };
+        let mut found = false;
+        for prefix in GROUP_PREFIXES {
+            let chain = format!("{prefix}{id}");
+            if table.chains.contains_key(&chain) {
+                found = true;
+                follow(table, &chain, &mut group, &mut warnings);
+            }
+        }
+        if found {
+            services.push(group);
+        }
+    }
+    (services, warnings)
+}
+
 /// Depth-first walk from one entry target; every DNAT reached is a routed endpoint.
 fn follow(table: &NatTable, start: &str, group: &mut ServiceRoutes, warnings: &mut Vec<String>) {
-    let mut stack = vec![start.to_string()];
+    let mut stack = vec![start];
     let mut seen = HashSet::new();
     while let Some(chain) = stack.pop() {
-        if !seen.insert(chain.clone()) {
+        if !seen.insert(chain) {
             continue;
         }
-        if table.broken.contains(&chain) {
+        if table.broken.contains(chain) {
             group.uncertain = true;
         }
-        let Some(rules) = table.chains.get(&chain) else {
+        let Some(rules) = table.chains.get(chain) else {
             continue;
         };
         for rule in rules {
             if group.name.is_none() {
                 group.name = rule.comment.as_deref().and_then(name_from_comment);
             }
-            if group.protocol.is_none() {
-                group.protocol = rule.protocol.as_deref().and_then(|p| p.parse().ok());
-            }
-            match (rule.target.as_deref(), rule.to_destination.as_deref()) {
-                (Some("DNAT"), Some(dest)) => match dest.parse::<SocketAddr>() {
-                    Ok(addr) => {
-                        group.endpoints.insert(addr);
-                    }
-                    Err(_) => {
-                        group.uncertain = true;
-                        warnings.push(format!("chain {chain}: cannot parse DNAT destination {dest:?}"));
-                    }
-                },
-                (Some("DNAT"), None) => {
+            group.protocol = group.protocol.or(rule.protocol);
+            match &rule.verdict {
+                Verdict::Dnat(Dnat::To(addr)) => {
+                    group.endpoints.insert(*addr);
+                }
+                Verdict::Dnat(Dnat::NotUnderstood(why)) => {
                     group.uncertain = true;
-                    warnings.push(format!("chain {chain}: DNAT rule without --to-destination"));
+                    warnings.push(format!("chain {chain}: {why}"));
                 }
-                (Some(target), _) if table.chains.contains_key(target) && !ENTRY_CHAINS.contains(&target) => {
-                    stack.push(target.to_string());
-                }
-                _ => {}
+                Verdict::Jump(_) => stack.extend(table.jump_target(rule)),
+                Verdict::Continue => {}
             }
         }
     }
@@ -336,69 +239,88 @@ fn follow(table: &NatTable, start: &str, group: &mut ServiceRoutes, warnings: &m
 
 /// Parses `iptables-save` output (or `iptables-restore` input) into routed service ports.
 pub fn routes_from_save(text: &str) -> (Vec<ServiceRoutes>, Vec<String>, bool) {
-    walk(&parse_nat(text))
+    walk(&save::parse_nat(text))
 }
 
-/// Counts kube-proxy chains in a save dump, to pick the backend kube-proxy uses.
-fn kube_chain_count(text: &str) -> usize {
-    // Only kube-proxy creates KUBE-SERVICES in nat; kubelet's own KUBE- chains do not count.
-    if !text.lines().any(|l| l.starts_with(":KUBE-SERVICES ")) {
+/// kube-proxy's share of a nat table: its chains and rules, 0 without `KUBE-SERVICES` (kubelet
+/// creates KUBE- chains of its own).
+fn kube_rule_count(table: &NatTable) -> usize {
+    if !table.chains.contains_key("KUBE-SERVICES") {
         return 0;
     }
-    text.lines()
-        .filter(|l| l.starts_with(":KUBE-") || l.starts_with("-A KUBE-"))
-        .count()
+    table
+        .chains
+        .iter()
+        .filter(|(name, _)| name.starts_with("KUBE-"))
+        .map(|(_, rules)| 1 + rules.len())
+        .sum()
 }
 
 /// Picks the backend holding kube-proxy's chains, like kube-proxy's iptables wrapper: the one
-/// with more KUBE- rules wins, nft on a tie. `None` when neither has any.
+/// with `KUBE-SERVICES`; when both have it, the one with more KUBE- rules, nft on a tie. `None`
+/// when neither has any. Runs on every resync with `--mode auto`, so the common case (one
+/// backend) costs a chain lookup, not a read of the table.
 pub fn detect_backend(netns: &NetNs) -> Option<Backend> {
-    let count = |b: Backend| -> usize {
-        [false, true]
-            .into_iter()
-            .filter_map(|v6| run_save(netns, &b.save_program(v6)).ok())
-            .map(|t| kube_chain_count(&t))
-            .sum()
-    };
-    let (nft, legacy) = (count(Backend::Nft), count(Backend::Legacy));
-    match (nft, legacy) {
-        (0, 0) => None,
-        (n, l) if l > n => Some(Backend::Legacy),
-        _ => Some(Backend::Nft),
+    let mut nft = IptablesReader::new(Backend::Nft, netns.clone());
+    let mut legacy = IptablesReader::new(Backend::Legacy, netns.clone());
+    let legacy_tables: Vec<NatTable> = [false, true]
+        .into_iter()
+        .filter_map(|v6| legacy.nat_table(v6).ok().flatten())
+        .collect();
+    let in_legacy = legacy_tables.iter().any(|t| kube_rule_count(t) > 0);
+    let in_nft = [false, true].into_iter().any(|v6| nft.nft.has_kube_services(v6));
+    match (in_nft, in_legacy) {
+        (false, false) => None,
+        (true, false) => Some(Backend::Nft),
+        (false, true) => Some(Backend::Legacy),
+        (true, true) => {
+            let count = |tables: &[NatTable]| tables.iter().map(kube_rule_count).sum::<usize>();
+            let nft_tables: Vec<NatTable> = [false, true]
+                .into_iter()
+                .filter_map(|v6| nft.nat_table(v6).ok().flatten())
+                .collect();
+            if count(&legacy_tables) > count(&nft_tables) {
+                Some(Backend::Legacy)
+            } else {
+                Some(Backend::Nft)
+            }
+        }
     }
-}
-
-fn run_save(netns: &NetNs, program: &str) -> Result<String, ReadError> {
-    let output = netns
-        .command(program)
-        .args(["-t", "nat"])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| ReadError::ToolMissing {
-            program: program.into(),
-            source,
-        })?;
-    if !output.status.success() {
-        return Err(ReadError::ToolFailed {
-            program: program.into(),
-            status: output.status.to_string(),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        });
-    }
-    String::from_utf8(output.stdout).map_err(|_| ReadError::Unparseable {
-        program: program.into(),
-        reason: "output is not UTF-8".into(),
-    })
 }
 
 pub struct IptablesReader {
     backend: Backend,
     netns: NetNs,
+    nft: nft::NatReader,
+    /// Chain hashes the last full read reached from the entry chains. A targeted read relies on
+    /// kube-proxy's chain names only for these, or for chains it finds.
+    known_ids: HashSet<String>,
 }
 
 impl IptablesReader {
     pub fn new(backend: Backend, netns: NetNs) -> Self {
-        Self { backend, netns }
+        Self {
+            nft: nft::NatReader::new(netns.clone()),
+            backend,
+            netns,
+            known_ids: HashSet::new(),
+        }
+    }
+
+    /// The nat table of one family; `None` when it does not exist.
+    fn nat_table(&mut self, v6: bool) -> Result<Option<NatTable>, ReadError> {
+        match self.backend {
+            Backend::Nft => self.nft.table(v6),
+            Backend::Legacy => legacy::table(&self.netns, v6),
+        }
+    }
+}
+
+fn family_name(v6: bool) -> &'static str {
+    if v6 {
+        "ip6 nat"
+    } else {
+        "ip nat"
     }
 }
 
@@ -421,16 +343,19 @@ impl DataplaneReader for IptablesReader {
     fn read(&mut self) -> Result<DataplaneSnapshot, ReadError> {
         let mut snap = DataplaneSnapshot::default();
         let mut first_error = None;
+        let mut known = HashSet::new();
         for v6 in [false, true] {
-            let program = self.backend.save_program(v6);
-            let unreadable = match run_save(&self.netns, &program) {
-                Ok(text) => {
-                    let (services, warnings, entry_broken) = routes_from_save(&text);
+            let unreadable = match self.nat_table(v6) {
+                Ok(Some(table)) => {
+                    let (services, warnings, entry_broken) = walk(&table);
+                    known.extend(services.iter().filter_map(|s| s.chain_id.clone()));
                     snap.services.extend(services);
+                    let family = family_name(v6);
                     snap.warnings
-                        .extend(warnings.into_iter().map(|w| format!("{program}: {w}")));
+                        .extend(warnings.into_iter().map(|w| format!("{family}: {w}")));
                     entry_broken
                 }
+                Ok(None) => false,
                 Err(e) => {
                     snap.warnings.push(e.to_string());
                     first_error.get_or_insert(e);
@@ -445,8 +370,62 @@ impl DataplaneReader for IptablesReader {
         }
         match first_error {
             Some(e) if snap.unreadable_v4 && snap.unreadable_v6 => Err(e),
-            _ => Ok(snap),
+            _ => {
+                if !snap.unreadable_v4 && !snap.unreadable_v6 {
+                    self.known_ids = known;
+                }
+                Ok(snap)
+            }
         }
+    }
+
+    fn can_read_targeted(&self) -> bool {
+        self.backend == Backend::Nft
+    }
+
+    /// Reads only the per-port chains (`KUBE-SVC-<hash>` and friends) of the pending service
+    /// ports and what they jump to: a few small dumps instead of the whole table. A port is in
+    /// scope when its chains were found, or when the last full read reached them under these
+    /// names (so a port whose chains are now gone is confirmed as not routed).
+    fn read_targeted(&mut self, targets: &ReadTargets) -> Option<Result<DataplaneSnapshot, ReadError>> {
+        if self.backend != Backend::Nft {
+            return None;
+        }
+        let ids: BTreeMap<String, &ServicePortName> = targets
+            .ports
+            .iter()
+            .map(|(spn, proto)| (port_proto_hash(spn, *proto), spn))
+            .collect();
+        let wanted: BTreeSet<String> = ids.keys().cloned().collect();
+        let mut snap = DataplaneSnapshot::default();
+        let mut found = HashSet::new();
+        for v6 in [false, true] {
+            match self.nft.chains_of(v6, &wanted) {
+                Ok(table) => {
+                    let (services, warnings) = walk_ports(&table, &wanted);
+                    found.extend(services.iter().filter_map(|s| s.chain_id.clone()));
+                    snap.services.extend(services);
+                    let family = family_name(v6);
+                    snap.warnings
+                        .extend(warnings.into_iter().map(|w| format!("{family}: {w}")));
+                }
+                Err(e) => {
+                    snap.warnings.push(format!("targeted read of {}: {e}", family_name(v6)));
+                    if v6 {
+                        snap.unreadable_v6 = true;
+                    } else {
+                        snap.unreadable_v4 = true;
+                    }
+                }
+            }
+        }
+        let covered = ids
+            .iter()
+            .filter(|(id, _)| found.contains(*id) || self.known_ids.contains(*id))
+            .map(|(_, spn)| (*spn).clone())
+            .collect();
+        snap.scope = Some(ReadScope::Ports(covered));
+        Some(Ok(snap))
     }
 }
 
@@ -493,10 +472,10 @@ mod tests {
     #[test]
     fn tokenizer_handles_quotes_and_escapes() {
         assert_eq!(
-            tokenize(r#"-A X -m comment --comment "a \"b\" c" -j Y"#).unwrap(),
+            save::tokenize(r#"-A X -m comment --comment "a \"b\" c" -j Y"#).unwrap(),
             ["-A", "X", "-m", "comment", "--comment", "a \"b\" c", "-j", "Y"]
         );
-        assert!(tokenize(r#"-A X --comment "open"#).is_none());
+        assert!(save::tokenize(r#"-A X --comment "open"#).is_none());
     }
 
     #[test]
