@@ -250,7 +250,9 @@ pub fn init_logging(format: LogFormat, default_level: &str) {
 
 /// Hands heap pages that are free again back to the kernel. glibc keeps memory freed by large
 /// transient structures (a full dataplane read, the initial lists) in its per-thread arenas,
-/// where it counts as the agent's RSS until the next peak reuses it. Costs a few milliseconds.
+/// where it counts as the agent's RSS until the next peak reuses it. The agent binary's Rust
+/// heap is jemalloc's (main.rs), but libnftnl's rule objects still come from glibc's malloc.
+/// Costs a few milliseconds.
 pub fn release_freed_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns unused pages of glibc's own heaps to the kernel.
