@@ -3,7 +3,7 @@
 //! sudo cargo run --release --example footprint -- SERVICES ENDPOINTS_PER_SERVICE IDLE_S CHURN_S RATE [MODE]
 //! The API (in-process fake) holds SERVICES Services with ENDPOINTS each; the node's dataplane
 //! (MODE: nftables, the default, or iptables-nft) programs exactly those. The agent runs as its
-//! own process (the release binary).
+//! own process (the release binary; `AGENT_BIN=path` runs another build instead).
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -102,8 +102,11 @@ async fn main() -> anyhow::Result<()> {
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig())?;
     let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let bin = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/kube-converge");
-    let mut agent = Command::new(bin)
+    // AGENT_BIN compares another build (say, main's) on the same machine and ruleset.
+    let bin = std::env::var("AGENT_BIN")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/kube-converge").into());
+    eprintln!("agent binary: {bin}");
+    let mut agent = Command::new(&bin)
         .args([
             "agent",
             "--node-name",

@@ -224,6 +224,8 @@ struct Core {
     lags: crate::publish::RecentLags,
     /// The highest EndpointSlice resourceVersion processed.
     observed_rv: u64,
+    /// The catalog that names dataplane rules, with the frontends generation it was built at.
+    catalog: Option<(u64, ServiceCatalog)>,
     backend: String,
     /// The last read: Ok(warnings) or Err(error kind).
     last_read: Option<Result<usize, &'static str>>,
@@ -259,6 +261,7 @@ impl Core {
             status_tx,
             lags: Default::default(),
             observed_rv: 0,
+            catalog: None,
             backend: "unknown".into(),
             last_read: None,
         }
@@ -383,7 +386,13 @@ impl Core {
                             self.metrics.dataplane_read_errors.with_label_values(&["partial"]).inc();
                         }
                         self.health.dataplane_read.store(true, Ordering::Relaxed);
-                        let catalog = ServiceCatalog::build(self.tracker.services());
+                        let generation = self.tracker.frontends_generation();
+                        if self.catalog.as_ref().is_none_or(|(g, _)| *g != generation) {
+                            // Rebuilt only when some Service's frontends changed: building it
+                            // hashes every port, far too often to do per reading under churn.
+                            self.catalog = Some((generation, ServiceCatalog::build(self.tracker.services())));
+                        }
+                        let catalog = &self.catalog.as_ref().expect("built above").1;
                         let mut view = catalog.view(&snap);
                         match &snap.scope {
                             None => self.last_unattributed = view.unattributed.clone(),

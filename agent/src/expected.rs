@@ -202,6 +202,8 @@ pub fn expect_service_with(
             }
             chosen.extend(local);
         }
+        // One copy of the names for all of the port's endpoints.
+        let spn = std::sync::Arc::new(spn);
         out.expected.extend(
             chosen
                 .into_iter()

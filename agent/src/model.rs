@@ -4,6 +4,7 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -237,15 +238,17 @@ impl fmt::Display for ServicePortName {
 /// (namespace, service, port name, protocol, endpoint IP, endpoint port).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct EndpointKey {
-    pub port_name: ServicePortName,
+    /// Shared by every endpoint of the port (see `expect_service`): at 100k endpoints, a copy
+    /// of the three names per key was the largest part of the agent's memory.
+    pub port_name: Arc<ServicePortName>,
     pub protocol: Protocol,
     pub endpoint: SocketAddr,
 }
 
 impl EndpointKey {
-    pub fn new(port_name: ServicePortName, protocol: Protocol, endpoint: SocketAddr) -> Self {
+    pub fn new(port_name: impl Into<Arc<ServicePortName>>, protocol: Protocol, endpoint: SocketAddr) -> Self {
         Self {
-            port_name,
+            port_name: port_name.into(),
             protocol,
             endpoint,
         }

@@ -4,6 +4,7 @@
 //! attributed still counts as routed for its address (safety first).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::dataplane::iptables::port_proto_hash;
 use crate::dataplane::DataplaneSnapshot;
@@ -16,8 +17,8 @@ const ALL_PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sc
 /// Lookup tables built from the known Services.
 #[derive(Debug, Default)]
 pub struct ServiceCatalog {
-    by_hash: HashMap<String, (ServicePortName, Protocol)>,
-    by_frontend: HashMap<String, (ServicePortName, Protocol)>,
+    by_hash: HashMap<String, (Arc<ServicePortName>, Protocol)>,
+    by_frontend: HashMap<String, (Arc<ServicePortName>, Protocol)>,
 }
 
 impl ServiceCatalog {
@@ -25,9 +26,11 @@ impl ServiceCatalog {
         let mut cat = Self::default();
         for (_, exp) in services {
             for ((spn, proto), frontends) in &exp.frontends {
-                cat.by_hash.insert(port_proto_hash(spn, *proto), (spn.clone(), *proto));
+                let spn_shared = Arc::new(spn.clone());
+                cat.by_hash
+                    .insert(port_proto_hash(spn, *proto), (spn_shared.clone(), *proto));
                 for f in frontends {
-                    cat.by_frontend.insert(f.clone(), (spn.clone(), *proto));
+                    cat.by_frontend.insert(f.clone(), (spn_shared.clone(), *proto));
                 }
             }
         }
@@ -36,7 +39,7 @@ impl ServiceCatalog {
 
     /// A frontend by `ip:port`, else as a NodePort on a node address (IPVS has one virtual
     /// server per node IP and NodePort).
-    fn frontend(&self, f: &str) -> Option<&(ServicePortName, Protocol)> {
+    fn frontend(&self, f: &str) -> Option<&(Arc<ServicePortName>, Protocol)> {
         self.by_frontend.get(f).or_else(|| {
             let (_, port) = f.rsplit_once(':')?;
             self.by_frontend.get(&format!("*:{port}"))
@@ -57,14 +60,14 @@ impl ServiceCatalog {
                     .or_else(|| svc.frontends.iter().find_map(|f| self.frontend(f)))
             };
             let resolved = match (&svc.name, svc.protocol) {
-                (Some(n), Some(p)) => Some((n.clone(), p)),
-                (Some(n), None) => from_catalog().filter(|(cn, _)| cn == n).cloned(),
+                (Some(n), Some(p)) => Some((Arc::new(n.clone()), p)),
+                (Some(n), None) => from_catalog().filter(|(cn, _)| **cn == *n).cloned(),
                 (None, _) => from_catalog().cloned(),
             };
             match resolved {
                 Some((spn, proto)) => {
                     if svc.uncertain {
-                        view.uncertain.insert(spn.clone());
+                        view.uncertain.insert((*spn).clone());
                     }
                     view.named
                         .extend(svc.endpoints.iter().map(|e| (spn.clone(), proto, *e)));

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -48,7 +49,7 @@ impl ReadTrigger {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RoutedView {
     /// Endpoints routed by a service whose port name is known.
-    pub named: HashSet<(ServicePortName, Protocol, SocketAddr)>,
+    pub named: HashSet<(Arc<ServicePortName>, Protocol, SocketAddr)>,
     /// Endpoints routed by rules that could not be attributed to a service port. They count as
     /// routed for every key with the same protocol and address (safety first).
     pub unattributed: HashSet<(Protocol, SocketAddr)>,
@@ -270,6 +271,8 @@ pub struct Tracker {
     stale: usize,
     /// Highest slice resourceVersion folded into the expectation.
     observed_resource_version: u64,
+    /// Bumped whenever some Service's frontends change (see `frontends_generation`).
+    frontends_generation: u64,
 }
 
 impl Tracker {
@@ -373,10 +376,22 @@ impl Tracker {
         }
         if new.expected.is_empty() && new.conditions.is_empty() && !new.service_exists {
             // Keep removals pending for a deleted Service, but forget the Service itself.
+            if !old.frontends.is_empty() {
+                self.frontends_generation += 1;
+            }
         } else {
+            if old.frontends != new.frontends {
+                self.frontends_generation += 1;
+            }
             self.services.insert(svc.clone(), new);
         }
         outcomes
+    }
+
+    /// Changes whenever the frontends of any Service change: what is derived from them alone
+    /// (the catalog that names rules) can be kept until then. Endpoint churn leaves it alone.
+    pub fn frontends_generation(&self) -> u64 {
+        self.frontends_generation
     }
 
     fn on_removed(
@@ -519,7 +534,7 @@ impl Tracker {
         let ports: BTreeSet<(ServicePortName, Protocol)> = self
             .pending
             .values()
-            .map(|c| (c.key.port_name.clone(), c.key.protocol))
+            .map(|c| ((*c.key.port_name).clone(), c.key.protocol))
             .collect();
         let frontends = ports
             .iter()
@@ -1084,7 +1099,7 @@ mod tests {
         assert!(tr.apply_reading(&failed(1100)).is_empty());
         assert_eq!(tr.pending().next().unwrap().state, PendingState::Unknown);
         let mut v = view(&[&key("10.180.0.1")]);
-        v.uncertain.insert(key("10.180.0.2").port_name);
+        v.uncertain.insert((*key("10.180.0.2").port_name).clone());
         let uncertain = Reading {
             outcome: ReadingOutcome::Routed(v),
             ..reading(1200, 1200, &[])
@@ -1136,7 +1151,7 @@ mod tests {
         let v6 = key("fd00::1");
         let mut v = view(&[&a]);
         v.unattributed.insert((Protocol::Tcp, b.endpoint));
-        v.uncertain.insert(c.port_name.clone());
+        v.uncertain.insert((*c.port_name).clone());
         v.unreadable_v6 = true;
         let other_proto = EndpointKey::new(a.port_name.clone(), Protocol::Udp, a.endpoint);
         let kept = LastView::of(&v);
@@ -1147,6 +1162,28 @@ mod tests {
         assert_eq!(kept.routes(&other_proto), Routed::No);
         assert_eq!(kept.routes(&c), Routed::Unknown);
         assert_eq!(kept.routes(&v6), Routed::Unknown);
+    }
+
+    #[test]
+    fn the_frontends_generation_moves_with_frontends_not_with_endpoints() {
+        let mut tr = Tracker::new(TrackerConfig::default());
+        let (r, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
+        tr.update_service(&r, e.clone(), t(0));
+        let g0 = tr.frontends_generation();
+        // Endpoint churn: same frontends.
+        let (_, e2) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.2").build()]);
+        tr.update_service(&r, e2.clone(), t(1));
+        assert_eq!(tr.frontends_generation(), g0);
+        // A new frontend (say, an external IP) must rebuild what is derived from them.
+        let mut e3 = e2.clone();
+        e3.frontends.values_mut().next().unwrap().push("192.0.2.7:80".into());
+        tr.update_service(&r, e3, t(2));
+        let g1 = tr.frontends_generation();
+        assert_ne!(g1, g0);
+        // The Service and its slices are gone: forgotten, and its frontends with it.
+        let gone = ServiceExpectation::default();
+        tr.update_service(&r, gone, t(3));
+        assert_ne!(tr.frontends_generation(), g1);
     }
 
     #[test]
@@ -1171,7 +1208,7 @@ mod tests {
             "and not unknown either"
         );
         let mut scoped = view(&[&key("10.180.0.1")]);
-        scoped.scope = Some([key("10.180.0.1").port_name].into());
+        scoped.scope = Some([(*key("10.180.0.1").port_name).clone()].into());
         let r2 = Reading {
             outcome: ReadingOutcome::Routed(scoped),
             ..reading(1200, 1200, &[])

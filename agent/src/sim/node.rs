@@ -171,7 +171,7 @@ pub fn desired_ports(cluster: &Cluster, node: &str) -> Vec<EmulatedServicePort> 
             let endpoints = exp
                 .expected
                 .iter()
-                .filter(|k| k.port_name == spn && k.protocol == port.protocol && k.endpoint.is_ipv4())
+                .filter(|k| *k.port_name == spn && k.protocol == port.protocol && k.endpoint.is_ipv4())
                 .map(|k| k.endpoint)
                 .collect();
             out.push(EmulatedServicePort {
@@ -258,10 +258,10 @@ impl KubeProxyEmulator {
                     .map(|k| {
                         let p = ports
                             .iter()
-                            .find(|p| p.name == k.port_name)
+                            .find(|p| p.name == *k.port_name)
                             .cloned()
                             .unwrap_or(EmulatedServicePort {
-                                name: k.port_name.clone(),
+                                name: (*k.port_name).clone(),
                                 protocol: k.protocol,
                                 cluster_ip: k.endpoint.ip(),
                                 port: 0,
