@@ -205,7 +205,9 @@ struct Core {
     node: String,
     tracker: Tracker,
     slices: HashMap<SliceId, SliceRecord>,
-    by_service: HashMap<ServiceRef, BTreeSet<SliceId>>,
+    /// A sorted list, not a set: a Service has one slice or a few, and a B-tree node holds
+    /// eleven.
+    by_service: HashMap<ServiceRef, Vec<SliceId>>,
     services: HashMap<ServiceRef, ServiceSpec>,
     slice_init: Option<Vec<SliceItem>>,
     service_init: Option<Vec<ServiceItem>>,
@@ -566,7 +568,11 @@ impl Core {
                     tracing::warn!(problem = %p.detail, "skipping malformed part of an EndpointSlice, as kube-proxy does");
                 }
                 let svc = record.service.clone();
-                self.by_service.entry(svc.clone()).or_default().insert(item.id.clone());
+                // Sorted, as a set would be: the expectation must not depend on arrival order.
+                let ids = self.by_service.entry(svc.clone()).or_default();
+                if let Err(at) = ids.binary_search(&item.id) {
+                    ids.insert(at, item.id.clone());
+                }
                 self.slices.insert(item.id, record);
                 Some(svc)
             }
@@ -585,7 +591,7 @@ impl Core {
     fn remove_slice(&mut self, id: &SliceId) -> Option<ServiceRef> {
         let old = self.slices.remove(id)?;
         if let Some(set) = self.by_service.get_mut(&old.service) {
-            set.remove(id);
+            set.retain(|x| x != id);
             if set.is_empty() {
                 self.by_service.remove(&old.service);
             }

@@ -3,6 +3,7 @@
 //! holds managedFields or unused fields. Malformed input is reported, never fatal.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -68,6 +69,23 @@ fn slice_trigger(slice: &EndpointSlice) -> Option<Trigger> {
 }
 
 /// Converts an EndpointSlice, skipping what kube-proxy skips and reporting why.
+/// One shared copy of each node name. The table only grows with the cluster's node names
+/// (a few thousand at most), which the agent would hold anyway.
+pub fn intern_node_name(name: &str) -> Arc<str> {
+    static NAMES: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<Arc<str>>>> =
+        std::sync::OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(n) = names.get(name) {
+        return n.clone();
+    }
+    let n: Arc<str> = name.into();
+    names.insert(n.clone());
+    n
+}
+
 pub fn slice_record(slice: &EndpointSlice) -> Result<(SliceRecord, Vec<SliceProblem>), SliceError> {
     let id = format!("{}/{}", slice.namespace().unwrap_or_default(), slice.name_any());
     let service = match slice.labels().get(SERVICE_NAME_LABEL) {
@@ -127,9 +145,12 @@ pub fn slice_record(slice: &EndpointSlice) -> Result<(SliceRecord, Vec<SliceProb
                 serving: c.and_then(|c| c.serving).unwrap_or(true),
                 terminating: c.and_then(|c| c.terminating).unwrap_or(false),
             },
-            node_name: ep.node_name.clone(),
+            node_name: ep.node_name.as_deref().map(intern_node_name),
         });
     }
+    // Kept for the agent's lifetime, one per slice: no spare capacity.
+    ports.shrink_to_fit();
+    endpoints.shrink_to_fit();
     let record = SliceRecord {
         service,
         ports,
@@ -321,6 +342,27 @@ mod tests {
         let trigger = r.trigger.unwrap();
         assert_eq!(trigger.source, TriggerSource::LastChangeTriggerTime);
         assert_eq!(trigger.time.to_rfc3339(), "2025-01-01T00:00:00.500000000Z");
+    }
+
+    #[test]
+    fn node_names_are_shared_across_endpoints_and_slices() {
+        let s = |name: &str| {
+            slice(json!({
+                "metadata": {"name": name, "namespace": "ns1", "labels": {SERVICE_NAME_LABEL: "svc1"}},
+                "addressType": "IPv4",
+                "endpoints": [
+                    {"addresses": ["10.180.0.1"], "nodeName": "node-shared"},
+                    {"addresses": ["10.180.0.2"], "nodeName": "node-shared"},
+                    {"addresses": ["10.180.0.3"], "nodeName": "node-other"}
+                ]
+            }))
+        };
+        let (a, b) = (slice_record(&s("a")).unwrap().0, slice_record(&s("b")).unwrap().0);
+        let name = |r: &SliceRecord, i: usize| r.endpoints[i].node_name.clone().unwrap();
+        assert!(Arc::ptr_eq(&name(&a, 0), &name(&a, 1)));
+        assert!(Arc::ptr_eq(&name(&a, 0), &name(&b, 1)));
+        assert_eq!(&*name(&a, 2), "node-other");
+        assert!(!Arc::ptr_eq(&name(&a, 0), &name(&a, 2)));
     }
 
     #[test]

@@ -25,12 +25,10 @@ impl ServiceCatalog {
     pub fn build<'a>(services: impl Iterator<Item = (&'a ServiceRef, &'a ServiceExpectation)>) -> Self {
         let mut cat = Self::default();
         for (_, exp) in services {
-            for ((spn, proto), frontends) in &exp.frontends {
-                let spn_shared = Arc::new(spn.clone());
-                cat.by_hash
-                    .insert(port_proto_hash(spn, *proto), (spn_shared.clone(), *proto));
+            for (spn, proto, frontends) in exp.frontends.iter() {
+                cat.by_hash.insert(port_proto_hash(spn, proto), (spn.clone(), proto));
                 for f in frontends {
-                    cat.by_frontend.insert(f.clone(), (spn_shared.clone(), *proto));
+                    cat.by_frontend.insert(f.clone(), (spn.clone(), proto));
                 }
             }
         }

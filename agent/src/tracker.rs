@@ -523,9 +523,9 @@ impl Tracker {
     pub fn ports_served_only_by(&self, read: &BTreeSet<String>) -> HashSet<ServicePortName> {
         self.services
             .values()
-            .flat_map(|e| &e.frontends)
-            .filter(|(_, fronts)| !fronts.is_empty() && fronts.iter().all(|f| read.contains(f)))
-            .map(|((spn, _), _)| spn.clone())
+            .flat_map(|e| e.frontends.iter())
+            .filter(|(_, _, fronts)| !fronts.is_empty() && fronts.iter().all(|f| read.contains(f)))
+            .map(|(spn, _, _)| (**spn).clone())
             .collect()
     }
 
@@ -538,7 +538,7 @@ impl Tracker {
             .collect();
         let frontends = ports
             .iter()
-            .filter_map(|(spn, proto)| self.services.get(&spn.service)?.frontends.get(&(spn.clone(), *proto)))
+            .filter_map(|(spn, proto)| self.services.get(&spn.service)?.frontends.get(spn, *proto))
             .flatten()
             .cloned()
             .collect();
@@ -1176,7 +1176,10 @@ mod tests {
         assert_eq!(tr.frontends_generation(), g0);
         // A new frontend (say, an external IP) must rebuild what is derived from them.
         let mut e3 = e2.clone();
-        e3.frontends.values_mut().next().unwrap().push("192.0.2.7:80".into());
+        let (spn, proto, fronts) = e3.frontends.iter().next().unwrap();
+        let (spn, proto, mut fronts) = (spn.clone(), proto, fronts.to_vec());
+        fronts.push("192.0.2.7:80".into());
+        e3.frontends.insert(spn, proto, fronts);
         tr.update_service(&r, e3, t(2));
         let g1 = tr.frontends_generation();
         assert_ne!(g1, g0);
