@@ -11,7 +11,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use super::nftnl::{self, Expr, NftConn, NftTable, NftnlError, NFT_DATA_VERDICT, NFT_GOTO, NFT_JUMP, NFT_NAT_DNAT};
+use super::nftnl::{
+    self, Expr, NftConn, NftElem, NftTable, NftnlError, NFT_DATA_VERDICT, NFT_GOTO, NFT_JUMP, NFT_NAT_DNAT,
+};
 use super::{ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError, ReadScope, ReadTargets, ServiceRoutes};
 use crate::model::{Protocol, ServicePortName};
 use crate::netns::NetNs;
@@ -67,6 +69,14 @@ fn protocol_from_number(n: u8) -> Option<Protocol> {
     }
 }
 
+fn protocol_number(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+        Protocol::Sctp => 132,
+    }
+}
+
 fn ip_from(bytes: &[u8]) -> Option<IpAddr> {
     match bytes.len() {
         4 => Some(IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))),
@@ -95,6 +105,53 @@ fn frontend(map: &str, key: &[u8], v6: bool) -> Option<(String, Option<Protocol>
         }
         _ => None,
     }
+}
+
+/// The elements of entry map `map` for `frontends` (`ip:port`, or `*:port` for NodePorts), by
+/// key lookups, for every protocol kube-proxy programs: a frontend does not say its protocol.
+fn frontend_elems(
+    conn: &mut NftConn,
+    family: u16,
+    map: &str,
+    frontends: &BTreeSet<String>,
+    v6: bool,
+) -> Result<Vec<NftElem>, NftnlError> {
+    let mut out = Vec::new();
+    for f in frontends {
+        for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+            let Some(key) = frontend_key(map, f, proto, v6) else {
+                continue;
+            };
+            if let Some(e) = conn.elem(family, TABLE, map, &key)? {
+                out.push(e);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The key of `frontend` in entry map `map` (the inverse of `frontend`): registers of 4 bytes
+/// per concatenated field, as nft lays them out. `None` when the frontend has no key there.
+fn frontend_key(map: &str, frontend: &str, proto: Protocol, v6: bool) -> Option<Vec<u8>> {
+    let (host, port) = frontend.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let mut key = Vec::with_capacity(24);
+    match map {
+        "service-ips" => {
+            let addr: SocketAddr = frontend.parse().ok()?;
+            match (addr.ip(), v6) {
+                (IpAddr::V4(ip), false) => key.extend(ip.octets()),
+                (IpAddr::V6(ip), true) => key.extend(ip.octets()),
+                _ => return None,
+            }
+        }
+        "service-nodeports" if host == "*" => {}
+        _ => return None,
+    }
+    key.extend([protocol_number(proto), 0, 0, 0]);
+    key.extend(port.to_be_bytes());
+    key.extend([0, 0]);
+    Some(key)
 }
 
 /// Follows the graph of one table and returns the routed service ports.
@@ -291,18 +348,25 @@ impl NftablesReader {
         let mut table = NftTable::default();
         let mut pending: Vec<String> = Vec::new();
         for map in ENTRY_MAPS {
-            let Some(set) = conn.set(family, TABLE, map)? else {
+            let Some(mut set) = conn.set_header(family, TABLE, map)? else {
                 continue;
             };
-            for e in &set.elems {
-                let wanted = frontend(map, &e.key, v6).is_some_and(|(f, _)| frontends.contains(&f));
-                if let (true, Some((_, Some(chain)))) = (wanted, &e.verdict) {
-                    pending.push(chain.clone());
-                }
-            }
-            let mut set = set;
-            set.elems
-                .retain(|e| frontend(map, &e.key, v6).is_some_and(|(f, _)| frontends.contains(&f)));
+            // Ask the kernel for the frontends' elements one by one: dumping a map of 10k
+            // Services to keep a few of them cost ~20 ms a read. Kernels that cannot look up
+            // one element get the dump.
+            set.elems = match frontend_elems(conn, family, map, frontends, v6) {
+                Ok(elems) => elems,
+                Err(NftnlError::Io(_)) => match conn.set(family, TABLE, map)? {
+                    Some(full) => full
+                        .elems
+                        .into_iter()
+                        .filter(|e| frontend(map, &e.key, v6).is_some_and(|(f, _)| frontends.contains(&f)))
+                        .collect(),
+                    None => continue,
+                },
+                Err(e) => return Err(e),
+            };
+            pending.extend(set.elems.iter().filter_map(|e| e.verdict.as_ref()?.1.clone()));
             table.sets.push(set);
         }
         let mut seen = HashSet::new();
@@ -416,6 +480,31 @@ impl DataplaneReader for NftablesReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frontend_keys_are_what_the_frontends_decode_from() {
+        for (map, f, v6) in [
+            ("service-ips", "172.30.0.41:80", false),
+            ("service-ips", "[fd00::41]:8443", true),
+            ("service-nodeports", "*:30080", false),
+            ("service-nodeports", "*:30080", true),
+        ] {
+            for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+                let key = frontend_key(map, f, proto, v6).unwrap();
+                assert_eq!(frontend(map, &key, v6), Some((f.to_string(), Some(proto))), "{map} {f}");
+            }
+        }
+        assert_eq!(frontend_key("service-ips", "172.30.0.41:80", Protocol::Tcp, true), None);
+        assert_eq!(frontend_key("service-ips", "*:30080", Protocol::Tcp, false), None);
+        assert_eq!(
+            frontend_key("service-nodeports", "172.30.0.41:80", Protocol::Tcp, false),
+            None
+        );
+        assert_eq!(
+            frontend_key("service-ips", "10.0.0.1:80", Protocol::Udp, false).unwrap(),
+            [10, 0, 0, 1, 17, 0, 0, 0, 0, 80, 0, 0]
+        );
+    }
     use nftnl::{NftElem, NftRule, NftSet};
 
     fn rule(chain: &str, exprs: Vec<Expr>) -> NftRule {

@@ -300,13 +300,61 @@ impl NftConn {
     pub fn set(&mut self, family: u16, table: &str, name: &str) -> Result<Option<NftSet>, NftnlError> {
         let ct = CString::new(table).map_err(|_| NftnlError::Parse)?;
         let cs = CString::new(name).map_err(|_| NftnlError::Parse)?;
+        let Some(mut set) = self.set_header_c(family, &ct, &cs)? else {
+            return Ok(None);
+        };
+        let Some(elems) = self.elems(family, &ct, &cs)? else {
+            return Ok(None);
+        };
+        set.elems = elems;
+        Ok(Some(set))
+    }
+
+    /// One set without its elements; `None` when it does not exist.
+    pub fn set_header(&mut self, family: u16, table: &str, name: &str) -> Result<Option<NftSet>, NftnlError> {
+        let ct = CString::new(table).map_err(|_| NftnlError::Parse)?;
+        let cs = CString::new(name).map_err(|_| NftnlError::Parse)?;
+        self.set_header_c(family, &ct, &cs)
+    }
+
+    /// The element of set `name` with exactly `key` (the kernel looks it up: no dump of the
+    /// set); `None` when the set has no such element.
+    pub fn elem(&mut self, family: u16, table: &str, name: &str, key: &[u8]) -> Result<Option<NftElem>, NftnlError> {
+        let ct = CString::new(table).map_err(|_| NftnlError::Parse)?;
+        let cs = CString::new(name).map_err(|_| NftnlError::Parse)?;
+        let mut found_elems = Vec::new();
+        let found = self.dump(
+            NFT_MSG_GETSETELEM,
+            family,
+            NLM_F_ACK,
+            |nlh| {
+                with_set(nlh, &ct, Some(&cs), |s, nlh| unsafe {
+                    let e = sys::nftnl_set_elem_alloc();
+                    if e.is_null() {
+                        return;
+                    }
+                    sys::nftnl_set_elem_set(e, sys::NFTNL_SET_ELEM_KEY as u16, key.as_ptr().cast(), key.len() as u32);
+                    // The set owns the element from here and frees it with itself.
+                    sys::nftnl_set_elem_add(s, e);
+                    sys::nftnl_set_elems_nlmsg_build_payload(nlh, s)
+                })
+            },
+            |nlh| {
+                found_elems.extend(decode_elems(nlh)?);
+                Ok(())
+            },
+        )?;
+        Ok(found_elems.into_iter().find(|e| found && e.key == key))
+    }
+
+    fn set_header_c(&mut self, family: u16, ct: &CStr, cs: &CStr) -> Result<Option<NftSet>, NftnlError> {
         let mut header = None;
         let found = self.dump(
             NFT_MSG_GETSET,
             family,
             NLM_F_ACK,
             |nlh| {
-                with_set(nlh, &ct, Some(&cs), |s, nlh| unsafe {
+                with_set(nlh, ct, Some(cs), |s, nlh| unsafe {
                     sys::nftnl_set_nlmsg_build_payload(nlh, s)
                 })
             },
@@ -315,14 +363,7 @@ impl NftConn {
                 Ok(())
             },
         )?;
-        let Some(mut set) = header.filter(|_| found) else {
-            return Ok(None);
-        };
-        let Some(elems) = self.elems(family, &ct, &cs)? else {
-            return Ok(None);
-        };
-        set.elems = elems;
-        Ok(Some(set))
+        Ok(header.filter(|_| found))
     }
 
     /// Every rule of table `name` of `family`, in chain order; `None` when the table does not
