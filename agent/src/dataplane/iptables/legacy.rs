@@ -149,25 +149,30 @@ fn decode(blob: &[u8], hook_entry: &[(usize, &str)], v6: bool) -> NatTable {
         return table;
     };
     // Where each chain begins: built-in hooks, and the entry after each user chain's ERROR.
-    let mut starts: HashMap<usize, String> = hook_entry.iter().map(|(o, n)| (*o, n.to_string())).collect();
+    // The names borrow from the blob; a chain's name is copied once, when its rules are stored.
+    let mut starts: HashMap<usize, &str> = hook_entry.iter().map(|(o, n)| (*o, *n)).collect();
     for (i, e) in entries.iter().enumerate() {
         if e.target_name() == Some("ERROR") {
             let name = name_at(e.bytes, e.target_offset + XT_HEADER, TABLE_NAME_LEN).unwrap_or_default();
             if let (Some(next), false) = (entries.get(i + 1), name == "ERROR") {
-                starts.insert(next.offset, name.to_string());
+                starts.insert(next.offset, name);
             }
         }
     }
-    let mut chain: Option<String> = None;
+    // The chain being decoded and its rules so far, stored when the next chain begins.
+    let mut chain: Option<(&str, Vec<Rule>)> = None;
     for e in &entries {
         if let Some(name) = starts.get(&e.offset) {
-            chain = Some(name.clone());
-            table.chains.entry(name.clone()).or_default();
+            store_chain(&mut table, chain.take());
+            chain = Some((name, Vec::new()));
         }
-        let Some(current) = chain.clone() else { continue };
+        let Some((current, rules)) = chain.as_mut() else {
+            continue;
+        };
+        let current = *current;
         let target = e.target_name().unwrap_or_default();
         if target == "ERROR" {
-            chain = None;
+            store_chain(&mut table, chain.take());
             continue;
         }
         let mut rule = Rule::default();
@@ -188,7 +193,7 @@ fn decode(blob: &[u8], hook_entry: &[(usize, &str)], v6: bool) -> NatTable {
         while m + XT_HEADER <= e.target_offset {
             let size = usize::from(u16_at(b, m).unwrap_or(0));
             if size < XT_HEADER || m + size > e.target_offset {
-                table.broken.insert(current.clone());
+                table.broken.insert(current.to_string());
                 table.warnings.push(format!("chain {current}: a match has a bad size"));
                 break;
             }
@@ -206,9 +211,9 @@ fn decode(blob: &[u8], hook_entry: &[(usize, &str)], v6: bool) -> NatTable {
             // A standard target: a verdict (negative), or the offset of the chain it jumps to.
             "" => match u32_at(e.target_data(), 0).map(|v| v as i32) {
                 Some(v) if v >= 0 => match starts.get(&(v as usize)) {
-                    Some(name) => Verdict::Jump(name.clone()),
+                    Some(name) => Verdict::Jump(name.to_string()),
                     None => {
-                        table.broken.insert(current.clone());
+                        table.broken.insert(current.to_string());
                         table
                             .warnings
                             .push(format!("chain {current}: a jump to offset {v}, which starts no chain"));
@@ -219,9 +224,21 @@ fn decode(blob: &[u8], hook_entry: &[(usize, &str)], v6: bool) -> NatTable {
             },
             _ => Verdict::Continue,
         };
-        table.chains.entry(current).or_default().push(rule);
+        rules.push(rule);
     }
+    store_chain(&mut table, chain);
     table
+}
+
+/// Stores a decoded chain's rules (a name seen twice keeps the rules of both).
+fn store_chain(table: &mut NatTable, chain: Option<(&str, Vec<Rule>)>) {
+    let Some((name, rules)) = chain else { return };
+    match table.chains.get_mut(name) {
+        Some(existing) => existing.extend(rules),
+        None => {
+            table.chains.insert(name.to_string(), rules);
+        }
+    }
 }
 
 /// Whether this network namespace has the legacy `nat` table (without creating it).
