@@ -149,7 +149,7 @@ fn decode(blob: &[u8], hook_entry: &[(usize, &str)], v6: bool) -> NatTable {
         return table;
     };
     // Where each chain begins: built-in hooks, and the entry after each user chain's ERROR.
-    // The names borrow from the blob; a chain's name is copied once, when its rules are stored.
+    // The names borrow from the blob and the hook list; a name is copied once, when its chain is stored.
     let mut starts: HashMap<usize, &str> = hook_entry.iter().map(|(o, n)| (*o, *n)).collect();
     for (i, e) in entries.iter().enumerate() {
         if e.target_name() == Some("ERROR") {
