@@ -22,6 +22,9 @@ if want read_cost; then
     echo "## read_cost $mode $SERVICES 5 5"
     "$ex/read_cost" "$mode" "$SERVICES" 5 5
   done
+  # IPVS exists only in the qemu VM (Debian's cloud kernel, TCG): the same harness runs there.
+  echo "## read_cost ipvs $SERVICES 5 3 (in the qemu VM)"
+  scripts/ipvs-vm.sh --bench "$ex/read_cost" "$SERVICES" 5 3 | tr -d '\r' | sed -n 's/.*@@BENCH //p'
 fi
 if want detection; then
   for mode in iptables iptables-legacy nftables; do

@@ -6,8 +6,17 @@
 # between @@ markers; agent/tests/ipvs_vm.rs compares them.
 #
 # usage: scripts/ipvs-vm.sh PATH/TO/kube-converge   (needs root for apt-get download only)
+#        scripts/ipvs-vm.sh --bench PATH/TO/read_cost SERVICES ENDPOINTS RUNS
+#   The second form runs the read-cost benchmark in the VM instead (`read_cost ipvs ...`: the
+#   agent's IPVS reads against `ipvsadm -Ln`, side by side) and prints its result line.
 # needs: qemu-system-x86, busybox-static, cpio, ipvsadm (apt-get install ...)
 set -euo pipefail
+bench=""
+if [ "${1:-}" = "--bench" ]; then
+  shift
+  bench="${2:?usage: $0 --bench PATH/TO/read_cost SERVICES ENDPOINTS RUNS} ${3:?ENDPOINTS} ${4:?RUNS}"
+  case "$bench" in *[!0-9\ ]*) echo "SERVICES, ENDPOINTS and RUNS must be numbers" >&2; exit 2 ;; esac
+fi
 bin=$(readlink -f "${1:?usage: $0 PATH/TO/kube-converge}")
 work=${IPVS_VM_DIR:-$(dirname "$0")/../target/ipvs-vm}
 mkdir -p "$work"
@@ -46,11 +55,32 @@ for m in lib/libcrc32c net/ipv4/netfilter/nf_defrag_ipv4 net/ipv6/netfilter/nf_d
   esac
 done
 # Debug info is most of a debug build; the VM's memory holds the whole initramfs.
-strip --strip-debug -o "$root/bin/kube-converge" "$bin"
+strip --strip-debug -o "$root/bin/$(basename "$bin")" "$bin"
 cp "$(command -v ipvsadm)" "$root/bin/ipvsadm"
 for f in "$bin" "$(command -v ipvsadm)"; do
   ldd "$f" | grep -o '/[^ ]*' | while read -r lib; do cp --parents -L "$lib" "$root/"; done
 done
+if [ -n "$bench" ]; then
+  cat > "$root/init" <<INIT
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in libcrc32c nf_defrag_ipv4 nf_defrag_ipv6 nf_conntrack ip_vs ip_vs_rr; do
+  insmod /modules/\$m.ko || echo "@@ERROR insmod \$m failed"
+done
+ip link set lo up
+# The benchmark's real servers are in 10.240.0.0/12: local addresses, so ipvsadm accepts them.
+ip addr add 10.240.0.1/12 dev lo
+echo "@@BENCH \$($(basename "$bin") ipvs $bench 2>&1 | tr '\n' ' ')"
+poweroff -f
+INIT
+  chmod +x "$root/init"
+  (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$work/initrd.gz"
+  exec timeout 3600 qemu-system-x86_64 -machine q35,accel=tcg -cpu max -m 3072 -smp 1 -nographic -no-reboot \
+    -kernel "$vmlinuz" -initrd "$work/initrd.gz" -append "console=ttyS0 panic=-1 quiet"
+fi
 cat > "$root/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin

@@ -1,19 +1,25 @@
 //! Benchmark: the agent's dataplane read against the userland tool on the same ruleset.
 //!
 //! sudo cargo run --release --example read_cost -- MODE SERVICES ENDPOINTS RUNS
-//! MODE: iptables-nft | iptables-legacy | nftables. Loads a kube-proxy-format ruleset into a
-//! throw-away network namespace, then times (median of RUNS, side by side) the userland tool
-//! (`iptables-*-save -t nat`, `nft -j list table ip kube-proxy`), the agent's full read, and
-//! its targeted check of one pending service port (what it does while a change is pending).
+//! MODE: iptables-nft | iptables-legacy | nftables | ipvs. Loads a kube-proxy-format ruleset into
+//! a throw-away network namespace, then times (median of RUNS, side by side) the userland tool
+//! (`iptables-*-save -t nat`, `nft -j list table ip kube-proxy`, `ipvsadm -Ln`), the agent's full
+//! read, and its targeted check of one pending service port (what it does while a change is
+//! pending).
+//!
+//! `ipvs` loads the virtual servers with `ipvsadm -R` into the current network namespace (it
+//! runs inside the qemu VM of `scripts/ipvs-vm.sh --bench`, where the kernel has IPVS and no
+//! other rules) and removes them afterwards.
 
 use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use kube_converge::dataplane::iptables::{Backend, IptablesReader};
+use kube_converge::dataplane::ipvs::IpvsReader;
 use kube_converge::dataplane::nftables::NftablesReader;
 use kube_converge::dataplane::{DataplaneReader, ReadTargets};
-use kube_converge::emulate::{render_nat, render_nft, EmulatedServicePort};
+use kube_converge::emulate::{nft_load_transactions, render_nat, render_nft, EmulatedServicePort};
 use kube_converge::model::{Protocol, ServicePortName};
 use kube_converge::netns::NetNs;
 use kube_converge::sim::node::NetnsGuard;
@@ -54,8 +60,14 @@ fn main() -> anyhow::Result<()> {
                 .collect(),
         })
         .collect();
-    let guard = NetnsGuard::create(&NetnsGuard::unique_name("bench"))?;
-    let netns = NetNs::open(std::path::Path::new(&guard.path()))?;
+    // IPVS exists only in the VM, which is throw-away itself and has no `ip netns`.
+    let guard = (mode != "ipvs")
+        .then(|| NetnsGuard::create(&NetnsGuard::unique_name("bench")))
+        .transpose()?;
+    let netns = match &guard {
+        Some(g) => NetNs::open(std::path::Path::new(&g.path()))?,
+        None => NetNs::current(),
+    };
     // Large clusters drop the per-endpoint comments (kube-proxy's 1000-endpoint threshold).
     let comments = n * e <= 1000;
     let (program, args, rules): (&str, Vec<&str>, String) = match mode {
@@ -64,12 +76,22 @@ fn main() -> anyhow::Result<()> {
         "iptables-nft" => ("iptables-nft-restore", vec![], render_nat(&ports, comments, &[])),
         "iptables-legacy" => ("iptables-legacy-restore", vec![], render_nat(&ports, comments, &[])),
         "nftables" => ("nft", vec!["-f", "-"], render_nft("ip", &ports, &[], &[])),
+        "ipvs" => ("ipvsadm", vec!["-R"], render_ipvsadm(&ports)),
         other => anyhow::bail!("unknown mode {other}"),
     };
     let t = Instant::now();
-    let mut child = netns.command(program).args(&args).stdin(Stdio::piped()).spawn()?;
-    child.stdin.take().unwrap().write_all(rules.as_bytes())?;
-    anyhow::ensure!(child.wait()?.success(), "loading the ruleset failed");
+    // nftables rulesets load in several transactions: one would grow with the square of the
+    // Services in the kernel (nft_load_transactions). The resulting ruleset is the same.
+    let transactions = if program == "nft" {
+        nft_load_transactions(&rules, 20_000)
+    } else {
+        vec![rules]
+    };
+    for tx in transactions {
+        let mut child = netns.command(program).args(&args).stdin(Stdio::piped()).spawn()?;
+        child.stdin.take().unwrap().write_all(tx.as_bytes())?;
+        anyhow::ensure!(child.wait()?.success(), "loading the ruleset failed");
+    }
     let load = t.elapsed();
     let tool = |prog: &str, args: &[&str]| {
         let out = netns
@@ -92,6 +114,11 @@ fn main() -> anyhow::Result<()> {
             "nft -j list table ip kube-proxy".into(),
             vec!["-j", "list", "table", "ip", "kube-proxy"],
             Box::new(NftablesReader::new(netns.clone())),
+        ),
+        "ipvs" => (
+            "ipvsadm -Ln".into(),
+            vec!["-Ln"],
+            Box::new(IpvsReader::new(netns.clone())),
         ),
         m => {
             let b = if m == "iptables-nft" {
@@ -133,7 +160,7 @@ fn main() -> anyhow::Result<()> {
         );
         t
     });
-    let tool_name = if mode == "nftables" {
+    let tool_name = if mode == "nftables" || mode == "ipvs" {
         tool_name
     } else {
         format!("{tool_name} -t nat")
@@ -149,5 +176,23 @@ fn main() -> anyhow::Result<()> {
         load,
         ratio(read_time),
     );
+    if mode == "ipvs" {
+        let status = netns.command("ipvsadm").arg("-C").status()?;
+        anyhow::ensure!(status.success(), "ipvsadm -C failed");
+    }
     Ok(())
+}
+
+/// The virtual servers kube-proxy's IPVS mode makes for `ports`, as `ipvsadm -R` input:
+/// round robin, masquerading, weight 1.
+fn render_ipvsadm(ports: &[EmulatedServicePort]) -> String {
+    let mut out = String::new();
+    for p in ports {
+        let vs = SocketAddr::new(p.cluster_ip, p.port);
+        out.push_str(&format!("-A -t {vs} -s rr\n"));
+        for e in &p.endpoints {
+            out.push_str(&format!("-a -t {vs} -r {e} -m -w 1\n"));
+        }
+    }
+    out
 }

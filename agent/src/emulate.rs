@@ -288,9 +288,57 @@ pub fn render_nft(family: &str, services: &[EmulatedServicePort], flush: &[Strin
     o
 }
 
+/// Splits a bulk `render_nft` ruleset (no chains to flush or delete) into several `nft -f`
+/// transactions with the same result: the first declares the table, the maps and every chain,
+/// the others add at most `per_tx` rules and elements each.
+///
+/// For loading large benchmark rulesets: in one transaction the kernel binds each anonymous
+/// vmap by walking the whole transaction list (`__nft_set_trans_bind`), so a single load grows
+/// with the square of the Services (kube-proxy's own first sync pays that too).
+pub fn nft_load_transactions(rendered: &str, per_tx: usize) -> Vec<String> {
+    let lines: Vec<&str> = rendered.lines().collect();
+    let split = lines
+        .iter()
+        .rposition(|l| l.starts_with("add chain ") || l.starts_with("flush chain "))
+        .map_or(0, |i| i + 1);
+    let mut out = vec![lines[..split].iter().map(|l| format!("{l}\n")).collect::<String>()];
+    for chunk in lines[split..].chunks(per_tx.max(1)) {
+        out.push(chunk.iter().map(|l| format!("{l}\n")).collect());
+    }
+    out
+}
+
 #[cfg(test)]
 mod nft_tests {
     use super::*;
+
+    #[test]
+    fn bulk_load_transactions_declare_every_chain_first_and_keep_every_line() {
+        let ports: Vec<EmulatedServicePort> = (0..3u8)
+            .map(|i| EmulatedServicePort {
+                name: ServicePortName::new("ns", &format!("svc{i}"), "http"),
+                protocol: Protocol::Tcp,
+                cluster_ip: IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 0, i)),
+                port: 80,
+                node_port: Some(30000 + u16::from(i)),
+                endpoints: vec![SocketAddr::new(
+                    IpAddr::V4(std::net::Ipv4Addr::new(10, 180, 0, i)),
+                    8080,
+                )],
+            })
+            .collect();
+        let all = render_nft("ip", &ports, &[], &[]);
+        let txs = nft_load_transactions(&all, 4);
+        assert_eq!(txs.concat(), all, "the transactions together are the ruleset, in order");
+        assert!(txs.len() > 2);
+        assert!(txs[1..].iter().all(|t| t.lines().count() <= 4));
+        assert!(txs[1..]
+            .iter()
+            .flat_map(|t| t.lines())
+            .all(|l| l.starts_with("add rule ") || l.starts_with("add element ")));
+        let chains_in = |t: &str| t.lines().filter(|l| l.starts_with("add chain ")).count();
+        assert_eq!(chains_in(&txs[0]), chains_in(&all));
+    }
 
     #[test]
     fn nft_names_match_kube_proxy() {

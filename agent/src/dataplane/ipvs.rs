@@ -158,6 +158,9 @@ pub struct IpvsConn {
     sock: Socket,
     family: u16,
     seq: u32,
+    /// The receive buffer, kept across requests: a full read makes one request per virtual
+    /// server, and a fresh 256 KiB buffer each time was most of the read's user-space cost.
+    buf: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +188,7 @@ impl IpvsConn {
             sock,
             family: GENL_ID_CTRL,
             seq: 0,
+            buf: vec![0u8; 256 * 1024],
         };
         let mut name = Vec::new();
         encode_nla(&mut name, CTRL_ATTR_FAMILY_NAME, b"IPVS\0");
@@ -214,7 +218,7 @@ impl IpvsConn {
         msg.extend_from_slice(attrs);
         self.sock.send(&msg, 0)?;
         let mut out = Vec::new();
-        let mut buf = vec![0u8; 256 * 1024];
+        let buf = &mut self.buf;
         loop {
             let n = self.sock.recv(&mut &mut buf[..], 0)?;
             let mut off = 0;
@@ -253,6 +257,23 @@ impl IpvsConn {
         Ok(replies.iter().filter_map(|r| decode_service(r)).collect())
     }
 
+    /// The virtual server for `frontend` and `protocol`, asked for by key (one hashed lookup in
+    /// the kernel instead of a dump of every virtual server); `None` when there is none.
+    pub fn service(&mut self, frontend: SocketAddr, protocol: u16) -> io::Result<Option<VirtualServer>> {
+        let mut attrs = Vec::new();
+        encode_nla(
+            &mut attrs,
+            IPVS_CMD_ATTR_SERVICE | NLA_F_NESTED,
+            &service_key(frontend, protocol),
+        );
+        match self.request(self.family, IPVS_CMD_GET_SERVICE, NLM_F_ACK, &attrs) {
+            Ok(replies) => Ok(replies.iter().find_map(|r| decode_service(r))),
+            // ESRCH: no such virtual server.
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn destinations(&mut self, vs: &VirtualServer) -> io::Result<Vec<Destination>> {
         let mut key = Vec::new();
         for n in &vs.key {
@@ -263,6 +284,22 @@ impl IpvsConn {
         let replies = self.request(self.family, IPVS_CMD_GET_DEST, NLM_F_DUMP, &attrs)?;
         Ok(replies.iter().filter_map(|r| decode_dest(r, vs.af)).collect())
     }
+}
+
+/// The attributes that name one virtual server by address, port and protocol (what the kernel
+/// needs to look it up: family, protocol, a 16-byte address, the port in network order).
+fn service_key(frontend: SocketAddr, protocol: u16) -> Vec<u8> {
+    let (af, mut addr) = match frontend.ip() {
+        IpAddr::V4(a) => (libc::AF_INET as u16, a.octets().to_vec()),
+        IpAddr::V6(a) => (libc::AF_INET6 as u16, a.octets().to_vec()),
+    };
+    addr.resize(16, 0);
+    let mut key = Vec::new();
+    encode_nla(&mut key, SVC_AF, &af.to_ne_bytes());
+    encode_nla(&mut key, SVC_PROTOCOL, &protocol.to_ne_bytes());
+    encode_nla(&mut key, SVC_ADDR, &addr);
+    encode_nla(&mut key, SVC_PORT, &frontend.port().to_be_bytes());
+    key
 }
 
 fn protocol(n: u16) -> Option<Protocol> {
@@ -356,6 +393,12 @@ fn serves(vs: &VirtualServer, frontends: &BTreeSet<String>) -> bool {
     frontends.contains(&SocketAddr::new(a, vs.port).to_string()) || frontends.contains(&format!("*:{}", vs.port))
 }
 
+/// `frontends` as socket addresses, or `None` when one of them is a NodePort (`*:port`) or
+/// does not parse (then only a dump can find its virtual servers).
+fn by_address(frontends: &BTreeSet<String>) -> Option<Vec<SocketAddr>> {
+    frontends.iter().map(|f| f.parse().ok()).collect()
+}
+
 impl IpvsReader {
     /// One service dump, then destinations of every virtual server (or only of those serving
     /// `only`): the destination dumps are the expensive part.
@@ -371,12 +414,28 @@ impl IpvsReader {
             })?),
         };
         let result = (|| -> io::Result<Vec<(VirtualServer, Vec<Destination>)>> {
+            let servers = match only.map(by_address) {
+                // Only ClusterIP-style frontends: look each one up by key, for every protocol
+                // (a frontend does not say its protocol).
+                Some(Some(addrs)) => {
+                    let mut found = Vec::new();
+                    for a in addrs {
+                        for p in [libc::IPPROTO_TCP, libc::IPPROTO_UDP, libc::IPPROTO_SCTP] {
+                            found.extend(conn.service(a, p as u16)?);
+                        }
+                    }
+                    found
+                }
+                // A NodePort (`*:port`) is served on every node address, which the frontend
+                // does not list: dump the virtual servers and match by port.
+                _ => conn
+                    .services()?
+                    .into_iter()
+                    .filter(|vs| only.is_none_or(|f| serves(vs, f)))
+                    .collect(),
+            };
             let mut out = Vec::new();
-            for vs in conn
-                .services()?
-                .into_iter()
-                .filter(|vs| only.is_none_or(|f| serves(vs, f)))
-            {
+            for vs in servers {
                 match conn.destinations(&vs) {
                     Ok(d) => out.push((vs, d)),
                     // The virtual server was deleted between the two requests.
@@ -475,6 +534,33 @@ mod tests {
             "a NodePort on a node address"
         );
         assert!(!serves(&vs([10, 96, 0, 11], 80), &wanted));
+    }
+
+    #[test]
+    fn a_lookup_key_names_the_virtual_server_as_the_kernel_reports_it() {
+        let key = parse_nlas(&service_key("10.96.0.10:80".parse().unwrap(), 6));
+        let mut top = Vec::new();
+        let mut nested = Vec::new();
+        for n in &key {
+            encode_nla(&mut nested, n.kind, &n.data);
+        }
+        encode_nla(&mut top, IPVS_CMD_ATTR_SERVICE | NLA_F_NESTED, &nested);
+        assert_eq!(
+            decode_service(&parse_nlas(&top)).unwrap(),
+            decode_service(&service_msg([10, 96, 0, 10], 80)).unwrap()
+        );
+        let v6 = parse_nlas(&service_key("[fd00::a]:53".parse().unwrap(), 17));
+        assert_eq!(attr(&v6, SVC_ADDR).map(<[u8]>::len), Some(16));
+        assert_eq!(u16_ne(attr(&v6, SVC_AF)), Some(libc::AF_INET6 as u16));
+        assert_eq!(port_be(attr(&v6, SVC_PORT)), Some(53));
+    }
+
+    #[test]
+    fn node_ports_and_unparseable_frontends_need_a_dump() {
+        let f = |v: &[&str]| by_address(&v.iter().map(|s| s.to_string()).collect());
+        assert_eq!(f(&["10.96.0.10:80"]).map(|v| v.len()), Some(1));
+        assert_eq!(f(&["10.96.0.10:80", "*:30080"]), None);
+        assert_eq!(f(&["fwmark:7"]), None);
     }
 
     #[test]
