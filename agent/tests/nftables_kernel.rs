@@ -194,6 +194,49 @@ fn a_table_vanishing_mid_read_never_crashes_the_reader() {
 }
 
 #[test]
+fn numgen_vmaps_read_by_key_equal_their_dumps() {
+    use kube_converge::dataplane::nftnl::{numgen_keys, NftConn, NFPROTO_IPV4};
+    if !require(&["ip", "nft"]) {
+        return;
+    }
+    let ns = Netns::new("nftkeyed");
+    let one = port("ns1/a:p80", "172.30.0.41", &["10.180.0.1:80"]);
+    let mut three = port(
+        "ns1/b:p80",
+        "172.30.0.42",
+        &["10.180.1.1:80", "10.180.1.2:80", "10.180.1.3:80"],
+    );
+    three.node_port = None;
+    nft(&ns, &render_nft("ip", &[one, three], &[], &[]));
+    let netns = kube_converge::netns::NetNs::open(std::path::Path::new(&ns.path())).unwrap();
+    let mut conn = NftConn::open(&netns).unwrap();
+    let rules = conn.rules(NFPROTO_IPV4, "kube-proxy").unwrap().unwrap();
+    let keyed = numgen_keys(&rules);
+    let mut sizes: Vec<usize> = keyed.values().map(Vec::len).collect();
+    sizes.sort();
+    assert_eq!(sizes, [1, 3], "one keyed vmap per service chain: {keyed:?}");
+    for (set, keys) in &keyed {
+        let by_key = conn
+            .elems_by_key(NFPROTO_IPV4, "kube-proxy", set, keys)
+            .unwrap()
+            .expect("every numgen key is in the kernel's map");
+        let dumped = conn.set(NFPROTO_IPV4, "kube-proxy", set).unwrap().unwrap().elems;
+        let sorted = |mut v: Vec<kube_converge::dataplane::nftnl::NftElem>| {
+            v.sort_by(|a, b| a.key.cmp(&b.key));
+            v
+        };
+        assert_eq!(sorted(by_key), sorted(dumped), "{set}");
+    }
+    // A key the map does not have: None (the reader then dumps), not an error.
+    let (set, _) = keyed.iter().next().unwrap();
+    assert_eq!(
+        conn.elems_by_key(NFPROTO_IPV4, "kube-proxy", set, &[99u32.to_ne_bytes().to_vec()])
+            .unwrap(),
+        None
+    );
+}
+
+#[test]
 fn targeted_reads_cover_exactly_the_asked_frontends() {
     use kube_converge::dataplane::nftables::NftablesReader;
     use kube_converge::dataplane::{DataplaneReader, ReadScope, ReadTargets};

@@ -220,7 +220,7 @@ fn follow(
                         stack.push(next.clone());
                     }
                     Expr::Verdict { .. } => {}
-                    Expr::Lookup { set, dreg: Some(0) } => match sets.get(set.as_str()) {
+                    Expr::Lookup { set, dreg: Some(0), .. } => match sets.get(set.as_str()) {
                         Some(s) if s.data_type == Some(NFT_DATA_VERDICT) => {
                             stack.extend(s.elems.iter().filter_map(|e| match &e.verdict {
                                 Some((c, Some(next))) if *c == NFT_GOTO || *c == NFT_JUMP => Some(next.clone()),
@@ -251,6 +251,7 @@ fn follow(
                         }
                     }
                     Expr::Nat { .. }
+                    | Expr::Numgen { .. }
                     | Expr::Payload { .. }
                     | Expr::Meta { .. }
                     | Expr::Cmp { .. }
@@ -378,7 +379,7 @@ impl NftablesReader {
                 for expr in &rule.exprs {
                     match expr {
                         Expr::Verdict { chain: Some(next), .. } => pending.push(next.clone()),
-                        Expr::Lookup { set, dreg: Some(0) } if seen.insert(format!("set:{set}")) => {
+                        Expr::Lookup { set, dreg: Some(0), .. } if seen.insert(format!("set:{set}")) => {
                             if let Some(s) = conn.set(family, TABLE, set)? {
                                 pending.extend(s.elems.iter().filter_map(|e| e.verdict.as_ref()?.1.clone()));
                                 table.sets.push(s);
@@ -575,6 +576,7 @@ mod tests {
                         Expr::Other("numgen".into()),
                         Expr::Lookup {
                             set: "__map0".into(),
+                            sreg: 1,
                             dreg: Some(0),
                         },
                     ],
@@ -633,6 +635,7 @@ mod tests {
             SVC,
             vec![Expr::Lookup {
                 set: "__gone".into(),
+                sreg: 1,
                 dreg: Some(0),
             }],
         );

@@ -2,6 +2,7 @@
 //! set elements over netlink and decodes them into plain Rust values. It interprets nothing;
 //! the nftables reader decides what the values mean.
 
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
 use std::io;
 use std::os::raw::c_char;
@@ -37,8 +38,11 @@ pub enum Expr {
     Immediate { dreg: u32, data: Vec<u8> },
     /// `immediate` setting the verdict (`goto`/`jump` carry a chain).
     Verdict { code: i32, chain: Option<String> },
-    /// `lookup` in a set; `dreg == Some(0)` makes it a verdict map.
-    Lookup { set: String, dreg: Option<u32> },
+    /// `lookup` of register `sreg` in a set; `dreg == Some(0)` makes it a verdict map.
+    Lookup { set: String, sreg: u32, dreg: Option<u32> },
+    /// `numgen` (random or incremental) loading a number in `offset .. offset + modulus` into
+    /// `dreg`: kube-proxy's `numgen random mod N vmap { 0 : goto …, … }`.
+    Numgen { dreg: u32, modulus: u32, offset: u32 },
     /// `nat`: DNAT/SNAT from registers.
     Nat {
         kind: u32,
@@ -317,6 +321,68 @@ impl NftConn {
         self.set_header_c(family, &ct, &cs)
     }
 
+    /// The elements of set `set` with exactly `keys`, asked for by key in requests of at most
+    /// [`KEYS_PER_REQUEST`] (the kernel finds the set once per request and then each element by
+    /// its key; a dump finds the set three times). `None` when the set or one of the keys does
+    /// not exist.
+    fn elems_by_keys(
+        &mut self,
+        family: u16,
+        table: &CStr,
+        set: &CStr,
+        keys: &[Vec<u8>],
+    ) -> Result<Option<Vec<NftElem>>, NftnlError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(KEYS_PER_REQUEST) {
+            let found = self.dump(
+                NFT_MSG_GETSETELEM,
+                family,
+                NLM_F_ACK,
+                |nlh| {
+                    with_set(nlh, table, Some(set), |s, nlh| unsafe {
+                        for key in chunk {
+                            let e = sys::nftnl_set_elem_alloc();
+                            if e.is_null() {
+                                return;
+                            }
+                            sys::nftnl_set_elem_set(
+                                e,
+                                sys::NFTNL_SET_ELEM_KEY as u16,
+                                key.as_ptr().cast(),
+                                key.len() as u32,
+                            );
+                            // The set owns the element from here and frees it with itself.
+                            sys::nftnl_set_elem_add(s, e);
+                        }
+                        sys::nftnl_set_elems_nlmsg_build_payload(nlh, s)
+                    })
+                },
+                |nlh| {
+                    out.extend(decode_elems(nlh)?);
+                    Ok(())
+                },
+            )?;
+            if !found {
+                return Ok(None);
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// [`Self::elems_by_keys`] by name: the elements of set `name` with exactly `keys`; `None`
+    /// when the set or one of the keys does not exist.
+    pub fn elems_by_key(
+        &mut self,
+        family: u16,
+        table: &str,
+        name: &str,
+        keys: &[Vec<u8>],
+    ) -> Result<Option<Vec<NftElem>>, NftnlError> {
+        let ct = CString::new(table).map_err(|_| NftnlError::Parse)?;
+        let cs = CString::new(name).map_err(|_| NftnlError::Parse)?;
+        self.elems_by_keys(family, &ct, &cs, keys)
+    }
+
     /// The element of set `name` with exactly `key` (the kernel looks it up: no dump of the
     /// set); `None` when the set has no such element.
     pub fn elem(&mut self, family: u16, table: &str, name: &str, key: &[u8]) -> Result<Option<NftElem>, NftnlError> {
@@ -426,19 +492,84 @@ impl NftConn {
         if !sets_found {
             return Err(NftnlError::Interrupted); // the table went away between requests
         }
+        let keyed = numgen_keys(&table.rules);
         for mut set in names {
             if set.data_type != Some(NFT_DATA_VERDICT) {
                 table.sets.push(set);
                 continue;
             }
             let cset = CString::new(set.name.clone()).map_err(|_| NftnlError::Parse)?;
+            // kube-proxy's per-service vmaps are anonymous and chosen from by numgen: asking for
+            // the keys numgen can produce costs the kernel one set lookup instead of three, and
+            // a full read needs one such request per Service. A missing key (or anything else
+            // unexpected) falls back to the dump.
+            let by_key = match keyed.get(set.name.as_str()) {
+                Some(keys) if set.flags & NFT_SET_ANONYMOUS != 0 => {
+                    // An error here (a key layout the kernel refuses, say) also means: dump.
+                    self.elems_by_keys(family, &cname, &cset, keys).ok().flatten()
+                }
+                _ => None,
+            };
             // A set vanishing between the two dumps means the table is changing under us.
-            let elems = self.elems(family, &cname, &cset)?.ok_or(NftnlError::Interrupted)?;
+            let elems = match by_key {
+                Some(elems) => elems,
+                None => self.elems(family, &cname, &cset)?.ok_or(NftnlError::Interrupted)?,
+            };
             set.elems = elems;
             table.sets.push(set);
         }
         Ok(Some(table))
     }
+}
+
+/// Keys per keyed element request: each key takes about 20 bytes of the 8 KiB request buffer.
+const KEYS_PER_REQUEST: usize = 128;
+
+/// The largest numgen modulus whose vmap is read by key rather than dumped.
+const MAX_KEYED_MODULUS: u32 = 65_536;
+
+/// For each anonymous verdict map that a rule looks up with the number a `numgen` made, the
+/// keys that lookup can produce (`offset .. offset + modulus`, in the register's host byte
+/// order). Only those elements can ever be chosen: the others route nothing.
+pub fn numgen_keys(rules: &[NftRule]) -> HashMap<&str, Vec<Vec<u8>>> {
+    let mut out: HashMap<&str, Vec<Vec<u8>>> = HashMap::new();
+    let mut ambiguous = HashSet::new();
+    for rule in rules {
+        // Only a lookup right after the numgen: nothing in between can have changed the number.
+        let mut last_numgen: Option<(u32, u32, u32)> = None;
+        for expr in &rule.exprs {
+            match expr {
+                Expr::Numgen { dreg, modulus, offset } => {
+                    last_numgen = Some((*dreg, *modulus, *offset));
+                    continue;
+                }
+                Expr::Lookup {
+                    set,
+                    sreg,
+                    dreg: Some(0),
+                } => match last_numgen {
+                    Some((reg, modulus, offset))
+                        if reg == *sreg
+                            && (1..=MAX_KEYED_MODULUS).contains(&modulus)
+                            && offset.checked_add(modulus).is_some() =>
+                    {
+                        let keys = (offset..offset + modulus).map(|k| k.to_ne_bytes().to_vec()).collect();
+                        if out.insert(set, keys).is_some() {
+                            ambiguous.insert(set.as_str());
+                        }
+                    }
+                    _ => {
+                        ambiguous.insert(set.as_str());
+                    }
+                },
+                _ => {}
+            }
+            last_numgen = None;
+        }
+    }
+    // A map looked up from two places (or not from a numgen) is read whole.
+    out.retain(|set, _| !ambiguous.contains(set));
+    out
 }
 
 fn with_table(nlh: *mut libc::nlmsghdr, table: &CStr) {
@@ -588,7 +719,18 @@ unsafe fn decode_expr(e: *mut sys::nftnl_expr) -> Expr {
         },
         "lookup" => Expr::Lookup {
             set: cstr(unsafe { sys::nftnl_expr_get_str(e, sys::NFTNL_EXPR_LOOKUP_SET as u16) }).unwrap_or_default(),
+            sreg: u32_of(sys::NFTNL_EXPR_LOOKUP_SREG),
             dreg: is(sys::NFTNL_EXPR_LOOKUP_DREG).then(|| u32_of(sys::NFTNL_EXPR_LOOKUP_DREG)),
+        },
+        // A numgen that does its own map lookup (an old kernel feature) stays `Other`.
+        "numgen" if !is(sys::NFTNL_EXPR_NG_SET_NAME) && is(sys::NFTNL_EXPR_NG_MODULUS) => Expr::Numgen {
+            dreg: u32_of(sys::NFTNL_EXPR_NG_DREG),
+            modulus: u32_of(sys::NFTNL_EXPR_NG_MODULUS),
+            offset: if is(sys::NFTNL_EXPR_NG_OFFSET) {
+                u32_of(sys::NFTNL_EXPR_NG_OFFSET)
+            } else {
+                0
+            },
         },
         "nat" => Expr::Nat {
             kind: u32_of(sys::NFTNL_EXPR_NAT_TYPE),
@@ -660,5 +802,85 @@ fn decode_elems(nlh: *const libc::nlmsghdr) -> Result<Vec<NftElem>, NftnlError> 
         }
         sys::nftnl_set_free(s);
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(exprs: Vec<Expr>) -> NftRule {
+        NftRule {
+            chain: "service-X".into(),
+            exprs,
+            userdata: None,
+        }
+    }
+
+    fn lookup(set: &str, sreg: u32) -> Expr {
+        Expr::Lookup {
+            set: set.into(),
+            sreg,
+            dreg: Some(0),
+        }
+    }
+
+    const NG: Expr = Expr::Numgen {
+        dreg: 1,
+        modulus: 3,
+        offset: 0,
+    };
+
+    #[test]
+    fn a_vmap_chosen_from_by_numgen_is_read_by_the_keys_numgen_can_produce() {
+        let rules = [rule(vec![NG, lookup("__map0", 1)])];
+        let keys = numgen_keys(&rules);
+        let want: Vec<Vec<u8>> = (0u32..3).map(|k| k.to_ne_bytes().to_vec()).collect();
+        assert_eq!(keys.get("__map0"), Some(&want));
+        let rules = [rule(vec![
+            Expr::Numgen {
+                dreg: 1,
+                modulus: 2,
+                offset: 5,
+            },
+            lookup("__map1", 1),
+        ])];
+        let offset = numgen_keys(&rules);
+        let want: Vec<Vec<u8>> = (5u32..7).map(|k| k.to_ne_bytes().to_vec()).collect();
+        assert_eq!(offset.get("__map1"), Some(&want));
+    }
+
+    #[test]
+    fn any_other_way_to_a_vmap_reads_it_whole() {
+        // Another register, something between numgen and lookup, no numgen at all, a
+        // modulus of 0, two lookups of one map: no keys, so the reader dumps the map.
+        let cases = [
+            vec![rule(vec![NG, lookup("m", 2)])],
+            vec![rule(vec![
+                NG,
+                Expr::Meta {
+                    key: NFT_META_L4PROTO,
+                    dreg: Some(1),
+                },
+                lookup("m", 1),
+            ])],
+            vec![rule(vec![lookup("m", 1)])],
+            vec![rule(vec![
+                Expr::Numgen {
+                    dreg: 1,
+                    modulus: 0,
+                    offset: 0,
+                },
+                lookup("m", 1),
+            ])],
+            vec![
+                rule(vec![NG, lookup("m", 1)]),
+                rule(vec![Expr::Other("hash".into()), lookup("m", 1)]),
+            ],
+            vec![rule(vec![NG, lookup("m", 1)]), rule(vec![NG, lookup("m", 1)])],
+        ];
+        for rules in cases {
+            assert!(numgen_keys(&rules).is_empty(), "{rules:?}");
+        }
     }
 }

@@ -132,7 +132,7 @@ fn rule_from_nft(r: &NftRule, v6: bool) -> Rule {
                 });
             }
             // A verdict map could send packets anywhere; iptables-nft writes none.
-            Expr::Lookup { set, dreg: Some(0) } => {
+            Expr::Lookup { set, dreg: Some(0), .. } => {
                 rule.verdict = Verdict::Dnat(Dnat::NotUnderstood(format!("verdict map {set} in an iptables chain")));
             }
             _ => {}
@@ -448,6 +448,7 @@ mod tests {
             "KUBE-SVC-X",
             vec![Expr::Lookup {
                 set: "__map0".into(),
+                sreg: 1,
                 dreg: Some(0),
             }],
         );
