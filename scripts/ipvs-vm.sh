@@ -111,6 +111,14 @@ ipvsadm -a -t 10.96.0.10:80 -r 10.180.0.2:8080 -m -w 1
 ipvsadm -A -u [fd00:96::10]:53 -s rr
 ipvsadm -a -u [fd00:96::10]:53 -r [fd00:10:180::1]:5353 -m -w 1
 step two-servers
+# Targeted reads (what the agent does while a change is pending): by key for addresses, by a
+# dump for NodePorts (*:PORT), none for a frontend with no virtual server.
+echo "@@TARGETED"
+kube-converge inspect --mode ipvs --frontend 10.96.0.10:80 --frontend '[fd00:96::10]:53' --frontend 10.96.0.99:80 -o json 2>&1
+echo "@@TEND"
+echo "@@NODEPORT"
+kube-converge inspect --mode ipvs --frontend '*:80' -o json 2>&1
+echo "@@NEND"
 ipvsadm -e -t 10.96.0.10:80 -r 10.180.0.2:8080 -m -w 0
 step weight-zero
 ipvsadm -d -t 10.96.0.10:80 -r 10.180.0.2:8080

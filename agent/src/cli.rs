@@ -89,9 +89,13 @@ async fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
         backend(args.dataplane.iptables_backend),
         netns(&args.dataplane)?,
     );
-    let report = tokio::task::spawn_blocking(move || crate::inspect::inspect(m, b, &ns))
-        .await?
-        .context("reading the dataplane")?;
+    let frontends: std::collections::BTreeSet<String> = args.frontends.into_iter().collect();
+    let report = tokio::task::spawn_blocking(move || match frontends.is_empty() {
+        true => crate::inspect::inspect(m, b, &ns),
+        false => crate::inspect::inspect_frontends(m, b, &ns, &frontends),
+    })
+    .await?
+    .context("reading the dataplane")?;
     match args.output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         OutputFormat::Table => print!("{}", report.to_table()),

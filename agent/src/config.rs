@@ -233,9 +233,33 @@ pub enum OutputFormat {
 pub struct InspectArgs {
     #[command(flatten)]
     pub dataplane: DataplaneArgs,
+    /// Only what serves this frontend (`IP:PORT`, `[IPv6]:PORT`, or `*:NODEPORT`); repeatable.
+    /// nftables and IPVS then read just those service ports from the kernel (cheap on a large
+    /// node); iptables reads in full and filters.
+    #[arg(long = "frontend", value_name = "IP:PORT", value_parser = parse_frontend)]
+    pub frontends: Vec<String>,
     /// Output format.
     #[arg(short = 'o', long, env = "KUBE_CONVERGE_OUTPUT", value_enum, default_value = "table")]
     pub output: OutputFormat,
+}
+
+/// Parses a frontend as the readers name them: `10.96.0.10:80`, `[fd00::a]:53`, `*:30080`.
+pub fn parse_frontend(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if let Some(port) = s.strip_prefix("*:") {
+        return match port.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(format!("*:{p}")),
+            _ => Err(format!(
+                "invalid NodePort frontend {s:?}: expected *:PORT with PORT 1-65535"
+            )),
+        };
+    }
+    match s.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.port() > 0 => Ok(a.to_string()),
+        _ => Err(format!(
+            "invalid frontend {s:?}: expected IP:PORT, [IPv6]:PORT or *:NODEPORT (e.g. 10.96.0.10:80)"
+        )),
+    }
 }
 
 /// Parses `250ms`, `1s`, `5m`, `1h` or a bare number of seconds.
@@ -270,6 +294,30 @@ mod tests {
         assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn frontends_are_named_as_the_readers_name_them() {
+        assert_eq!(parse_frontend("10.96.0.10:80"), Ok("10.96.0.10:80".into()));
+        assert_eq!(parse_frontend("[FD00::A]:53"), Ok("[fd00::a]:53".into()));
+        assert_eq!(parse_frontend(" *:30080 "), Ok("*:30080".into()));
+        for bad in ["10.96.0.10", "10.96.0.10:0", "*:70000", "web:80", "fd00::a:53", ""] {
+            assert!(parse_frontend(bad).is_err(), "{bad:?}");
+        }
+        let cli = Cli::try_parse_from([
+            "kube-converge",
+            "inspect",
+            "--frontend",
+            "10.96.0.10:80",
+            "--frontend",
+            "*:30080",
+        ])
+        .unwrap();
+        let Command::Inspect(i) = cli.command else {
+            panic!("not inspect")
+        };
+        assert_eq!(i.frontends, ["10.96.0.10:80", "*:30080"]);
+        assert!(Cli::try_parse_from(["kube-converge", "inspect", "--frontend", "nope"]).is_err());
     }
 
     #[test]

@@ -4,7 +4,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::dataplane::{self, iptables::Backend, DataplaneSnapshot, Mode, ReadError};
+use std::collections::BTreeSet;
+
+use crate::dataplane::{self, iptables::Backend, DataplaneSnapshot, Mode, ReadError, ReadTargets};
 use crate::netns::NetNs;
 
 #[derive(Debug, Serialize)]
@@ -33,6 +35,35 @@ pub struct InspectService {
 pub fn inspect(mode: Option<Mode>, backend: Option<Backend>, netns: &NetNs) -> Result<InspectReport, ReadError> {
     let mut reader = dataplane::open_reader(mode, backend, netns)?;
     let snap = reader.read()?;
+    Ok(report(reader.mode(), reader.backend(), snap))
+}
+
+/// What serves `frontends` only (as [`crate::config::parse_frontend`] names them). nftables and
+/// IPVS read just those frontends' service ports, as the agent does while a change is pending;
+/// iptables names its targeted reads by service port, which a frontend does not give, so it
+/// reads in full. Either way only service ports serving one of `frontends` are reported.
+pub fn inspect_frontends(
+    mode: Option<Mode>,
+    backend: Option<Backend>,
+    netns: &NetNs,
+    frontends: &BTreeSet<String>,
+) -> Result<InspectReport, ReadError> {
+    let mut reader = dataplane::open_reader(mode, backend, netns)?;
+    let targets = ReadTargets {
+        frontends: frontends.clone(),
+        ..Default::default()
+    };
+    let mut snap = match reader.mode() {
+        Mode::Nftables | Mode::Ipvs => reader.read_targeted(&targets).unwrap_or_else(|| reader.read())?,
+        Mode::Iptables => reader.read()?,
+    };
+    // `*:PORT` also matches a virtual server on any address with that port (IPVS NodePorts).
+    let serves = |f: &String| {
+        frontends.contains(f)
+            || f.rsplit_once(':')
+                .is_some_and(|(_, port)| frontends.contains(&format!("*:{port}")))
+    };
+    snap.services.retain(|s| s.frontends.iter().any(serves));
     Ok(report(reader.mode(), reader.backend(), snap))
 }
 

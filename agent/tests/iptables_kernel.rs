@@ -441,3 +441,29 @@ fn kernel_reads_agree_with_iptables_save_and_targeted_reads_with_full_ones() {
         "a port the last full read knew stays covered: its chains being gone is the answer"
     );
 }
+
+#[test]
+fn inspect_frontend_filters_a_full_read_on_both_backends() {
+    if !prerequisites() {
+        return;
+    }
+    for backend in BACKENDS {
+        let ns = Netns::new(&format!("iptfront-{backend}"));
+        let a = port("ns1/a:p80", "172.30.0.41", &["10.180.0.1:80"]);
+        let b = port("ns1/b:p80", "172.30.0.42", &["10.180.1.1:80", "10.180.1.2:80"]);
+        restore(&ns, backend, false, &render_nat(&[a, b], true, &[]));
+        let args = [
+            "--mode",
+            "iptables",
+            "--iptables-backend",
+            backend,
+            "--frontend",
+            "172.30.0.42:80",
+        ];
+        assert_eq!(
+            routed(&inspect_json(&ns, &args)),
+            [pair("ns1/b:p80", &["10.180.1.1:80", "10.180.1.2:80"])],
+            "{backend}"
+        );
+    }
+}

@@ -117,6 +117,54 @@ fn inspect_agrees_with_ipvsadm_in_a_kernel_with_ipvs() {
             assert_eq!(got, want, "step {name}: {frontend}");
         }
     }
+    // Targeted reads: exactly the asked frontends' virtual servers.
+    let section = |start: &str, end: &str| -> serde_json::Value {
+        let text = log
+            .split(start)
+            .nth(1)
+            .and_then(|t| t.split(end).next())
+            .unwrap_or_else(|| panic!("no {start} section:\n{log}"));
+        serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{start}: {text:?}: {e}"))
+    };
+    let served = |report: &serde_json::Value| -> Vec<(String, Vec<String>)> {
+        let mut out: Vec<(String, Vec<String>)> = report["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let mut eps: Vec<String> = s["endpoints"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e.as_str().unwrap().into())
+                    .collect();
+                eps.sort();
+                (s["frontends"][0].as_str().unwrap().into(), eps)
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let by_key = served(&section("@@TARGETED", "@@TEND"));
+    assert_eq!(
+        by_key,
+        [
+            (
+                "10.96.0.10:80".to_string(),
+                vec!["10.180.0.1:8080".to_string(), "10.180.0.2:8080".to_string()]
+            ),
+            (
+                "[fd00:96::10]:53".to_string(),
+                vec!["[fd00:10:180::1]:5353".to_string()]
+            ),
+        ],
+        "targeted read by address (TCP and UDP), nothing for an unknown frontend"
+    );
+    assert_eq!(
+        served(&section("@@NODEPORT", "@@NEND")),
+        by_key[..1],
+        "a NodePort frontend matches the virtual servers on that port"
+    );
     let vip = "10.96.0.10:80";
     assert_eq!(steps["two-servers"].0[vip].0.len(), 2);
     assert_eq!(

@@ -282,3 +282,29 @@ fn targeted_reads_cover_exactly_the_asked_frontends() {
     };
     assert!(reader.read_targeted(&gone).unwrap().unwrap().services.is_empty());
 }
+
+#[test]
+fn inspect_frontend_reports_only_what_serves_it() {
+    if !require(&["ip", "nft"]) {
+        return;
+    }
+    let ns = Netns::new("nftfront");
+    let a = port("ns1/a:p80", "172.30.0.41", &["10.180.0.1:80", "10.180.0.2:80"]);
+    let mut b = port("ns1/b:p80", "172.30.0.42", &["10.180.1.1:80"]);
+    b.node_port = None;
+    nft(&ns, &render_nft("ip", &[a, b], &[], &[]));
+    let only_a = [pair("ns1/a:p80", &["10.180.0.1:80", "10.180.0.2:80"])];
+    let by_ip = inspect_json(&ns, &["--mode", "nftables", "--frontend", "172.30.0.41:80"]);
+    assert_eq!(routed(&by_ip), only_a);
+    let by_node_port = inspect_json(&ns, &["--mode", "nftables", "--frontend", "*:30080"]);
+    assert_eq!(routed(&by_node_port), only_a);
+    let none = inspect_json(&ns, &["--mode", "nftables", "--frontend", "172.30.9.9:80"]);
+    assert_eq!(routed(&none), []);
+    let bad = Command::new(env!("CARGO_BIN_EXE_kube-converge"))
+        .args(["inspect", "--netns", &ns.path(), "--frontend", "172.30.0.41"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("expected IP:PORT"), "{err}");
+}
