@@ -60,29 +60,8 @@ cp "$(command -v ipvsadm)" "$root/bin/ipvsadm"
 for f in "$bin" "$(command -v ipvsadm)"; do
   ldd "$f" | grep -o '/[^ ]*' | while read -r lib; do cp --parents -L "$lib" "$root/"; done
 done
-if [ -n "$bench" ]; then
-  cat > "$root/init" <<INIT
-#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-for m in libcrc32c nf_defrag_ipv4 nf_defrag_ipv6 nf_conntrack ip_vs ip_vs_rr; do
-  insmod /modules/\$m.ko || echo "@@ERROR insmod \$m failed"
-done
-ip link set lo up
-# The benchmark's real servers are in 10.240.0.0/12: local addresses, so ipvsadm accepts them.
-ip addr add 10.240.0.1/12 dev lo
-echo "@@BENCH \$($(basename "$bin") ipvs $bench 2>&1 | tr '\n' ' ')"
-poweroff -f
-INIT
-  chmod +x "$root/init"
-  (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$work/initrd.gz"
-  exec timeout 3600 qemu-system-x86_64 -machine q35,accel=tcg -cpu max -m 3072 -smp 1 -nographic -no-reboot \
-    -kernel "$vmlinuz" -initrd "$work/initrd.gz" -append "console=ttyS0 panic=-1 quiet"
-fi
-cat > "$root/init" <<'INIT'
-#!/bin/busybox sh
+# What both forms of /init do first: tools, filesystems, the IPVS modules, loopback up.
+cat > "$root/prelude" <<'PRELUDE'
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -92,6 +71,28 @@ for m in libcrc32c nf_defrag_ipv4 nf_defrag_ipv6 nf_conntrack ip_vs ip_vs_rr; do
   insmod /modules/$m.ko || echo "@@ERROR insmod $m failed"
 done
 ip link set lo up
+PRELUDE
+# 3. Boot. TCG: KVM may be unusable on the build machine.
+boot() { # TIMEOUT MEMORY_MIB
+  chmod +x "$root/init"
+  (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$work/initrd.gz"
+  exec timeout "$1" qemu-system-x86_64 -machine q35,accel=tcg -cpu max -m "$2" -smp 1 -nographic -no-reboot \
+    -kernel "$vmlinuz" -initrd "$work/initrd.gz" -append "console=ttyS0 panic=-1 quiet"
+}
+if [ -n "$bench" ]; then
+  cat > "$root/init" <<INIT
+#!/bin/busybox sh
+. /prelude
+# The benchmark's real servers are in 10.240.0.0/12: local addresses, so ipvsadm accepts them.
+ip addr add 10.240.0.1/12 dev lo
+echo "@@BENCH \$($(basename "$bin") ipvs $bench 2>&1 | tr '\n' ' ')"
+poweroff -f
+INIT
+  boot 3600 3072
+fi
+cat > "$root/init" <<'INIT'
+#!/bin/busybox sh
+. /prelude
 # Real servers need a route to their address, or ipvsadm reports "address not unicast".
 ip addr add 10.180.0.1/32 dev lo
 ip addr add 10.180.0.2/32 dev lo
@@ -126,9 +127,4 @@ step deleted
 echo "@@TESTED $start $(cut -d' ' -f1 /proc/uptime)"
 poweroff -f
 INIT
-chmod +x "$root/init"
-(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$work/initrd.gz"
-
-# 3. Boot. TCG: KVM may be unusable on the build machine.
-exec timeout 300 qemu-system-x86_64 -machine q35,accel=tcg -cpu max -m 1024 -smp 1 -nographic -no-reboot \
-  -kernel "$vmlinuz" -initrd "$work/initrd.gz" -append "console=ttyS0 panic=-1 quiet"
+boot 300 1024

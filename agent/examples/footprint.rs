@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kube_converge::emulate::{nft_load_transactions, render_nat, render_nft, EmulatedServicePort};
+use kube_converge::emulate::{load_ruleset, render_nat, render_nft, EmulatedServicePort};
 use kube_converge::model::{Protocol, ServicePortName};
 use kube_converge::netns::NetNs;
 use kube_converge::sim::apiserver::FakeApiServer;
@@ -91,18 +91,7 @@ async fn main() -> anyhow::Result<()> {
         "iptables-nft" => ("iptables-nft-restore", vec![], render_nat(&ports, false, &[])),
         other => anyhow::bail!("unknown mode {other} (nftables or iptables-nft)"),
     };
-    // nftables rulesets load in several transactions: one would grow with the square of the
-    // Services in the kernel (nft_load_transactions). The resulting ruleset is the same.
-    let transactions = if program == "nft" {
-        nft_load_transactions(&rules, 20_000)
-    } else {
-        vec![rules]
-    };
-    for tx in transactions {
-        let mut child = netns.command(program).args(&args).stdin(Stdio::piped()).spawn()?;
-        child.stdin.take().unwrap().write_all(tx.as_bytes())?;
-        anyhow::ensure!(child.wait()?.success(), "loading the ruleset failed");
-    }
+    load_ruleset(&netns, program, &args, rules)?;
     eprintln!(
         "{n} services x {e} endpoints in the API and the {mode} dataplane (load {:.0?})",
         t.elapsed()

@@ -11,7 +11,6 @@
 //! runs inside the qemu VM of `scripts/ipvs-vm.sh --bench`, where the kernel has IPVS and no
 //! other rules) and removes them afterwards.
 
-use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,7 @@ use kube_converge::dataplane::iptables::{Backend, IptablesReader};
 use kube_converge::dataplane::ipvs::IpvsReader;
 use kube_converge::dataplane::nftables::NftablesReader;
 use kube_converge::dataplane::{DataplaneReader, ReadTargets};
-use kube_converge::emulate::{nft_load_transactions, render_nat, render_nft, EmulatedServicePort};
+use kube_converge::emulate::{load_ruleset, render_nat, render_nft, EmulatedServicePort};
 use kube_converge::model::{Protocol, ServicePortName};
 use kube_converge::netns::NetNs;
 use kube_converge::sim::node::NetnsGuard;
@@ -80,18 +79,7 @@ fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("unknown mode {other}"),
     };
     let t = Instant::now();
-    // nftables rulesets load in several transactions: one would grow with the square of the
-    // Services in the kernel (nft_load_transactions). The resulting ruleset is the same.
-    let transactions = if program == "nft" {
-        nft_load_transactions(&rules, 20_000)
-    } else {
-        vec![rules]
-    };
-    for tx in transactions {
-        let mut child = netns.command(program).args(&args).stdin(Stdio::piped()).spawn()?;
-        child.stdin.take().unwrap().write_all(tx.as_bytes())?;
-        anyhow::ensure!(child.wait()?.success(), "loading the ruleset failed");
-    }
+    load_ruleset(&netns, program, &args, rules)?;
     let load = t.elapsed();
     let tool = |prog: &str, args: &[&str]| {
         let out = netns

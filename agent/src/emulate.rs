@@ -308,6 +308,32 @@ pub fn nft_load_transactions(rendered: &str, per_tx: usize) -> Vec<String> {
     out
 }
 
+/// Loads a whole benchmark ruleset into `netns` with `program` (`nft`, `iptables-*-restore`,
+/// `ipvsadm`) reading `rules` on stdin; nftables rulesets go in several transactions
+/// ([`nft_load_transactions`]), with the same result.
+pub fn load_ruleset(netns: &crate::netns::NetNs, program: &str, args: &[&str], rules: String) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let transactions = if program == "nft" {
+        nft_load_transactions(&rules, 20_000)
+    } else {
+        vec![rules]
+    };
+    for tx in transactions {
+        let mut child = netns
+            .command(program)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdin for {program}"))?
+            .write_all(tx.as_bytes())?;
+        anyhow::ensure!(child.wait()?.success(), "loading the ruleset with {program} failed");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod nft_tests {
     use super::*;

@@ -386,31 +386,8 @@ impl NftConn {
     /// The element of set `name` with exactly `key` (the kernel looks it up: no dump of the
     /// set); `None` when the set has no such element.
     pub fn elem(&mut self, family: u16, table: &str, name: &str, key: &[u8]) -> Result<Option<NftElem>, NftnlError> {
-        let ct = CString::new(table).map_err(|_| NftnlError::Parse)?;
-        let cs = CString::new(name).map_err(|_| NftnlError::Parse)?;
-        let mut found_elems = Vec::new();
-        let found = self.dump(
-            NFT_MSG_GETSETELEM,
-            family,
-            NLM_F_ACK,
-            |nlh| {
-                with_set(nlh, &ct, Some(&cs), |s, nlh| unsafe {
-                    let e = sys::nftnl_set_elem_alloc();
-                    if e.is_null() {
-                        return;
-                    }
-                    sys::nftnl_set_elem_set(e, sys::NFTNL_SET_ELEM_KEY as u16, key.as_ptr().cast(), key.len() as u32);
-                    // The set owns the element from here and frees it with itself.
-                    sys::nftnl_set_elem_add(s, e);
-                    sys::nftnl_set_elems_nlmsg_build_payload(nlh, s)
-                })
-            },
-            |nlh| {
-                found_elems.extend(decode_elems(nlh)?);
-                Ok(())
-            },
-        )?;
-        Ok(found_elems.into_iter().find(|e| found && e.key == key))
+        let found = self.elems_by_key(family, table, name, &[key.to_vec()])?;
+        Ok(found.into_iter().flatten().find(|e| e.key == key))
     }
 
     fn set_header_c(&mut self, family: u16, ct: &CStr, cs: &CStr) -> Result<Option<NftSet>, NftnlError> {
