@@ -267,7 +267,17 @@ impl IpvsConn {
             &service_key(frontend, protocol),
         );
         match self.request(self.family, IPVS_CMD_GET_SERVICE, NLM_F_ACK, &attrs) {
-            Ok(replies) => Ok(replies.iter().find_map(|r| decode_service(r))),
+            Ok(replies) => match replies.iter().find_map(|r| decode_service(r)) {
+                // Safety: another virtual server's answer would leave the asked one looking
+                // unrouted; fail the read instead.
+                Some(vs) if (vs.addr, vs.port, vs.protocol) != (Some(frontend.ip()), frontend.port(), protocol) => {
+                    Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("asked IPVS for {frontend}, it answered with another virtual server"),
+                    ))
+                }
+                vs => Ok(vs),
+            },
             // ESRCH: no such virtual server.
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(None),
             Err(e) => Err(e),

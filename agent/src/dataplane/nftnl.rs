@@ -366,7 +366,10 @@ impl NftConn {
                 return Ok(None);
             }
         }
-        Ok(Some(out))
+        // Safety: an element missing from the answer would read as "not routed". Anything but
+        // exactly one element per key asked for (a kernel that answers only the first, say)
+        // counts as not found, so the caller dumps the set instead.
+        Ok(answers_every_key(keys, &out).then_some(out))
     }
 
     /// [`Self::elems_by_keys`] by name: the elements of set `name` with exactly `keys`; `None`
@@ -497,6 +500,15 @@ impl NftConn {
         }
         Ok(Some(table))
     }
+}
+
+/// Whether `elems` hold exactly one element for each of `keys`, and nothing else.
+fn answers_every_key(keys: &[Vec<u8>], elems: &[NftElem]) -> bool {
+    let mut got: Vec<&[u8]> = elems.iter().map(|e| e.key.as_slice()).collect();
+    let mut asked: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    got.sort_unstable();
+    asked.sort_unstable();
+    got == asked
 }
 
 /// Keys per keyed element request: each key takes about 20 bytes of the 8 KiB request buffer.
@@ -825,6 +837,23 @@ mod tests {
         let offset = numgen_keys(&rules);
         let want: Vec<Vec<u8>> = (5u32..7).map(|k| k.to_ne_bytes().to_vec()).collect();
         assert_eq!(offset.get("__map1"), Some(&want));
+    }
+
+    #[test]
+    fn a_keyed_answer_counts_only_with_one_element_per_key() {
+        let key = |k: u32| k.to_ne_bytes().to_vec();
+        let elem = |k: u32| NftElem {
+            key: key(k),
+            verdict: Some((NFT_GOTO, Some(format!("endpoint-{k}")))),
+        };
+        let keys = [key(0), key(1), key(2)];
+        assert!(answers_every_key(&keys, &[elem(2), elem(0), elem(1)]));
+        assert!(
+            !answers_every_key(&keys, &[elem(0)]),
+            "a kernel answering the first key only"
+        );
+        assert!(!answers_every_key(&keys, &[elem(0), elem(1), elem(1)]));
+        assert!(!answers_every_key(&keys, &[elem(0), elem(1), elem(2), elem(3)]));
     }
 
     #[test]
