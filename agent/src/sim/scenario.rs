@@ -271,6 +271,14 @@ impl SimCluster {
         self.nodes.iter().map(|n| n.name.clone()).collect()
     }
 
+    /// Each node's network namespace, by node name (for harnesses that watch the kernel too).
+    pub fn node_netns(&self) -> anyhow::Result<BTreeMap<String, NetNs>> {
+        self.nodes
+            .iter()
+            .map(|n| Ok((n.name.clone(), NetNs::open(std::path::Path::new(&n.guard.path()))?)))
+            .collect()
+    }
+
     pub fn metrics_addrs(&self) -> BTreeMap<String, SocketAddr> {
         self.nodes.iter().map(|n| (n.name.clone(), n.metrics)).collect()
     }
