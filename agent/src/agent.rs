@@ -725,14 +725,18 @@ async fn dataplane_loop(config: AgentConfig, tx: mpsc::Sender<Input>, requests: 
                 continue;
             }
             let targets = if full_due { Default::default() } else { pending };
-            let full = targets.is_empty();
             let started = Timestamp::now();
             let clock = Instant::now();
-            let (r_back, p_back, g1, result, g2) = tokio::task::spawn_blocking(move || {
+            let (r_back, p_back, g1, (result, full), g2) = tokio::task::spawn_blocking(move || {
                 let g1 = p.as_mut().and_then(|p| p.current().ok());
+                // A reader with no targeted form (iptables-legacy) reads in full: that read
+                // counts as the full read it is, for its cost and for the next one's schedule.
                 let result = match targets.is_empty() {
-                    true => r.read(),
-                    false => r.read_targeted(&targets).unwrap_or_else(|| r.read()),
+                    true => (r.read(), true),
+                    false => match r.read_targeted(&targets) {
+                        Some(read) => (read, false),
+                        None => (r.read(), true),
+                    },
                 };
                 let g2 = p.as_mut().and_then(|p| p.current().ok());
                 (r, p, g1, result, g2)

@@ -53,17 +53,21 @@ pub fn inspect_frontends(
         frontends: frontends.clone(),
         ..Default::default()
     };
-    let mut snap = match reader.mode() {
-        Mode::Nftables | Mode::Ipvs => reader.read_targeted(&targets).unwrap_or_else(|| reader.read())?,
-        Mode::Iptables => reader.read()?,
+    // A targeted read already holds only what serves the frontends, matched by the reader
+    // (an IPVS NodePort `*:PORT` is a virtual server on any address with that port).
+    let targeted = match reader.mode() {
+        Mode::Nftables | Mode::Ipvs => reader.read_targeted(&targets),
+        Mode::Iptables => None,
     };
-    // `*:PORT` also matches a virtual server on any address with that port (IPVS NodePorts).
-    let serves = |f: &String| {
-        frontends.contains(f)
-            || f.rsplit_once(':')
-                .is_some_and(|(_, port)| frontends.contains(&format!("*:{port}")))
+    let snap = match targeted {
+        Some(read) => read?,
+        None => {
+            let mut snap = reader.read()?;
+            snap.services
+                .retain(|s| s.frontends.iter().any(|f| frontends.contains(f)));
+            snap
+        }
     };
-    snap.services.retain(|s| s.frontends.iter().any(serves));
     Ok(report(reader.mode(), reader.backend(), snap))
 }
 

@@ -465,5 +465,15 @@ fn inspect_frontend_filters_a_full_read_on_both_backends() {
             [pair("ns1/b:p80", &["10.180.1.1:80", "10.180.1.2:80"])],
             "{backend}"
         );
+        // No NodePort here: `*:80` is not the ClusterIPs' port 80.
+        let node_port = [
+            "--mode",
+            "iptables",
+            "--iptables-backend",
+            backend,
+            "--frontend",
+            "*:80",
+        ];
+        assert_eq!(routed(&inspect_json(&ns, &node_port)), [], "{backend}");
     }
 }
