@@ -221,9 +221,11 @@ pub fn expect_service_with(
                 .map(|(a, _)| *a)
                 .collect()
         };
-        // Internal traffic uses the cluster set unless iTP=Local; external traffic the cluster
-        // set unless eTP=Local. The dataplane routes the union of the chains in use.
-        let needs_cluster = !spec.internal_local || (spec.has_external && !spec.external_local);
+        // Internal traffic uses the cluster set unless iTP=Local. Like kube-proxy's
+        // `UsesClusterEndpoints`, an externally reachable port always has the cluster chain
+        // (eTP=Local short-circuits in-cluster traffic to external addresses through it). The
+        // dataplane routes the union of the chains in use.
+        let needs_cluster = !spec.internal_local || spec.has_external;
         let needs_local = spec.internal_local || (spec.has_external && spec.external_local);
         let mut chosen = BTreeSet::new();
         if needs_cluster {
@@ -404,6 +406,33 @@ mod tests {
         spec.external_local = true;
         spec.has_external = true;
         assert_eq!(addrs(&expect_service(&r, Some(&spec), &[&s], "node-c")).len(), 2);
+    }
+
+    /// Issue 15 item 7: kube-proxy's `UsesClusterEndpoints` is true for any externally
+    /// reachable port, even with both policies `Local` (short-circuiting in-cluster traffic to
+    /// external addresses goes to the cluster chain), so every node routes to remote endpoints.
+    #[test]
+    fn item7_internal_and_external_local_on_an_external_service_still_routes_cluster_endpoints() {
+        let (r, mut spec) = svc("ns1/svc1");
+        spec.internal_local = true;
+        spec.external_local = true;
+        spec.has_external = true;
+        let s = slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .on("node-a")
+            .endpoint("10.180.0.2")
+            .on("node-b")
+            .build();
+        assert_eq!(
+            addrs(&expect_service(&r, Some(&spec), &[&s], "node-c")),
+            ["10.180.0.1:80", "10.180.0.2:80"]
+        );
+        // Not externally reachable: iTP=Local keeps only this node's endpoints.
+        spec.has_external = false;
+        assert_eq!(
+            addrs(&expect_service(&r, Some(&spec), &[&s], "node-a")),
+            ["10.180.0.1:80"]
+        );
     }
 
     #[test]
