@@ -18,7 +18,8 @@ const ALL_PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sc
 #[derive(Debug, Default)]
 pub struct ServiceCatalog {
     by_hash: HashMap<String, (Arc<ServicePortName>, Protocol)>,
-    by_frontend: HashMap<String, (Arc<ServicePortName>, Protocol)>,
+    /// Every service port serving a frontend: TCP and UDP share one in kube-dns.
+    by_frontend: HashMap<String, Vec<(Arc<ServicePortName>, Protocol)>>,
 }
 
 impl ServiceCatalog {
@@ -28,19 +29,29 @@ impl ServiceCatalog {
             for (spn, proto, frontends) in exp.frontends.iter() {
                 cat.by_hash.insert(port_proto_hash(spn, proto), (spn.clone(), proto));
                 for f in frontends {
-                    cat.by_frontend.insert(f.clone(), (spn.clone(), proto));
+                    cat.by_frontend.entry(f.clone()).or_default().push((spn.clone(), proto));
                 }
             }
         }
         cat
     }
 
-    /// A frontend by `ip:port`, else as a NodePort on a node address (IPVS has one virtual
-    /// server per node IP and NodePort).
-    fn frontend(&self, f: &str) -> Option<&(Arc<ServicePortName>, Protocol)> {
-        self.by_frontend.get(f).or_else(|| {
+    /// The one service port serving a frontend (`ip:port`, else as a NodePort on a node
+    /// address: IPVS has one virtual server per node IP and NodePort) with the rules'
+    /// protocol. With the protocol unknown, only a frontend one port serves is attributed.
+    fn frontend(&self, f: &str, protocol: Option<Protocol>) -> Option<&(Arc<ServicePortName>, Protocol)> {
+        let pick = |key: &str| {
+            let mut matching = self
+                .by_frontend
+                .get(key)?
+                .iter()
+                .filter(|(_, p)| protocol.is_none_or(|want| *p == want));
+            let first = matching.next()?;
+            matching.next().is_none().then_some(first)
+        };
+        pick(f).or_else(|| {
             let (_, port) = f.rsplit_once(':')?;
-            self.by_frontend.get(&format!("*:{port}"))
+            pick(&format!("*:{port}"))
         })
     }
 
@@ -55,7 +66,7 @@ impl ServiceCatalog {
                 svc.chain_id
                     .as_ref()
                     .and_then(|h| self.by_hash.get(h))
-                    .or_else(|| svc.frontends.iter().find_map(|f| self.frontend(f)))
+                    .or_else(|| svc.frontends.iter().find_map(|f| self.frontend(f, svc.protocol)))
             };
             let resolved = match (&svc.name, svc.protocol) {
                 (Some(n), Some(p)) => Some((Arc::new(n.clone()), p)),
@@ -92,7 +103,7 @@ mod tests {
     use super::*;
     use crate::dataplane::ServiceRoutes;
     use crate::expected::builders::{slice, svc};
-    use crate::expected::expect_service;
+    use crate::expected::{expect_service, ServicePortSpec};
     use crate::model::EndpointKey;
     use crate::tracker::Routed;
 
@@ -163,6 +174,79 @@ mod tests {
         });
         assert_eq!(cat.view(&vs).routes(&key()), Routed::Yes);
         assert!(cat.view(&vs).unattributed.is_empty());
+    }
+
+    /// Issue 15 item 4: kube-dns in IPVS mode has TCP and UDP virtual servers on the same
+    /// address and port. Each must resolve to its own protocol's service port.
+    #[test]
+    fn item4_ipvs_tcp_and_udp_on_one_frontend_resolve_by_protocol() {
+        let (r, mut spec) = svc("kube-system/kube-dns");
+        spec.ports = vec![
+            ServicePortSpec {
+                name: "dns".into(),
+                protocol: Protocol::Udp,
+                port: 53,
+                node_port: None,
+            },
+            ServicePortSpec {
+                name: "dns-tcp".into(),
+                protocol: Protocol::Tcp,
+                port: 53,
+                node_port: None,
+            },
+        ];
+        let udp = slice("kube-system/kube-dns")
+            .port("dns", Protocol::Udp, 5353)
+            .endpoint("10.180.0.1")
+            .build();
+        let tcp = slice("kube-system/kube-dns")
+            .port("dns-tcp", Protocol::Tcp, 5354)
+            .endpoint("10.180.0.1")
+            .build();
+        let exp = expect_service(&r, Some(&spec), &[&udp, &tcp], "n");
+        let cat = ServiceCatalog::build([(&r, &exp)].into_iter());
+        let vs = |proto: Protocol, port: u16| ServiceRoutes {
+            protocol: Some(proto),
+            frontends: ["172.30.0.41:53".to_string()].into(),
+            endpoints: [format!("10.180.0.1:{port}").parse().unwrap()].into(),
+            ..Default::default()
+        };
+        let udp_key = EndpointKey::new(
+            ServicePortName::new("kube-system", "kube-dns", "dns"),
+            Protocol::Udp,
+            "10.180.0.1:5353".parse().unwrap(),
+        );
+        let tcp_key = EndpointKey::new(
+            ServicePortName::new("kube-system", "kube-dns", "dns-tcp"),
+            Protocol::Tcp,
+            "10.180.0.1:5354".parse().unwrap(),
+        );
+        for order in [[Protocol::Udp, Protocol::Tcp], [Protocol::Tcp, Protocol::Udp]] {
+            let snap = DataplaneSnapshot {
+                services: order
+                    .iter()
+                    .map(|p| vs(*p, if *p == Protocol::Udp { 5353 } else { 5354 }))
+                    .collect(),
+                ..Default::default()
+            };
+            let view = cat.view(&snap);
+            assert_eq!(view.routes(&udp_key), Routed::Yes, "{order:?}");
+            assert_eq!(view.routes(&tcp_key), Routed::Yes, "{order:?}");
+        }
+        // Only the TCP server left: the UDP endpoint is gone, the TCP one still routed.
+        let snap = DataplaneSnapshot {
+            services: vec![vs(Protocol::Tcp, 5354)],
+            ..Default::default()
+        };
+        let view = cat.view(&snap);
+        assert_eq!(view.routes(&udp_key), Routed::No);
+        assert_eq!(view.routes(&tcp_key), Routed::Yes);
+        // The UDP server still routing to the UDP port keeps the UDP key routed.
+        let snap = DataplaneSnapshot {
+            services: vec![vs(Protocol::Udp, 5353)],
+            ..Default::default()
+        };
+        assert_eq!(cat.view(&snap).routes(&udp_key), Routed::Yes);
     }
 
     #[test]
