@@ -203,6 +203,8 @@ async fn forward<T>(
 /// The core: owns caches and tracker, turns inputs into metrics.
 struct Core {
     node: String,
+    /// What the agent watches, published for holds.
+    scope: WatchScope,
     tracker: Tracker,
     slices: HashMap<SliceId, SliceRecord>,
     /// A sorted list, not a set: a Service has one slice or a few, and a B-tree node holds
@@ -243,6 +245,7 @@ impl Core {
     ) -> Self {
         Self {
             node: config.node_name.clone(),
+            scope: config.scope.clone(),
             tracker: Tracker::new(TrackerConfig {
                 change_timeout: config.change_timeout,
             }),
@@ -311,6 +314,7 @@ impl Core {
             &self.backend,
             self.health(),
             observed,
+            &self.scope,
         );
         self.status_tx.send_if_modified(|cur| {
             if **cur == draft {
@@ -480,12 +484,13 @@ impl Core {
                 }
                 self.slice_init = Some(Vec::new());
             }
-            WatchMsg::InitItem(item) => {
-                self.observed_rv = self.observed_rv.max(item.resource_version);
-                self.slice_init.get_or_insert_with(Vec::new).push(item)
-            }
+            // A (re)list's versions count only once the list is applied: until then the
+            // tracker does not know its changes, and a hold must not see them as processed.
+            WatchMsg::InitItem(item) => self.slice_init.get_or_insert_with(Vec::new).push(item),
             WatchMsg::InitDone(at) => {
                 let items = self.slice_init.take().unwrap_or_default();
+                let listed = items.iter().map(|i| i.resource_version).max().unwrap_or(0);
+                self.observed_rv = self.observed_rv.max(listed);
                 let mut touched: BTreeSet<ServiceRef> = self.by_service.keys().cloned().collect();
                 self.slices.clear();
                 self.by_service.clear();
@@ -897,6 +902,81 @@ fn note(seen: &mut VecDeque<(u32, Timestamp)>, overrun: &mut bool, n: Notificati
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::expected::builders::slice;
+
+    fn core() -> (Core, tokio::sync::watch::Receiver<Arc<crate::publish::StatusDraft>>) {
+        let config = AgentConfig {
+            node_name: "node-a".into(),
+            scope: WatchScope::default(),
+            mode: None,
+            backend: None,
+            netns: NetNs::default(),
+            poll_interval: Duration::from_secs(1),
+            resync_interval: Duration::from_secs(30),
+            change_timeout: Duration::from_secs(300),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            samples: None,
+            status: None,
+            max_holds: 1,
+        };
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(crate::publish::StatusDraft::default()));
+        let metrics = Metrics::new().unwrap();
+        (
+            Core::new(&config, metrics, Arc::default(), ReadRequests::default(), tx),
+            rx,
+        )
+    }
+
+    fn item(name: &str, rv: u64, ip: &str) -> SliceItem {
+        let mut record = slice("ns1/svc1").endpoint(ip).build();
+        record.resource_version = rv;
+        SliceItem {
+            id: ("ns1".into(), name.into()),
+            resource_version: rv,
+            record: Ok((record, vec![])),
+        }
+    }
+
+    fn clean_read(core: &mut Core, at: i64) {
+        core.apply_reading(Reading {
+            meta: ReadingMeta {
+                started: Timestamp::from_millis(at),
+                finished: Timestamp::from_millis(at + 1),
+                programmed_at: Timestamp::from_millis(at),
+                error_bound: Duration::ZERO,
+                trigger: ReadTrigger::Poll,
+            },
+            outcome: ReadingOutcome::Routed(Default::default()),
+        });
+    }
+
+    /// Issue 15 item 3: during a 410 relist the agent must not publish the relist's version
+    /// before the tracker has applied the list.
+    #[test]
+    fn item3_a_relist_raises_the_observed_version_only_when_applied() {
+        let (mut core, rx) = core();
+        let t = Timestamp::from_millis;
+        core.handle(Input::Service(WatchMsg::InitStart));
+        core.handle(Input::Service(WatchMsg::InitDone(t(0))));
+        core.handle(Input::Slice(WatchMsg::InitStart));
+        core.handle(Input::Slice(WatchMsg::InitItem(item("a", 5, "10.180.0.1"))));
+        core.handle(Input::Slice(WatchMsg::InitDone(t(0))));
+        clean_read(&mut core, 10);
+        core.publish();
+        assert_eq!(rx.borrow().observed_resource_version, 5);
+        // A relist after 410 Gone: the slice changed at version 9.
+        core.handle(Input::Slice(WatchMsg::InitStart));
+        core.handle(Input::Slice(WatchMsg::InitItem(item("a", 9, "10.180.0.2"))));
+        core.publish();
+        assert_eq!(
+            rx.borrow().observed_resource_version,
+            5,
+            "published a version whose change the tracker has not applied"
+        );
+        core.handle(Input::Slice(WatchMsg::InitDone(t(20))));
+        core.publish();
+        assert_eq!(rx.borrow().observed_resource_version, 9);
+    }
 
     #[test]
     fn polled_full_reads_leave_the_core_idle_two_thirds_of_the_time() {

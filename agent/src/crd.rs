@@ -53,9 +53,21 @@ pub struct NodeConvergenceStatus {
     /// How many pending changes did not fit in `pending`.
     #[serde(default)]
     pub pending_truncated: u32,
+    /// Endpoints the kernel still routes although they are neither expected nor pending
+    /// (bounded; see staleTruncated). Holds wait on them.
+    #[serde(default)]
+    pub stale: Vec<StaleEndpoint>,
+    #[serde(default)]
+    pub stale_truncated: u32,
     /// The highest EndpointSlice resourceVersion the agent has processed.
     #[serde(default)]
     pub observed_resource_version: String,
+    /// The agent's watch scope (`--namespace`, `--label-selector`): a hold counts a node whose
+    /// agent does not watch the pod's Service as a node without an agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch_namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch_label_selector: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag_p50_seconds: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -90,6 +102,18 @@ pub struct PendingEndpoint {
     /// pending, unknown or timed_out.
     pub state: String,
     pub observed_time: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StaleEndpoint {
+    pub namespace: String,
+    pub service: String,
+    pub port: String,
+    pub protocol: String,
+    /// `ip:port` (`[ip]:port` for IPv6).
+    pub endpoint: String,
+    pub ip: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]

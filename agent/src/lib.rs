@@ -17,6 +17,7 @@ pub mod model;
 pub mod netns;
 pub mod publish;
 pub mod resolve;
+pub mod selector;
 pub mod sim;
 pub mod table;
 pub mod telemetry;

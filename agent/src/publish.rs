@@ -12,7 +12,11 @@ use kube::Api;
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::crd::{ConvergedEndpoint, NodeConvergence, NodeConvergenceSpec, NodeConvergenceStatus, PendingEndpoint};
+use crate::crd::{
+    ConvergedEndpoint, NodeConvergence, NodeConvergenceSpec, NodeConvergenceStatus, PendingEndpoint, StaleEndpoint,
+};
+use crate::k8s::WatchScope;
+use crate::model::EndpointKey;
 use crate::model::Timestamp;
 use crate::telemetry::Metrics;
 use crate::tracker::{LagSample, PendingChange, PendingState, Tracker};
@@ -91,6 +95,17 @@ fn pending_entry(c: &PendingChange) -> PendingEndpoint {
     }
 }
 
+fn stale_entry(k: &EndpointKey) -> StaleEndpoint {
+    StaleEndpoint {
+        namespace: k.port_name.service.namespace.clone(),
+        service: k.port_name.service.name.clone(),
+        port: k.port_name.port.clone(),
+        protocol: k.protocol.as_str().into(),
+        endpoint: k.endpoint.to_string(),
+        ip: k.endpoint.ip().to_string(),
+    }
+}
+
 /// Builds the draft from the core's state.
 pub fn draft(
     tracker: &Tracker,
@@ -99,9 +114,11 @@ pub fn draft(
     backend: &str,
     health: (&str, Option<String>),
     observed_resource_version: u64,
+    scope: &WatchScope,
 ) -> StatusDraft {
     let pending: Vec<PendingEndpoint> = tracker.pending().take(MAX_PENDING_LISTED).map(pending_entry).collect();
     let count = tracker.pending_count();
+    let stale: Vec<StaleEndpoint> = tracker.stale().take(MAX_PENDING_LISTED).map(stale_entry).collect();
     StatusDraft {
         observed_resource_version,
         status: NodeConvergenceStatus {
@@ -112,7 +129,11 @@ pub fn draft(
             pending_truncated: count.saturating_sub(pending.len()) as u32,
             pending_count: count as u32,
             pending,
+            stale_truncated: tracker.stale_endpoints().saturating_sub(stale.len()) as u32,
+            stale,
             observed_resource_version: observed_resource_version.to_string(),
+            watch_namespace: scope.namespace.clone().filter(|n| !n.is_empty()),
+            watch_label_selector: scope.label_selector.clone().filter(|s| !s.is_empty()),
             lag_p50_seconds: lags.percentile(0.5),
             lag_p99_seconds: lags.percentile(0.99),
             lag_samples: lags.lags.len() as u32,

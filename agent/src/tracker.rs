@@ -72,6 +72,11 @@ pub enum Routed {
 }
 
 impl RoutedView {
+    /// Every family read and every rule understood.
+    pub fn is_clean(&self) -> bool {
+        !self.unreadable_v4 && !self.unreadable_v6 && self.uncertain.is_empty()
+    }
+
     pub fn routes(&self, key: &EndpointKey) -> Routed {
         let unreadable = if key.endpoint.is_ipv4() {
             self.unreadable_v4
@@ -268,7 +273,8 @@ pub struct Tracker {
     last_view: Option<(LastView, ReadingMeta)>,
     synced: bool,
     adopt_after: Option<Timestamp>,
-    stale: usize,
+    /// Routed endpoints of known Services, neither expected nor pending (last full read).
+    stale: Vec<EndpointKey>,
     /// Highest slice resourceVersion folded into the expectation.
     observed_resource_version: u64,
     /// Bumped whenever some Service's frontends change (see `frontends_generation`).
@@ -461,7 +467,9 @@ impl Tracker {
         let meta = reading.meta;
         let full = !matches!(&reading.outcome, ReadingOutcome::Routed(v) if v.scope.is_some());
         if let (Some(after), ReadingOutcome::Routed(view), true) = (self.adopt_after, &reading.outcome, full) {
-            if meta.started >= after {
+            // Only a clean read can adopt: what an unreadable family or a rule not understood
+            // hides would never be adopted, and the tracker would settle without it.
+            if meta.started >= after && view.is_clean() {
                 self.adopt_after = None;
                 self.adopt_unconverged(view, meta.started);
             }
@@ -508,7 +516,7 @@ impl Tracker {
         }
         match &reading.outcome {
             ReadingOutcome::Routed(view) if full => {
-                self.stale = self.count_stale(view);
+                self.stale = self.find_stale(view);
                 self.last_view = Some((LastView::of(view), meta));
             }
             // A targeted read is no picture of the whole node, and the last full one may now be
@@ -580,23 +588,29 @@ impl Tracker {
 
     /// Routed endpoints of known Services that are neither expected nor pending removal.
     pub fn stale_endpoints(&self) -> usize {
-        self.stale
+        self.stale.len()
     }
 
-    fn count_stale(&self, view: &RoutedView) -> usize {
+    /// The stale endpoints: a hold waits on them as on pending removals.
+    pub fn stale(&self) -> impl Iterator<Item = &EndpointKey> {
+        self.stale.iter()
+    }
+
+    fn find_stale(&self, view: &RoutedView) -> Vec<EndpointKey> {
         if !self.synced {
-            return 0;
+            return Vec::new();
         }
-        view.named
+        let mut stale: Vec<EndpointKey> = view
+            .named
             .iter()
-            .filter(|(spn, proto, addr)| {
-                let Some(exp) = self.services.get(&spn.service) else {
-                    return false;
-                };
+            .filter_map(|(spn, proto, addr)| {
+                let exp = self.services.get(&spn.service)?;
                 let key = EndpointKey::new(spn.clone(), *proto, *addr);
-                !exp.expected.contains(&key) && !self.pending.contains_key(&key)
+                (!exp.expected.contains(&key) && !self.pending.contains_key(&key)).then_some(key)
             })
-            .count()
+            .collect();
+        stale.sort();
+        stale
     }
 }
 
@@ -741,6 +755,48 @@ mod tests {
             out.iter().all(|o| matches!(o, Outcome::ConvergedUnsampled { .. })),
             "no lag is invented: {out:?}"
         );
+    }
+
+    /// Issue 15 item 5: a restart's adoption needs the whole picture. A reading with an
+    /// unreadable family or rules it could not understand must not settle the tracker: what it
+    /// could not see would never be adopted, and an empty pending list would read "converged".
+    #[test]
+    fn item5_restart_adoption_settles_only_on_a_clean_full_read() {
+        let mut tr = Tracker::new(TrackerConfig::default());
+        let (r, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
+        tr.update_service(&r, e, t(0));
+        tr.mark_synced(t(10));
+        // The kernel routes .1 and (left over) .2, but the reader could not read the port's rules.
+        let mut uncertain = reading(20, 20, &[&key("10.180.0.1")]);
+        if let ReadingOutcome::Routed(v) = &mut uncertain.outcome {
+            v.uncertain.insert((*key("10.180.0.2").port_name).clone());
+        }
+        tr.apply_reading(&uncertain);
+        assert!(!tr.is_settled(), "a read with rules not understood settled the tracker");
+        let mut half = reading(30, 30, &[&key("10.180.0.1")]);
+        if let ReadingOutcome::Routed(v) = &mut half.outcome {
+            v.unreadable_v6 = true;
+        }
+        tr.apply_reading(&half);
+        assert!(!tr.is_settled(), "a read with an unreadable family settled the tracker");
+        tr.apply_reading(&reading(40, 40, &[&key("10.180.0.1"), &key("10.180.0.2")]));
+        assert!(tr.is_settled());
+        let got: Vec<_> = tr.pending().map(|p| (p.key.endpoint.to_string(), p.kind)).collect();
+        assert_eq!(got, [("10.180.0.2:80".to_string(), ChangeKind::Removed)]);
+    }
+
+    /// Issue 15 item 5: stale endpoints (routed, no longer expected, not pending) are listed,
+    /// so a hold can wait on them.
+    #[test]
+    fn item5_stale_endpoints_are_listed_by_key() {
+        let (mut tr, _) = steady();
+        tr.apply_reading(&reading(
+            100,
+            100,
+            &[&key("10.180.0.1"), &key("10.180.0.2"), &key("10.180.0.7")],
+        ));
+        let stale: Vec<String> = tr.stale().map(|k| k.endpoint.to_string()).collect();
+        assert_eq!(stale, ["10.180.0.7:80"]);
     }
 
     /// A synced tracker with 10.180.0.1 and 10.180.0.2 expected and routed.

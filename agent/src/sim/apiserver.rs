@@ -17,8 +17,8 @@ use axum::response::{IntoResponse, Response};
 use futures::SinkExt;
 use serde_json::{json, Value};
 
-use super::selector::LabelSelector;
 use super::store::{resource_by_plural, Cluster, Part, StoreError, StoredEvent};
+use crate::selector::LabelSelector;
 
 /// One kind of request a client made: (user, verb, API group, resource[/subresource]), the
 /// user being the bearer token. Used to check RBAC rules against what the code really calls.

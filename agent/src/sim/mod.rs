@@ -6,5 +6,4 @@ pub mod controller;
 pub mod node;
 pub mod patch;
 pub mod scenario;
-pub mod selector;
 pub mod store;
