@@ -85,9 +85,19 @@ async fn hold_handler(
         );
     };
     for k in q.keys() {
-        if !["namespace", "pod", "ip", "timeout", "skipStaleAfter", "annotate"].contains(&k.as_str()) {
+        if ![
+            "namespace",
+            "pod",
+            "ip",
+            "timeout",
+            "skipStaleAfter",
+            "skipNotReady",
+            "annotate",
+        ]
+        .contains(&k.as_str())
+        {
             return bad_request(format!(
-                "unknown parameter {k:?}; use namespace, pod, ip, timeout, skipStaleAfter, annotate"
+                "unknown parameter {k:?}; use namespace, pod, ip, timeout, skipStaleAfter, skipNotReady, annotate"
             ));
         }
     }
@@ -116,6 +126,11 @@ async fn hold_handler(
             Ok(d) => opts.skip_stale_after = Some(d),
             Err(e) => return bad_request(format!("skipStaleAfter: {e}")),
         }
+    }
+    match q.get("skipNotReady").map(String::as_str) {
+        None | Some("false") => {}
+        Some("true") => opts.skip_not_ready = true,
+        Some(v) => return bad_request(format!("skipNotReady={v:?}: use true or false")),
     }
     let annotate = q.get("annotate").is_some_and(|v| v == "true" || v == "1");
     let Ok(_slot) = ctx.slots.clone().try_acquire_owned() else {
@@ -152,12 +167,12 @@ async fn hold_handler(
             ));
             json_response(StatusCode::GATEWAY_TIMEOUT, body)
         }
-        Err(e @ (HoldError::PodNotFound { .. } | HoldError::PodHasNoIp { .. })) => {
+        Err(e @ (HoldError::PodNotFound { .. } | HoldError::PodHasNoIp { .. } | HoldError::IpNotFound { .. })) => {
             s.metrics.holds.with_label_values(&["not_found"]).inc();
             json_response(StatusCode::NOT_FOUND, serde_json::json!({"error": e.to_string()}))
         }
         Err(e @ HoldError::BadRequest(_)) => bad_request(e.to_string()),
-        Err(e @ HoldError::Api(_)) => {
+        Err(e @ (HoldError::Api(_) | HoldError::Watch(_))) => {
             s.metrics.holds.with_label_values(&["error"]).inc();
             json_response(StatusCode::BAD_GATEWAY, serde_json::json!({"error": e.to_string()}))
         }

@@ -149,6 +149,7 @@ fn hold_options(w: &WaitArgs) -> crate::hold::HoldOptions {
         timeout: w.timeout,
         stale_after: w.stale_after,
         skip_stale_after: w.skip_stale_after,
+        skip_not_ready: w.skip_not_ready,
         ..Default::default()
     }
 }

@@ -55,9 +55,14 @@ pub struct WaitArgs {
     /// A node whose agent heartbeat is older than this is stale.
     #[arg(long, env = "KUBE_CONVERGE_STALE_AFTER", value_parser = parse_duration, default_value = "90s")]
     pub stale_after: Duration,
-    /// Stop waiting for stale nodes and nodes without an agent after this long (default: wait).
+    /// Stop waiting for stale nodes, nodes without an agent and nodes whose agent does not
+    /// watch the pod's Services after this long (default: wait).
     #[arg(long, env = "KUBE_CONVERGE_SKIP_STALE_AFTER", value_parser = parse_duration)]
     pub skip_stale_after: Option<Duration>,
+    /// Do not wait for nodes that are not Ready (default: wait; a partitioned node keeps its
+    /// old rules and may still route to the pod).
+    #[arg(long, env = "KUBE_CONVERGE_SKIP_NOT_READY")]
+    pub skip_not_ready: bool,
 }
 
 #[derive(Clone, Debug, Args)]

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write};
+use std::time::Duration;
 
 use anyhow::Context;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -12,7 +13,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use crate::crd::{NodeConvergence, CONVERGED_ANNOTATION, ORIGINAL_LABELS_ANNOTATION};
-use crate::hold::{hold_until_converged, HoldOptions, HoldReport, HoldTarget};
+use crate::hold::{hold_until_converged, resolve, Feed, HoldOptions, HoldReport, HoldTarget};
 use crate::model::Timestamp;
 
 /// How to change the pod's labels.
@@ -150,6 +151,18 @@ pub async fn isolate(
         );
     }
     let names: BTreeSet<String> = services.iter().map(|s| s.name_any()).collect();
+    // Watch before the change: a slice the relabel empties is deleted, and only a watch sees
+    // the version of that deletion.
+    let target = HoldTarget {
+        namespace: ns.into(),
+        pod: Some(pod_name.into()),
+        ip: None,
+        services: names.clone(),
+        addition: false,
+    };
+    let subject = resolve(client, &target).await?;
+    let feed = Feed::start(client, ns);
+    feed.synced(opts.timeout.max(Duration::from_secs(10))).await?;
     let original = json!({ key.clone(): labels.get(&key) }).to_string();
     let patch = json!({"metadata": {
         "resourceVersion": pod.resource_version(),
@@ -164,7 +177,8 @@ pub async fn isolate(
         names.iter().cloned().collect::<Vec<_>>().join(", "),
         value.as_deref().unwrap_or("<removed>")
     );
-    let report = wait(client, ns, pod_name, names, false, opts, progress).await?;
+    let report = feed.wait(&subject, &target, opts, |r| progress.update(r)).await?;
+    progress.finish();
     if report.converged {
         annotate_converged(client, ns, pod_name).await;
     }
@@ -206,25 +220,12 @@ pub async fn restore(
         .map(|s| s.name_any())
         .collect();
     eprintln!("restored the labels of {ns}/{pod_name}; waiting for every node to route to it again");
-    wait(client, ns, pod_name, names, true, opts, progress).await
-}
-
-/// Waits, with progress, until every node has converged for the pod.
-async fn wait(
-    client: &Client,
-    ns: &str,
-    pod: &str,
-    services: BTreeSet<String>,
-    addition: bool,
-    opts: &HoldOptions,
-    progress: &mut Progress,
-) -> anyhow::Result<HoldReport> {
     let target = HoldTarget {
         namespace: ns.into(),
-        pod: Some(pod.into()),
+        pod: Some(pod_name.into()),
         ip: None,
-        services,
-        addition,
+        services: names,
+        addition: true,
     };
     let report = hold_until_converged(client, &target, opts, |r| progress.update(r)).await?;
     progress.finish();
