@@ -59,6 +59,8 @@ impl ServiceCatalog {
         let mut view = RoutedView {
             unreadable_v4: snap.unreadable_v4,
             unreadable_v6: snap.unreadable_v6,
+            absent_v4: snap.absent_v4,
+            absent_v6: snap.absent_v6,
             ..Default::default()
         };
         for svc in &snap.services {

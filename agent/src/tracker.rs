@@ -58,6 +58,9 @@ pub struct RoutedView {
     /// Address families the reader could not read: every key in them is `unknown`.
     pub unreadable_v4: bool,
     pub unreadable_v6: bool,
+    /// Families without kube-proxy's rules: every key in them is `unknown`.
+    pub absent_v4: bool,
+    pub absent_v6: bool,
     /// A targeted read covers only these service ports; the others were not read at all.
     pub scope: Option<HashSet<ServicePortName>>,
 }
@@ -79,9 +82,9 @@ impl RoutedView {
 
     pub fn routes(&self, key: &EndpointKey) -> Routed {
         let unreadable = if key.endpoint.is_ipv4() {
-            self.unreadable_v4
+            self.unreadable_v4 || self.absent_v4
         } else {
-            self.unreadable_v6
+            self.unreadable_v6 || self.absent_v6
         };
         if self.scope.as_ref().is_some_and(|s| !s.contains(&key.port_name)) {
             return Routed::NotRead;
@@ -127,8 +130,8 @@ impl LastView {
             named: view.named.iter().map(|(s, p, e)| fingerprint(s, *p, *e)).collect(),
             unattributed: view.unattributed.clone(),
             uncertain: view.uncertain.clone(),
-            unreadable_v4: view.unreadable_v4,
-            unreadable_v6: view.unreadable_v6,
+            unreadable_v4: view.unreadable_v4 || view.absent_v4,
+            unreadable_v6: view.unreadable_v6 || view.absent_v6,
         }
     }
 

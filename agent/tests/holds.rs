@@ -87,7 +87,10 @@ async fn bad_and_unknown_hold_requests() {
     // Issue 15 item 10: an IP of another pod contradicts pod=; an IP no pod has is not found.
     let (code, body) = get(addr, "/v1/hold?namespace=demo&pod=web-0&ip=10.244.2.11&timeout=2s").await;
     assert_eq!(code, 400, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("not an IP of pod demo/web-0"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("not an IP of pod demo/web-0"),
+        "{body}"
+    );
     let (code, body) = get(addr, "/v1/hold?namespace=demo&ip=10.244.9.99&timeout=2s").await;
     assert_eq!(code, 404, "{body}");
     let (code, body) = get(addr, "/v1/hold?namespace=demo&pod=nope&timeout=2s").await;

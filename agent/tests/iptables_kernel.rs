@@ -477,3 +477,44 @@ fn inspect_frontend_filters_a_full_read_on_both_backends() {
         assert_eq!(routed(&inspect_json(&ns, &node_port)), [], "{backend}");
     }
 }
+
+/// Issue 15 item 6: with the backend given, a nat table without `KUBE-SERVICES` (kube-proxy
+/// switching modes and cleaning up, a firewall reload) must not read as "routes nothing", in a
+/// full read or a targeted one: that would confirm every pending removal.
+#[test]
+fn item6_a_nat_table_without_kube_services_is_not_found_not_empty() {
+    use kube_converge::dataplane::iptables::{Backend, IptablesReader};
+    use kube_converge::dataplane::{DataplaneReader, ReadError, ReadTargets};
+    if !prerequisites() {
+        return;
+    }
+    for (backend, b) in [("nft", Backend::Nft), ("legacy", Backend::Legacy)] {
+        let ns = Netns::new("nokube");
+        let svc = port("ns1/svc1:p80", "172.30.0.41", &["10.180.0.1:80", "10.180.0.2:80"]);
+        restore(&ns, backend, false, &render_nat(std::slice::from_ref(&svc), true, &[]));
+        let netns = kube_converge::netns::NetNs::open(std::path::Path::new(&ns.path())).unwrap();
+        let mut reader = IptablesReader::new(b, netns);
+        let snap = reader.read().expect("read with kube-proxy's rules");
+        assert_eq!(snap.services.len(), 1, "{backend}");
+        assert!(!snap.absent_v4 && snap.absent_v6, "{backend}: no ip6 rules were loaded");
+        let targets = ReadTargets {
+            frontends: ["172.30.0.41:80".to_string()].into(),
+            ports: [(svc.name.clone(), Protocol::Tcp)].into(),
+        };
+        // kube-proxy's chains are removed, the nat table stays.
+        let save = format!("iptables-{backend}");
+        ns.run(&save, &["-t", "nat", "-F"]);
+        ns.run(&save, &["-t", "nat", "-X"]);
+        match reader.read() {
+            Err(ReadError::NotFound { detail }) => assert!(detail.contains("KUBE-SERVICES"), "{detail}"),
+            other => panic!("{backend}: a table without KUBE-SERVICES read as {other:?}"),
+        }
+        if let Some(targeted) = reader.read_targeted(&targets) {
+            let snap = targeted.expect("targeted read");
+            assert!(
+                snap.absent_v4,
+                "{backend}: a targeted read confirmed ports whose chains are gone: {snap:?}"
+            );
+        }
+    }
+}

@@ -90,6 +90,14 @@ pub struct DataplaneSnapshot {
     pub unreadable_v4: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub unreadable_v6: bool,
+    /// A family without kube-proxy's rules (no `KUBE-SERVICES`: never there on a single-stack
+    /// node, or removed while kube-proxy switches modes or a firewall reloads): its keys are
+    /// `unknown`, never "not routed"; unlike an unreadable family it does not keep the tracker
+    /// from settling (a single-stack node has no keys there).
+    #[serde(skip)]
+    pub absent_v4: bool,
+    #[serde(skip)]
+    pub absent_v6: bool,
     /// For a targeted read: what it covered (everything else was not read).
     #[serde(skip)]
     pub scope: Option<ReadScope>,

@@ -317,6 +317,14 @@ impl IptablesReader {
     }
 }
 
+fn absent(snap: &mut DataplaneSnapshot, v6: bool) {
+    if v6 {
+        snap.absent_v6 = true;
+    } else {
+        snap.absent_v4 = true;
+    }
+}
+
 fn family_name(v6: bool) -> &'static str {
     if v6 {
         "ip6 nat"
@@ -347,6 +355,14 @@ impl DataplaneReader for IptablesReader {
         let mut known = HashSet::new();
         for v6 in [false, true] {
             let unreadable = match self.nat_table(v6) {
+                Ok(Some(table)) if !table.chains.contains_key("KUBE-SERVICES") => {
+                    absent(&mut snap, v6);
+                    false
+                }
+                Ok(None) => {
+                    absent(&mut snap, v6);
+                    false
+                }
                 Ok(Some(table)) => {
                     let (services, warnings, entry_broken) = walk(&table);
                     known.extend(services.iter().filter_map(|s| s.chain_id.clone()));
@@ -356,7 +372,6 @@ impl DataplaneReader for IptablesReader {
                         .extend(warnings.into_iter().map(|w| format!("{family}: {w}")));
                     entry_broken
                 }
-                Ok(None) => false,
                 Err(e) => {
                     snap.warnings.push(e.to_string());
                     first_error.get_or_insert(e);
@@ -371,6 +386,12 @@ impl DataplaneReader for IptablesReader {
         }
         match first_error {
             Some(e) if snap.unreadable_v4 && snap.unreadable_v6 => Err(e),
+            None if snap.absent_v4 && snap.absent_v6 => Err(ReadError::NotFound {
+                detail: format!(
+                    "no KUBE-SERVICES chain in the nat table of iptables-{} (kube-proxy switching modes, or a firewall reload?)",
+                    self.backend.as_str()
+                ),
+            }),
             _ => {
                 if !snap.unreadable_v4 && !snap.unreadable_v6 {
                     self.known_ids = known;
@@ -401,6 +422,12 @@ impl DataplaneReader for IptablesReader {
         let mut snap = DataplaneSnapshot::default();
         let mut found = HashSet::new();
         for v6 in [false, true] {
+            // Without KUBE-SERVICES the per-port chains are gone with everything else (kube-proxy
+            // cleaning up, a firewall reload): nothing can be confirmed in that family.
+            if !self.nft.has_kube_services(v6) {
+                absent(&mut snap, v6);
+                continue;
+            }
             match self.nft.chains_of(v6, &wanted) {
                 Ok(table) => {
                     let (services, warnings) = walk_ports(&table, &wanted);
