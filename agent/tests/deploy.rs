@@ -214,6 +214,8 @@ async fn rbac_roles_grant_exactly_what_agents_and_the_cli_call() {
     sim.cluster().delete("Pod", "demo", "web-0", Some(5)).unwrap();
     let hold = http_get(addr, "/v1/hold?namespace=demo&pod=web-0&timeout=20s").await;
     assert!(hold.lines().next().is_some_and(|l| l.contains(" 200 ")), "{hold}");
+    // A hold by IP finds the pod by listing (the pod may be gone by now: any answer will do).
+    let _ = http_get(addr, "/v1/hold?namespace=demo&ip=10.244.2.11&timeout=1s").await;
     // Exercise the CLI as an operator.
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
