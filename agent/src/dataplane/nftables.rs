@@ -9,7 +9,7 @@
 //! port `unknown`, never "not routed".
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use super::nftnl::{
     self, Expr, NftConn, NftElem, NftTable, NftnlError, NFT_DATA_VERDICT, NFT_GOTO, NFT_JUMP, NFT_NAT_DNAT,
@@ -77,14 +77,6 @@ fn protocol_number(p: Protocol) -> u8 {
     }
 }
 
-fn ip_from(bytes: &[u8]) -> Option<IpAddr> {
-    match bytes.len() {
-        4 => Some(IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))),
-        16 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?))),
-        _ => None,
-    }
-}
-
 fn port_from(bytes: &[u8]) -> Option<u16> {
     (bytes.len() >= 2).then(|| u16::from_be_bytes([bytes[0], bytes[1]]))
 }
@@ -95,7 +87,7 @@ fn frontend(map: &str, key: &[u8], v6: bool) -> Option<(String, Option<Protocol>
     let alen = if v6 { 16 } else { 4 };
     match map {
         "service-ips" if key.len() >= alen + 8 => {
-            let ip = ip_from(&key[..alen])?;
+            let ip = nftnl::ip_from(&key[..alen])?;
             let proto = protocol_from_number(key[alen]);
             let port = port_from(&key[alen + 4..])?;
             Some((SocketAddr::new(ip, port).to_string(), proto))
@@ -163,6 +155,7 @@ pub fn routes_from_table(table: &NftTable, v6: bool) -> (Vec<ServiceRoutes>, Vec
     let sets: HashMap<&str, &nftnl::NftSet> = table.sets.iter().map(|s| (s.name.as_str(), s)).collect();
     let mut groups: BTreeMap<String, ServiceRoutes> = BTreeMap::new();
     let mut warnings = Vec::new();
+    let mut reached = HashSet::new();
     for map in ENTRY_MAPS {
         let Some(set) = sets.get(map) else { continue };
         for elem in &set.elems {
@@ -187,10 +180,60 @@ pub fn routes_from_table(table: &NftTable, v6: bool) -> (Vec<ServiceRoutes>, Vec
                 }
                 None => warnings.push(format!("{map}: cannot decode element key {:02x?}", elem.key)),
             }
-            follow(&chains, &sets, target, group, &mut warnings);
+            follow(&chains, &sets, target, group, &mut warnings, &mut reached);
         }
     }
-    (groups.into_values().collect(), warnings)
+    let mut out: Vec<ServiceRoutes> = groups.into_values().collect();
+    out.extend(stray_dnats(&chains, &reached, &mut warnings));
+    (out, warnings)
+}
+
+/// DNATs outside kube-proxy's graph: in a chain no service map leads to that is not one of
+/// kube-proxy's endpoint chains (a hooked chain, `services` itself, a chain someone added).
+/// Unreferenced endpoint chains are kube-proxy's leftovers and route nothing; anything else
+/// may send traffic to its target, so it counts as routed (unattributed), or unknown when
+/// its target cannot be read.
+fn stray_dnats(
+    chains: &HashMap<&str, Vec<&nftnl::NftRule>>,
+    reached: &HashSet<String>,
+    warnings: &mut Vec<String>,
+) -> Vec<ServiceRoutes> {
+    let mut out = Vec::new();
+    let mut names: Vec<&str> = chains.keys().copied().collect();
+    names.sort_unstable();
+    for chain in names {
+        if reached.contains(chain) || chain.starts_with("endpoint-") {
+            continue;
+        }
+        for rule in &chains[chain] {
+            let mut regs: HashMap<u32, &[u8]> = HashMap::new();
+            for expr in &rule.exprs {
+                match expr {
+                    Expr::Immediate { dreg, data } => {
+                        regs.insert(*dreg, data);
+                    }
+                    Expr::Nat { kind, .. } if *kind == NFT_NAT_DNAT => {
+                        let mut group = ServiceRoutes::default();
+                        match nftnl::dnat_target(expr, &regs) {
+                            Ok(a) => {
+                                warnings.push(format!(
+                                    "chain {chain}: DNAT to {a} outside kube-proxy's service chains; counted as routing it"
+                                ));
+                                group.endpoints.insert(a);
+                            }
+                            Err(why) => {
+                                warnings.push(format!("chain {chain}: {why} outside kube-proxy's service chains"));
+                                group.uncertain = true;
+                            }
+                        }
+                        out.push(group);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    out
 }
 
 fn follow(
@@ -199,6 +242,7 @@ fn follow(
     start: &str,
     group: &mut ServiceRoutes,
     warnings: &mut Vec<String>,
+    reached: &mut HashSet<String>,
 ) {
     let mut stack = vec![start.to_string()];
     let mut seen = HashSet::new();
@@ -206,6 +250,7 @@ fn follow(
         if !seen.insert(chain.clone()) {
             continue;
         }
+        reached.insert(chain.clone());
         for rule in chains.get(chain.as_str()).into_iter().flatten() {
             let mut regs: HashMap<u32, &[u8]> = HashMap::new();
             for expr in &rule.exprs {
@@ -233,23 +278,15 @@ fn follow(
                         }
                     },
                     Expr::Lookup { .. } => {}
-                    Expr::Nat {
-                        kind,
-                        addr_reg,
-                        proto_reg,
-                    } if *kind == NFT_NAT_DNAT => {
-                        let addr = addr_reg.and_then(|r| regs.get(&r)).and_then(|b| ip_from(b));
-                        let port = proto_reg.and_then(|r| regs.get(&r)).and_then(|b| port_from(b));
-                        match (addr, port) {
-                            (Some(a), Some(p)) => {
-                                group.endpoints.insert(SocketAddr::new(a, p));
-                            }
-                            _ => {
-                                group.uncertain = true;
-                                warnings.push(format!("chain {chain}: DNAT target not understood"));
-                            }
+                    Expr::Nat { kind, .. } if *kind == NFT_NAT_DNAT => match nftnl::dnat_target(expr, &regs) {
+                        Ok(a) => {
+                            group.endpoints.insert(a);
                         }
-                    }
+                        Err(why) => {
+                            group.uncertain = true;
+                            warnings.push(format!("chain {chain}: {why}"));
+                        }
+                    },
                     Expr::Nat { .. }
                     | Expr::Numgen { .. }
                     | Expr::Payload { .. }
@@ -557,7 +594,9 @@ mod tests {
             Expr::Nat {
                 kind: NFT_NAT_DNAT,
                 addr_reg: Some(1),
+                addr_max_reg: Some(1),
                 proto_reg: Some(2),
+                proto_max_reg: Some(2),
             },
         ]
     }
@@ -640,6 +679,63 @@ mod tests {
             }],
         );
         assert!(routes_from_table(&t, false).0[0].uncertain);
+    }
+
+    /// Issue 15 item 11: `dnat to A-B:port` picks one of several addresses; reading it as A
+    /// alone would confirm B's removal while the range still sends to it.
+    #[test]
+    fn item11_a_dnat_to_a_range_is_uncertain_not_its_first_address() {
+        let mut t = table(&[EP1, EP2]);
+        let mut ranged = dnat([10, 180, 0, 2], 80);
+        ranged.insert(
+            2,
+            Expr::Immediate {
+                dreg: 3,
+                data: vec![10, 180, 0, 9],
+            },
+        );
+        if let Some(Expr::Nat { addr_max_reg, .. }) = ranged.last_mut() {
+            *addr_max_reg = Some(3);
+        }
+        t.rules[2] = rule(EP2, ranged);
+        let (s, w) = routes_from_table(&t, false);
+        assert!(s[0].uncertain, "{s:?}");
+        assert!(w.iter().any(|w| w.contains("range")), "{w:?}");
+        // The kernel reports one address as a range of one: min and max in one register.
+        let (s, _) = routes_from_table(&table(&[EP1, EP2]), false);
+        assert!(!s[0].uncertain);
+        assert_eq!(s[0].endpoints.len(), 2);
+    }
+
+    /// Issue 15 item 11: a DNAT outside kube-proxy's graph (a hooked chain, `services` itself)
+    /// routes traffic too; a leftover endpoint chain nothing references does not.
+    #[test]
+    fn item11_a_dnat_outside_the_service_chains_counts_as_routed() {
+        let mut t = table(&[EP1]);
+        t.rules.push(rule("nat-prerouting", dnat([10, 180, 0, 2], 80)));
+        let (s, w) = routes_from_table(&t, false);
+        let stray: Vec<_> = s.iter().filter(|g| g.chain_id.is_none()).collect();
+        assert_eq!(stray.len(), 1, "{s:?}");
+        assert!(stray[0].endpoints.contains(&"10.180.0.2:80".parse().unwrap()));
+        assert!(w.iter().any(|w| w.contains("nat-prerouting")), "{w:?}");
+        // Unreadable there: unknown.
+        let mut t = table(&[EP1]);
+        t.rules.push(rule(
+            "services",
+            vec![Expr::Nat {
+                kind: NFT_NAT_DNAT,
+                addr_reg: Some(1),
+                addr_max_reg: None,
+                proto_reg: None,
+                proto_max_reg: None,
+            }],
+        ));
+        let (s, _) = routes_from_table(&t, false);
+        assert!(s.iter().any(|g| g.chain_id.is_none() && g.uncertain), "{s:?}");
+        // A leftover endpoint chain (EP2 is in no vmap) routes nothing.
+        let (s, w) = routes_from_table(&table(&[EP1]), false);
+        assert_eq!(s.len(), 1);
+        assert!(w.is_empty(), "{w:?}");
     }
 
     #[test]

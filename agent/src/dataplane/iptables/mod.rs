@@ -154,6 +154,27 @@ fn walk(table: &NatTable) -> (Vec<ServiceRoutes>, Vec<String>, bool) {
             continue;
         };
         for rule in rules {
+            // kube-proxy never DNATs in an entry chain; a rule that does still sends traffic.
+            if let Verdict::Dnat(d) = &rule.verdict {
+                let mut stray = ServiceRoutes {
+                    protocol: rule.protocol,
+                    ..Default::default()
+                };
+                match d {
+                    Dnat::To(addr) => {
+                        warnings.push(format!(
+                            "chain {entry}: DNAT to {addr} outside kube-proxy's service chains; counted as routing it"
+                        ));
+                        stray.endpoints.insert(*addr);
+                    }
+                    Dnat::NotUnderstood(why) => {
+                        warnings.push(format!("chain {entry}: {why}"));
+                        stray.uncertain = true;
+                    }
+                }
+                groups.insert(format!("{entry}/{}", groups.len()), stray);
+                continue;
+            }
             let Some(target) = table.jump_target(rule) else {
                 continue;
             };
@@ -586,6 +607,25 @@ COMMIT
             summary(&s),
             ["ns1/svc1:p80 tcp [[fd00:172:30::41]:80] -> [[fd00:10:180::1]:80]"]
         );
+    }
+
+    /// Issue 15 item 11: a DNAT placed directly in `KUBE-SERVICES` routes traffic too.
+    #[test]
+    fn item11_a_dnat_in_an_entry_chain_counts_as_routed() {
+        let (s, w, _) = routes_from_save(
+            "*nat\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -d 172.30.0.9/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.180.0.9:8080\nCOMMIT\n",
+        );
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert!(s[0].endpoints.contains(&"10.180.0.9:8080".parse().unwrap()));
+        assert_eq!(s[0].chain_id, None, "not attributed to a service port");
+        assert!(
+            w.iter().any(|w| w.contains("outside kube-proxy's service chains")),
+            "{w:?}"
+        );
+        let (s, _, _) = routes_from_save(
+            "*nat\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -p tcp -j DNAT --to-destination 10.180.0.9-10.180.0.12:8080\nCOMMIT\n",
+        );
+        assert!(s[0].uncertain, "{s:?}");
     }
 
     #[test]

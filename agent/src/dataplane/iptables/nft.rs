@@ -8,7 +8,6 @@
 //! the same rules the text parser produces, so one graph walk serves every source.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, SocketAddr};
 
 use super::xt::{self, Dnat};
 use super::{NatTable, Rule, Verdict, ENTRY_CHAINS, GROUP_PREFIXES};
@@ -93,7 +92,7 @@ fn rule_from_nft(r: &NftRule, v6: bool) -> Rule {
                 regs.insert(*dreg, Loaded::Other);
             }
             Expr::Cmp { sreg, op, data } if *op == NFT_CMP_EQ => match regs.get(sreg) {
-                Some(Loaded::DestinationAddress) => rule.destination = ip_from(data),
+                Some(Loaded::DestinationAddress) => rule.destination = nftnl::ip_from(data),
                 Some(Loaded::L4Protocol) => rule.protocol = data.first().and_then(|p| protocol_from_number(*p)),
                 Some(Loaded::DestinationPort) if data.len() == 2 => {
                     rule.dport = Some(u16::from_be_bytes([data[0], data[1]]));
@@ -116,19 +115,10 @@ fn rule_from_nft(r: &NftRule, v6: bool) -> Rule {
                 chain: Some(chain),
             } if *code == NFT_JUMP || *code == NFT_GOTO => rule.verdict = Verdict::Jump(chain.clone()),
             // A native DNAT (as nft writes it): address and port from immediates.
-            Expr::Nat {
-                kind,
-                addr_reg,
-                proto_reg,
-            } if *kind == NFT_NAT_DNAT => {
-                let addr = addr_reg.and_then(|r| immediates.get(&r)).and_then(|b| ip_from(b));
-                let port = proto_reg
-                    .and_then(|r| immediates.get(&r))
-                    .filter(|b| b.len() >= 2)
-                    .map(|b| u16::from_be_bytes([b[0], b[1]]));
-                rule.verdict = Verdict::Dnat(match (addr, port) {
-                    (Some(a), Some(p)) => Dnat::To(SocketAddr::new(a, p)),
-                    _ => Dnat::NotUnderstood("native DNAT without an immediate address and port".into()),
+            Expr::Nat { kind, .. } if *kind == NFT_NAT_DNAT => {
+                rule.verdict = Verdict::Dnat(match nftnl::dnat_target(expr, &immediates) {
+                    Ok(a) => Dnat::To(a),
+                    Err(why) => Dnat::NotUnderstood(format!("native {why}")),
                 });
             }
             // A verdict map could send packets anywhere; iptables-nft writes none.
@@ -139,14 +129,6 @@ fn rule_from_nft(r: &NftRule, v6: bool) -> Rule {
         }
     }
     rule
-}
-
-fn ip_from(b: &[u8]) -> Option<IpAddr> {
-    match b.len() {
-        4 => Some(IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
-        16 => Some(IpAddr::from(<[u8; 16]>::try_from(b).ok()?)),
-        _ => None,
-    }
 }
 
 fn protocol_from_number(n: u8) -> Option<Protocol> {
@@ -409,7 +391,9 @@ mod tests {
                 Expr::Nat {
                     kind: NFT_NAT_DNAT,
                     addr_reg: Some(1),
+                    addr_max_reg: Some(1),
                     proto_reg: Some(2),
+                    proto_max_reg: Some(2),
                 },
             ],
         );
