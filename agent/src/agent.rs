@@ -642,6 +642,12 @@ impl Core {
     }
 }
 
+/// Whether `--mode auto` should look at the kernel again: once per resync interval, whatever
+/// triggers the reads.
+fn redetect_due(mode: Option<Mode>, since_last: Duration, resync: Duration) -> bool {
+    mode.is_none() && since_last >= resync
+}
+
 /// Reads the dataplane on kernel notifications, on new pending changes and on a timer.
 async fn dataplane_loop(config: AgentConfig, tx: mpsc::Sender<Input>, requests: ReadRequests) -> anyhow::Result<()> {
     let mut last_full = Instant::now();
@@ -654,6 +660,7 @@ async fn dataplane_loop(config: AgentConfig, tx: mpsc::Sender<Input>, requests: 
     let mut overrun = false;
     let mut prev_started: Option<Timestamp> = None;
     let mut trigger = ReadTrigger::Initial;
+    let mut last_detect = Instant::now();
     loop {
         if reader.is_none() {
             let (mode, backend, netns) = (config.mode, config.backend, config.netns.clone());
@@ -690,9 +697,11 @@ async fn dataplane_loop(config: AgentConfig, tx: mpsc::Sender<Input>, requests: 
                 }
             }
         }
-        // With --mode auto, a resync also re-checks the mode: kube-proxy may have been
-        // reconfigured (it cleans up the old mode's rules when it starts in the new one).
-        if config.mode.is_none() && trigger == ReadTrigger::Poll {
+        // With --mode auto, the mode is re-checked once per resync interval, on its own timer
+        // (a steady stream of nf_tables events must not keep it from running): kube-proxy may
+        // have been reconfigured (it cleans up the old mode's rules when it starts in the new one).
+        if redetect_due(config.mode, last_detect.elapsed(), config.resync_interval) {
+            last_detect = Instant::now();
             if let Some(current) = reader.as_ref().map(|r| r.mode()) {
                 let netns = config.netns.clone();
                 let detected = tokio::task::spawn_blocking(move || dataplane::detect_mode(&netns)).await?;
@@ -976,6 +985,19 @@ mod tests {
         core.handle(Input::Slice(WatchMsg::InitDone(t(20))));
         core.publish();
         assert_eq!(rx.borrow().observed_resource_version, 9);
+    }
+
+    /// Issue 15 item 6: re-detection ran only on poll-triggered reads, so a steady stream of
+    /// nf_tables events kept it from ever running. It now has its own timer.
+    #[test]
+    fn item6_mode_redetection_runs_on_its_own_timer() {
+        let resync = Duration::from_secs(30);
+        assert!(redetect_due(None, Duration::from_secs(31), resync));
+        assert!(!redetect_due(None, Duration::from_secs(5), resync));
+        assert!(
+            !redetect_due(Some(Mode::Nftables), Duration::from_secs(600), resync),
+            "a given mode is not re-detected"
+        );
     }
 
     #[test]

@@ -224,10 +224,23 @@ fn auto_detection_picks_the_backend_holding_kube_chains_and_reports_none() {
 
 #[test]
 fn missing_binaries_and_missing_permissions_give_clear_errors() {
+    if !prerequisites() {
+        return;
+    }
     // Both backends read the kernel directly: no userland tool is needed.
+    let ns = Netns::new("notools");
     for backend in BACKENDS {
+        ns.run(&format!("iptables-{backend}"), &["-t", "nat", "-N", "KUBE-SERVICES"]);
         let out = Command::new(env!("CARGO_BIN_EXE_kube-converge"))
-            .args(["inspect", "--mode", "iptables", "--iptables-backend", backend])
+            .args([
+                "inspect",
+                "--mode",
+                "iptables",
+                "--iptables-backend",
+                backend,
+                "--netns",
+                &ns.path(),
+            ])
             .env("PATH", "/nonexistent")
             .output()
             .unwrap();
@@ -265,7 +278,11 @@ fn readers_need_net_admin_and_legacy_needs_net_raw() {
     let ns = Netns::new("caps");
     ns.run("iptables-legacy", &["-t", "nat", "-N", "KUBE-SERVICES"]);
     ns.run("iptables-nft", &["-t", "nat", "-N", "KUBE-SERVICES"]);
-    ns.run("nft", &["add", "table", "ip", "kube-proxy"]);
+    ns.run_stdin(
+        "nft",
+        &["-f", "-"],
+        "table ip kube-proxy {\n map service-ips {\n  type ipv4_addr . inet_proto . inet_service : verdict\n }\n}\n",
+    );
     let run = |caps: &str, args: &[&str]| {
         let mut cmd = Command::new("ip");
         cmd.args([

@@ -309,6 +309,12 @@ fn follow(
     }
 }
 
+/// A family without kube-proxy's table, or whose table has no `service-ips` map (kube-proxy
+/// always creates it): nothing there can be read as "not routed".
+fn lacks_kube_proxy_rules(table: Option<&NftTable>) -> bool {
+    table.is_none_or(|t| !t.sets.iter().any(|s| s.name == ENTRY_MAPS[0]))
+}
+
 pub struct NftablesReader {
     netns: NetNs,
     conn: Option<NftConn>,
@@ -483,7 +489,7 @@ impl DataplaneReader for NftablesReader {
         let mut first_error = None;
         for (family, v6) in [(nftnl::NFPROTO_IPV4, false), (nftnl::NFPROTO_IPV6, true)] {
             match self.dump(family) {
-                Ok(Some(table)) => {
+                Ok(Some(table)) if !lacks_kube_proxy_rules(Some(&table)) => {
                     found = true;
                     let (services, warnings) = routes_from_table(&table, v6);
                     snap.services.extend(services);
@@ -491,7 +497,16 @@ impl DataplaneReader for NftablesReader {
                     snap.warnings
                         .extend(warnings.into_iter().map(|w| format!("table {fam} {TABLE}: {w}")));
                 }
-                Ok(None) => {}
+                Ok(table) => {
+                    found |= table.is_some();
+                    // Never "routes nothing": kube-proxy may be switching modes or recreating
+                    // its table. The family's keys are unknown.
+                    if v6 {
+                        snap.absent_v6 = true;
+                    } else {
+                        snap.absent_v4 = true;
+                    }
+                }
                 Err(e) => {
                     snap.warnings.push(e.to_string());
                     if v6 {
@@ -509,6 +524,9 @@ impl DataplaneReader for NftablesReader {
                 detail: format!(
                     "neither table ip {TABLE} nor ip6 {TABLE} exists; is kube-proxy running in nftables mode?"
                 ),
+            }),
+            None if snap.absent_v4 && snap.absent_v6 => Err(ReadError::NotFound {
+                detail: format!("table {TABLE} has no service-ips map in either family (kube-proxy recreating it?)"),
             }),
             _ => Ok(snap),
         }
@@ -736,6 +754,15 @@ mod tests {
         let (s, w) = routes_from_table(&table(&[EP1]), false);
         assert_eq!(s.len(), 1);
         assert!(w.is_empty(), "{w:?}");
+    }
+
+    /// Issue 15 item 6: an emptied kube-proxy table (no service maps) is no proof that
+    /// nothing routes.
+    #[test]
+    fn item6_a_table_without_service_maps_lacks_kube_proxy_rules() {
+        assert!(lacks_kube_proxy_rules(None));
+        assert!(lacks_kube_proxy_rules(Some(&NftTable::default())));
+        assert!(!lacks_kube_proxy_rules(Some(&table(&[EP1]))));
     }
 
     #[test]

@@ -330,6 +330,12 @@ impl IptablesReader {
     }
 
     /// The nat table of one family; `None` when it does not exist.
+    /// Whether the family's nat table has `KUBE-SERVICES` (the nft reader keeps only chains
+    /// with rules, so it asks the kernel).
+    fn has_entry_chain(&mut self, v6: bool, table: &NatTable) -> bool {
+        table.chains.contains_key(ENTRY_CHAINS[0]) || (self.backend == Backend::Nft && self.nft.has_kube_services(v6))
+    }
+
     fn nat_table(&mut self, v6: bool) -> Result<Option<NatTable>, ReadError> {
         match self.backend {
             Backend::Nft => self.nft.table(v6),
@@ -376,7 +382,7 @@ impl DataplaneReader for IptablesReader {
         let mut known = HashSet::new();
         for v6 in [false, true] {
             let unreadable = match self.nat_table(v6) {
-                Ok(Some(table)) if !table.chains.contains_key("KUBE-SERVICES") => {
+                Ok(Some(table)) if !self.has_entry_chain(v6, &table) => {
                     absent(&mut snap, v6);
                     false
                 }
