@@ -6,7 +6,7 @@
 #   sudo bench/run.sh                 # everything, 10k Services
 #   sudo SERVICES=1000 bench/run.sh   # quicker
 #   sudo bench/run.sh read_cost       # one harness (read_cost, detection, footprint,
-#                                     # api_write_load, sim-accuracy)
+#                                     # api_write_load, hold_api_load, sim-accuracy)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SERVICES="${SERVICES:-10000}"
@@ -41,6 +41,12 @@ fi
 if want api_write_load; then
   echo "## api_write_load 50 60 120"
   "$ex/api_write_load" 50 60 120
+fi
+if want hold_api_load; then
+  for slow in 3000 10000; do
+    echo "## hold_api_load 3 $slow"
+    "$ex/hold_api_load" 3 "$slow"
+  done
 fi
 if want sim-accuracy; then
   echo "## sim-accuracy 5 5"

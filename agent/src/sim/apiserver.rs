@@ -28,7 +28,7 @@ pub type RequestKind = (String, String, String, String);
 struct ServerState {
     cluster: Cluster,
     bookmark_interval: Duration,
-    requests: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<RequestKind>>>,
+    requests: Requests,
 }
 
 /// A running fake API server on loopback.
@@ -36,7 +36,7 @@ pub struct FakeApiServer {
     cluster: Cluster,
     addr: SocketAddr,
     bookmark_interval: Duration,
-    requests: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<RequestKind>>>,
+    requests: Requests,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -59,7 +59,8 @@ fn ok_json(v: &Value) -> Response {
     (StatusCode::OK, [("content-type", "application/json")], v.to_string()).into_response()
 }
 
-type Requests = std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<RequestKind>>>;
+/// How many requests of each kind each user made.
+type Requests = std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<RequestKind, u64>>>;
 
 async fn serve(
     cluster: Cluster,
@@ -104,6 +105,14 @@ impl FakeApiServer {
 
     /// The kinds of request each user made so far.
     pub fn requests(&self) -> std::collections::BTreeSet<RequestKind> {
+        self.requests
+            .lock()
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// How many requests of each kind each user made so far.
+    pub fn request_counts(&self) -> std::collections::BTreeMap<RequestKind, u64> {
         self.requests.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
@@ -373,7 +382,7 @@ async fn handle(
         None => req.plural.to_string(),
     };
     if let Ok(mut r) = state.requests.lock() {
-        r.insert((user, verb.to_string(), group, resource));
+        *r.entry((user, verb.to_string(), group, resource)).or_default() += 1;
     }
     let ns = req.namespace.clone().unwrap_or_default();
     if req.namespaced && req.name.is_some() && req.namespace.is_none() {
