@@ -82,6 +82,7 @@ struct SliceItem {
 struct ServiceItem {
     service: ServiceRef,
     spec: Option<ServiceSpec>,
+    resource_version: u64,
 }
 
 #[derive(Debug)]
@@ -139,6 +140,7 @@ pub async fn run_with_client(
     let services = k8s::watch::<Service, _>(client.clone(), &scope, |s| ServiceItem {
         service: ServiceRef::new(s.namespace().unwrap_or_default(), s.name_any()),
         spec: k8s::service_spec(s),
+        resource_version: s.resource_version().and_then(|v| v.parse().ok()).unwrap_or(0),
     });
     let requests = ReadRequests::default();
 
@@ -228,6 +230,8 @@ struct Core {
     lags: crate::publish::RecentLags,
     /// The highest EndpointSlice resourceVersion processed.
     observed_rv: u64,
+    /// The highest Service resourceVersion processed (a policy change moves what is expected).
+    observed_service_rv: u64,
     /// The catalog that names dataplane rules, with the frontends generation it was built at.
     catalog: Option<(u64, ServiceCatalog)>,
     backend: String,
@@ -266,6 +270,7 @@ impl Core {
             status_tx,
             lags: Default::default(),
             observed_rv: 0,
+            observed_service_rv: 0,
             catalog: None,
             backend: "unknown".into(),
             last_read: None,
@@ -280,7 +285,10 @@ impl Core {
         if let Ok(mut f) = self.requests.targets.lock() {
             *f = self.tracker.pending_targets();
         }
-        let wanted = self.tracker.is_synced() && !self.tracker.is_settled();
+        // A full read is wanted until the tracker settles, and while the last reads could not
+        // tell which endpoints are stale (holds wait on that).
+        let wanted =
+            self.tracker.is_synced() && (!self.tracker.is_settled() || self.tracker.stale_unknown().contains(&true));
         self.requests.full_wanted.store(wanted, Ordering::Relaxed);
     }
 
@@ -306,7 +314,11 @@ impl Core {
         // Safety: until the first full reading after the lists has adopted what the kernel has
         // not caught up with (e.g. right after a restart), an empty pending list proves
         // nothing: publish no observed version, so holds treat this node as lagging.
-        let observed = if self.tracker.is_settled() { self.observed_rv } else { 0 };
+        let observed = if self.tracker.is_settled() {
+            (self.observed_rv, self.observed_service_rv)
+        } else {
+            (0, 0)
+        };
         let draft = crate::publish::draft(
             &self.tracker,
             &self.lags,
@@ -534,6 +546,8 @@ impl Core {
             WatchMsg::InitItem(item) => self.service_init.get_or_insert_with(Vec::new).push(item),
             WatchMsg::InitDone(at) => {
                 let items = self.service_init.take().unwrap_or_default();
+                let listed = items.iter().map(|i| i.resource_version).max().unwrap_or(0);
+                self.observed_service_rv = self.observed_service_rv.max(listed);
                 let mut touched: BTreeSet<ServiceRef> = self.services.keys().cloned().collect();
                 self.services.clear();
                 for item in items {
@@ -546,6 +560,7 @@ impl Core {
                 self.recompute_all(touched, at);
             }
             WatchMsg::Apply(item, at) => {
+                self.observed_service_rv = self.observed_service_rv.max(item.resource_version);
                 match item.spec {
                     Some(spec) => self.services.insert(item.service.clone(), spec),
                     None => self.services.remove(&item.service),
@@ -553,6 +568,7 @@ impl Core {
                 self.recompute_all([item.service].into(), at);
             }
             WatchMsg::Delete(item, at) => {
+                self.observed_service_rv = self.observed_service_rv.max(item.resource_version);
                 self.services.remove(&item.service);
                 self.recompute_all([item.service].into(), at);
             }
@@ -914,8 +930,13 @@ mod tests {
     use crate::expected::builders::slice;
 
     fn core() -> (Core, tokio::sync::watch::Receiver<Arc<crate::publish::StatusDraft>>) {
+        core_for("node-a")
+    }
+
+    /// A core with default settings and no API server or kernel behind it.
+    pub(super) fn core_for(node: &str) -> (Core, tokio::sync::watch::Receiver<Arc<crate::publish::StatusDraft>>) {
         let config = AgentConfig {
-            node_name: "node-a".into(),
+            node_name: node.into(),
             scope: WatchScope::default(),
             mode: None,
             backend: None,
@@ -1023,3 +1044,6 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod invariant;

@@ -59,9 +59,17 @@ pub struct NodeConvergenceStatus {
     pub stale: Vec<StaleEndpoint>,
     #[serde(default)]
     pub stale_truncated: u32,
+    /// Families (`ipv4`, `ipv6`) whose stale endpoints are not known (a failed or partial
+    /// read): holds wait on this node for addresses in them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stale_unknown: Vec<String>,
     /// The highest EndpointSlice resourceVersion the agent has processed.
     #[serde(default)]
     pub observed_resource_version: String,
+    /// The highest Service resourceVersion the agent has processed (traffic policies move what
+    /// kube-proxy should route).
+    #[serde(default)]
+    pub observed_service_resource_version: String,
     /// The agent's watch scope (`--namespace`, `--label-selector`): a hold counts a node whose
     /// agent does not watch the pod's Service as a node without an agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -81,6 +81,8 @@ pub enum NodeState {
     Lagging,
     /// kube-proxy is still meant to route to the endpoint on this node.
     StillExpected,
+    /// The agent's last reads could not tell whether the node routes the pod's addresses.
+    Unknown,
     /// The agent's heartbeat is too old.
     Stale,
     /// No NodeConvergence object: no agent on this node.
@@ -100,6 +102,7 @@ impl NodeState {
             NodeState::StillRouted => "still-routed",
             NodeState::Lagging => "lagging",
             NodeState::StillExpected => "still-expected",
+            NodeState::Unknown => "unknown",
             NodeState::Stale => "stale",
             NodeState::NoAgent => "no-agent",
             NodeState::OutOfScope => "out-of-scope",
@@ -136,6 +139,8 @@ pub struct HoldReport {
     pub ip: String,
     pub ips: Vec<String>,
     pub required_resource_version: u64,
+    /// The Service version (a traffic-policy change) every agent must have processed.
+    pub required_service_resource_version: u64,
     /// The API already shows the change (the endpoint left, or came back); until then nodes
     /// cannot converge.
     pub changed_in_api: bool,
@@ -297,6 +302,7 @@ pub struct WorldSlice {
 #[derive(Clone, Debug, PartialEq)]
 pub struct WorldService {
     pub labels: BTreeMap<String, String>,
+    pub resource_version: u64,
     /// `None` for a Service kube-proxy ignores (headless).
     pub spec: Option<ServiceSpec>,
 }
@@ -312,6 +318,8 @@ pub struct World {
     /// deleted at any version up to this one.
     pub floor: u64,
     pub services: BTreeMap<String, WorldService>,
+    /// The resourceVersion at which each deleted Service was deleted.
+    pub services_deleted: BTreeMap<String, u64>,
     /// Every (endpoint address, Service) a slice has listed while watched: a hold started
     /// before a relabel still knows the Services the pod left once their slices no longer
     /// say (or are deleted).
@@ -319,6 +327,14 @@ pub struct World {
     /// Node name and whether it is Ready.
     pub nodes: BTreeMap<String, bool>,
     pub convergences: BTreeMap<String, NodeConvergenceStatus>,
+}
+
+fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() {
+        "ipv4"
+    } else {
+        "ipv6"
+    }
 }
 
 fn endpoint_ready(r: &SliceRecord, ip: IpAddr) -> bool {
@@ -385,6 +401,12 @@ pub fn verdict(
         .chain(std::iter::once(world.floor))
         .max()
         .unwrap_or(0);
+    let required_services = relevant_services
+        .iter()
+        .map(|(_, s)| s.resource_version)
+        .chain(services.iter().filter_map(|n| world.services_deleted.get(n).copied()))
+        .max()
+        .unwrap_or(0);
     let expected_on = |node: &str, mode: &str| -> bool {
         let semantics = Semantics {
             local_falls_back_to_cluster: mode == "ipvs",
@@ -431,6 +453,7 @@ pub fn verdict(
         } else if let Some(st) = status {
             let age = Timestamp::parse_rfc3339(&st.heartbeat_time).map(|t| now.seconds_since(t));
             let observed: u64 = st.observed_resource_version.parse().unwrap_or(0);
+            let observed_services: u64 = st.observed_service_resource_version.parse().unwrap_or(0);
             summary.mode = st.mode.clone();
             summary.heartbeat_age_seconds = age;
             summary.observed_resource_version = observed;
@@ -439,13 +462,15 @@ pub fn verdict(
                 absent(NodeState::OutOfScope)
             } else if age.is_none_or(|a| a > opts.stale_after.as_secs_f64()) {
                 absent(NodeState::Stale)
-            } else if observed < required {
+            } else if observed < required || observed_services < required_services {
                 NodeState::Lagging
             } else if st.pending.iter().any(|p| lists(&p.ip)) || (st.pending_truncated > 0 && !target.addition) {
                 // A truncated list may hide the IP: never assume it is not there.
                 NodeState::Pending
             } else if !target.addition && (st.stale.iter().any(|s| lists(&s.ip)) || st.stale_truncated > 0) {
                 NodeState::StillRouted
+            } else if !target.addition && ips.iter().any(|ip| st.stale_unknown.iter().any(|f| f == family(*ip))) {
+                NodeState::Unknown
             } else if !target.addition && expected_on(name, &st.mode) {
                 NodeState::StillExpected
             } else if !changed_in_api {
@@ -478,6 +503,7 @@ pub fn verdict(
         ip: ip_strings.first().cloned().unwrap_or_default(),
         ips: ip_strings,
         required_resource_version: required,
+        required_service_resource_version: required_services,
         changed_in_api,
         waited_seconds: waited.as_secs_f64(),
         nodes: summaries,
@@ -538,6 +564,7 @@ fn slice_of(s: &EndpointSlice) -> Option<WorldSlice> {
 fn service_of(s: &Service) -> WorldService {
     WorldService {
         labels: s.labels().clone(),
+        resource_version: s.resource_version().and_then(|v| v.parse().ok()).unwrap_or(u64::MAX),
         spec: k8s::service_spec(s),
     }
 }
@@ -679,7 +706,14 @@ impl Feed {
                 feed,
                 |s| Some((s.name_any(), service_of(s))),
                 |st| (&mut st.services_init, &mut st.world.services, 1),
-                |_, _| {},
+                |st, s| {
+                    let rv = s
+                        .resource_version()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(u64::MAX);
+                    let e = st.world.services_deleted.entry(s.name_any()).or_default();
+                    *e = (*e).max(rv);
+                },
                 None,
             ),
             spawn_watch(
@@ -792,6 +826,7 @@ mod tests {
             mode: "iptables".into(),
             health: "Healthy".into(),
             observed_resource_version: rv.to_string(),
+            observed_service_resource_version: rv.to_string(),
             heartbeat_time: Timestamp::from_millis(NOW_MS - 1000).to_rfc3339(),
             ..Default::default()
         }
@@ -851,6 +886,7 @@ mod tests {
                 "svc1".to_string(),
                 WorldService {
                     labels: [("app".to_string(), "web".to_string())].into(),
+                    resource_version: 3,
                     spec: Some(spec),
                 },
             )]
@@ -979,6 +1015,36 @@ mod tests {
             NodeState::StillRouted,
             "a truncated stale list may hide it"
         );
+    }
+
+    /// Found by the random histories (seed 340): a traffic-policy change moves what is
+    /// expected, so an agent that has not processed the Service's latest version is lagging.
+    #[test]
+    fn a_node_behind_the_services_version_is_lagging() {
+        let mut w = world();
+        w.services.get_mut("svc1").unwrap().resource_version = 12;
+        let r = run(&subject(&["10.180.0.1"]), &removal(), &w, &HoldOptions::default());
+        assert_eq!(r.required_service_resource_version, 12);
+        assert!(!r.converged);
+        assert_eq!(state(&r, "node-a"), NodeState::Lagging);
+    }
+
+    /// Found by the random histories (seed 7482): after a failed or partial read the agent
+    /// does not know which endpoints are stale in that family.
+    #[test]
+    fn a_node_whose_stale_endpoints_are_unknown_blocks_removals_in_that_family() {
+        let mut w = world();
+        w.convergences.get_mut("node-b").unwrap().stale_unknown = vec!["ipv6".into()];
+        let r = run(&subject(&["10.180.0.1"]), &removal(), &w, &HoldOptions::default());
+        assert!(r.converged, "an IPv4-only pod does not wait on the IPv6 family");
+        let r = run(
+            &subject(&["10.180.0.1", "fd00::1"]),
+            &removal(),
+            &w,
+            &HoldOptions::default(),
+        );
+        assert!(!r.converged);
+        assert_eq!(state(&r, "node-b"), NodeState::Unknown);
     }
 
     #[test]

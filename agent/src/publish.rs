@@ -32,6 +32,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct StatusDraft {
     pub status: NodeConvergenceStatus,
     pub observed_resource_version: u64,
+    pub observed_service_resource_version: u64,
 }
 
 /// Recent lags for percentiles and the `recent` list.
@@ -113,7 +114,7 @@ pub fn draft(
     mode: &str,
     backend: &str,
     health: (&str, Option<String>),
-    observed_resource_version: u64,
+    (observed_resource_version, observed_service_resource_version): (u64, u64),
     scope: &WatchScope,
 ) -> StatusDraft {
     let pending: Vec<PendingEndpoint> = tracker.pending().take(MAX_PENDING_LISTED).map(pending_entry).collect();
@@ -121,6 +122,7 @@ pub fn draft(
     let stale: Vec<StaleEndpoint> = tracker.stale().take(MAX_PENDING_LISTED).map(stale_entry).collect();
     StatusDraft {
         observed_resource_version,
+        observed_service_resource_version,
         status: NodeConvergenceStatus {
             mode: mode.into(),
             backend: backend.into(),
@@ -131,7 +133,14 @@ pub fn draft(
             pending,
             stale_truncated: tracker.stale_endpoints().saturating_sub(stale.len()) as u32,
             stale,
+            stale_unknown: ["ipv4", "ipv6"]
+                .iter()
+                .zip(tracker.stale_unknown())
+                .filter(|(_, unknown)| *unknown)
+                .map(|(f, _)| f.to_string())
+                .collect(),
             observed_resource_version: observed_resource_version.to_string(),
+            observed_service_resource_version: observed_service_resource_version.to_string(),
             watch_namespace: scope.namespace.clone().filter(|n| !n.is_empty()),
             watch_label_selector: scope.label_selector.clone().filter(|s| !s.is_empty()),
             lag_p50_seconds: lags.percentile(0.5),

@@ -80,6 +80,13 @@ impl RoutedView {
         !self.unreadable_v4 && !self.unreadable_v6 && self.uncertain.is_empty()
     }
 
+    /// The families (v4, v6) this reading could not fully see: unreadable, or (any family)
+    /// some rule not understood.
+    pub fn unclean_families(&self) -> [bool; 2] {
+        let uncertain = !self.uncertain.is_empty();
+        [self.unreadable_v4 || uncertain, self.unreadable_v6 || uncertain]
+    }
+
     pub fn routes(&self, key: &EndpointKey) -> Routed {
         let unreadable = if key.endpoint.is_ipv4() {
             self.unreadable_v4 || self.absent_v4
@@ -276,8 +283,12 @@ pub struct Tracker {
     last_view: Option<(LastView, ReadingMeta)>,
     synced: bool,
     adopt_after: Option<Timestamp>,
-    /// Routed endpoints of known Services, neither expected nor pending (last full read).
+    /// Routed endpoints of known Services, neither expected nor pending (last full read, and
+    /// the targeted reads since for the ports they covered).
     stale: Vec<EndpointKey>,
+    /// Families (v4, v6) whose stale endpoints are not known: a read failed, or could not read
+    /// the family or understand some rule. Cleared by a clean full read.
+    stale_unknown: [bool; 2],
     /// Highest slice resourceVersion folded into the expectation.
     observed_resource_version: u64,
     /// Bumped whenever some Service's frontends change (see `frontends_generation`).
@@ -520,12 +531,29 @@ impl Tracker {
         match &reading.outcome {
             ReadingOutcome::Routed(view) if full => {
                 self.stale = self.find_stale(view);
+                self.stale_unknown = view.unclean_families();
                 self.last_view = Some((LastView::of(view), meta));
             }
             // A targeted read is no picture of the whole node, and the last full one may now be
-            // out of date for the ports it covered: no candidates from it any more.
-            ReadingOutcome::Routed(_) => self.last_view = None,
-            ReadingOutcome::Failed { .. } => self.last_view = None,
+            // out of date for the ports it covered: no candidates from it any more. Its ports'
+            // stale endpoints are what it saw.
+            ReadingOutcome::Routed(view) => {
+                if let Some(scope) = &view.scope {
+                    self.stale.retain(|k| !scope.contains(&*k.port_name));
+                    let mut seen = self.find_stale(view);
+                    seen.retain(|k| scope.contains(&*k.port_name));
+                    self.stale.extend(seen);
+                    self.stale.sort();
+                    self.stale.dedup();
+                }
+                let unclean = view.unclean_families();
+                self.stale_unknown = [self.stale_unknown[0] || unclean[0], self.stale_unknown[1] || unclean[1]];
+                self.last_view = None;
+            }
+            ReadingOutcome::Failed { .. } => {
+                self.stale_unknown = [true, true];
+                self.last_view = None;
+            }
         }
         outcomes
     }
@@ -592,6 +620,11 @@ impl Tracker {
     /// Routed endpoints of known Services that are neither expected nor pending removal.
     pub fn stale_endpoints(&self) -> usize {
         self.stale.len()
+    }
+
+    /// Families (v4, v6) whose stale endpoints the last reads could not establish.
+    pub fn stale_unknown(&self) -> [bool; 2] {
+        self.stale_unknown
     }
 
     /// The stale endpoints: a hold waits on them as on pending removals.
@@ -800,6 +833,24 @@ mod tests {
         ));
         let stale: Vec<String> = tr.stale().map(|k| k.endpoint.to_string()).collect();
         assert_eq!(stale, ["10.180.0.7:80"]);
+    }
+
+    /// A failed or partial read leaves the stale endpoints of what it could not see unknown,
+    /// until a clean full read.
+    #[test]
+    fn stale_endpoints_are_unknown_after_a_failed_or_partial_read() {
+        let (mut tr, _) = steady();
+        assert_eq!(tr.stale_unknown(), [false, false]);
+        tr.apply_reading(&failed(100));
+        assert_eq!(tr.stale_unknown(), [true, true]);
+        tr.apply_reading(&reading(200, 200, &[&key("10.180.0.1"), &key("10.180.0.2")]));
+        assert_eq!(tr.stale_unknown(), [false, false]);
+        let mut half = reading(300, 300, &[&key("10.180.0.1"), &key("10.180.0.2")]);
+        if let ReadingOutcome::Routed(v) = &mut half.outcome {
+            v.unreadable_v6 = true;
+        }
+        tr.apply_reading(&half);
+        assert_eq!(tr.stale_unknown(), [false, true]);
     }
 
     /// A synced tracker with 10.180.0.1 and 10.180.0.2 expected and routed.
