@@ -97,6 +97,8 @@ enum Input {
         took: Duration,
     },
     ReaderUnavailable(ReadError, ReadingMeta),
+    /// This node's zone label changed.
+    Zone(Option<String>),
 }
 
 /// Runs the agent with kube's standard config discovery until an error or Ctrl-C.
@@ -148,6 +150,7 @@ pub async fn run_with_client(
     tasks.spawn(async move { server.await.context("admin server failed") });
     tasks.spawn(forward(slices, tx.clone(), Input::Slice));
     tasks.spawn(forward(services, tx.clone(), Input::Service));
+    tasks.spawn(watch_zone(client.clone(), config.node_name.clone(), tx.clone()));
     tasks.spawn(dataplane_loop(config.clone(), tx, requests.clone()));
     let (status_tx, status_rx) = tokio::sync::watch::channel(Arc::new(crate::publish::StatusDraft::default()));
     if let Some(sc) = config.status {
@@ -176,6 +179,30 @@ pub async fn run_with_client(
         Some(Ok(Err(e))) => Err(e),
         Some(Err(e)) => Err(anyhow::anyhow!("agent task panicked: {e}")),
     }
+}
+
+/// Follows this node's `topology.kubernetes.io/zone` label (kube-proxy applies zone hints
+/// against it).
+async fn watch_zone(client: kube::Client, node: String, tx: mpsc::Sender<Input>) -> anyhow::Result<()> {
+    use kube::runtime::watcher;
+    let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+    let config = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    let mut stream = std::pin::pin!(watcher::watcher(api, config));
+    while let Some(ev) = stream.next().await {
+        let zone = match ev {
+            Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => n.labels().get(k8s::ZONE_LABEL).cloned(),
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, node, "watching this node's zone label failed; retrying");
+                tokio::time::sleep(k8s::WATCH_RETRY).await;
+                continue;
+            }
+        };
+        if tx.send(Input::Zone(zone)).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 async fn forward<T>(
@@ -220,6 +247,8 @@ struct Core {
     metrics: Metrics,
     health: Arc<Health>,
     mode_label: String,
+    /// This node's zone label.
+    zone: Option<String>,
     semantics: Semantics,
     samples: Option<mpsc::UnboundedSender<crate::tracker::LagSample>>,
     requests: ReadRequests,
@@ -263,6 +292,7 @@ impl Core {
             metrics,
             health,
             mode_label: "unknown".into(),
+            zone: None,
             semantics: Semantics::default(),
             samples: config.samples.clone(),
             requests,
@@ -365,6 +395,10 @@ impl Core {
     fn handle(&mut self, input: Input) {
         match input {
             Input::Slice(msg) => self.on_slice(msg),
+            Input::Zone(zone) => {
+                self.zone = zone;
+                self.update_semantics(Timestamp::now());
+            }
             Input::Service(msg) => self.on_service(msg),
             Input::Reading {
                 mode,
@@ -458,14 +492,21 @@ impl Core {
         if self.mode_label != mode.as_str() {
             self.mode_label = mode.as_str().into();
             self.metrics.set_info(mode.as_str(), backend);
-            let semantics = Semantics {
-                local_falls_back_to_cluster: mode == Mode::Ipvs,
-            };
-            if semantics != self.semantics {
-                self.semantics = semantics;
-                let all = self.services.keys().chain(self.by_service.keys()).cloned().collect();
-                self.recompute_all(all, at);
-            }
+            self.update_semantics(at);
+        }
+    }
+
+    /// What kube-proxy programs depends on the mode and on this node's zone: a change of
+    /// either recomputes every expectation.
+    fn update_semantics(&mut self, at: Timestamp) {
+        let semantics = Semantics {
+            local_falls_back_to_cluster: self.mode_label == Mode::Ipvs.as_str(),
+            zone: self.zone.clone(),
+        };
+        if semantics != self.semantics {
+            self.semantics = semantics;
+            let all = self.services.keys().chain(self.by_service.keys()).cloned().collect();
+            self.recompute_all(all, at);
         }
     }
 
@@ -632,7 +673,7 @@ impl Core {
                 .flatten()
                 .filter_map(|id| self.slices.get(id))
                 .collect();
-            let exp = expect_service_with(&svc, self.services.get(&svc), &slices, &self.node, self.semantics);
+            let exp = expect_service_with(&svc, self.services.get(&svc), &slices, &self.node, &self.semantics);
             let outcomes = self.tracker.update_service(&svc, exp, at);
             self.metrics.record_outcomes(&self.mode_label, &outcomes);
         }

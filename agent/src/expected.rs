@@ -89,6 +89,64 @@ pub struct SliceEndpoint {
     pub conditions: Conditions,
     /// Interned (`k8s::intern_node_name`): 100k endpoints name a few thousand nodes.
     pub node_name: Option<Arc<str>>,
+    /// Topology hints (`hints.forZones`, `hints.forNodes`); boxed: most endpoints have none.
+    pub hints: Option<Box<Hints>>,
+}
+
+/// An endpoint's topology hints.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hints {
+    pub zones: Vec<String>,
+    pub nodes: Vec<String>,
+}
+
+/// Which topology kube-proxy applies to a Service port's cluster endpoints on a node, from
+/// the hints of its ready endpoints (kube-proxy's `topologyModeFromHints`): same-node when every
+/// ready endpoint has a node hint and one names this node, else same-zone when every one has a
+/// zone hint and one names this node's zone, else none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    None,
+    SameNode,
+    SameZone,
+}
+
+fn topology<'a>(ready: impl Iterator<Item = &'a SliceEndpoint> + Clone, node: &str, zone: Option<&str>) -> Topology {
+    let hints = |f: fn(&Hints) -> &Vec<String>| {
+        let mut all = true;
+        let mut any = false;
+        let mut mine = false;
+        for e in ready.clone() {
+            any = true;
+            match e.hints.as_deref().map(f).filter(|h| !h.is_empty()) {
+                None => all = false,
+                Some(h) => mine |= h.iter().any(|n| Some(n.as_str()) == Some(node)),
+            }
+        }
+        (any && all, mine)
+    };
+    let (all_node, for_node) = hints(|h| &h.nodes);
+    if all_node && for_node {
+        return Topology::SameNode;
+    }
+    let zone_hints = |h: &Hints| -> bool { zone.is_some_and(|z| h.zones.iter().any(|x| x == z)) };
+    let all_zone = ready.clone().next().is_some()
+        && ready
+            .clone()
+            .all(|e| e.hints.as_deref().is_some_and(|h| !h.zones.is_empty()));
+    if all_zone && ready.clone().any(|e| e.hints.as_deref().is_some_and(zone_hints)) {
+        return Topology::SameZone;
+    }
+    Topology::None
+}
+
+fn available(e: &SliceEndpoint, topo: Topology, node: &str, zone: Option<&str>) -> bool {
+    let h = e.hints.as_deref();
+    match topo {
+        Topology::None => true,
+        Topology::SameNode => h.is_some_and(|h| h.nodes.iter().any(|n| n == node)),
+        Topology::SameZone => h.is_some_and(|h| zone.is_some_and(|z| h.zones.iter().any(|x| x == z))),
+    }
 }
 
 /// What one Service should look like in this node's dataplane.
@@ -139,12 +197,14 @@ impl PortFrontends {
     }
 }
 
-/// Mode-specific differences in what kube-proxy programs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What else shapes kube-proxy's choice on a node: the mode, and the node's zone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Semantics {
     /// IPVS: a Local-policy virtual server with no local endpoints uses the cluster endpoints
     /// (iptables and nftables route nothing there).
     pub local_falls_back_to_cluster: bool,
+    /// The node's `topology.kubernetes.io/zone` label, for zone hints.
+    pub zone: Option<String>,
 }
 
 /// Computes the expectation for one Service on `node`. `None` spec means the Service does not
@@ -155,7 +215,7 @@ pub fn expect_service(
     slices: &[&SliceRecord],
     node: &str,
 ) -> ServiceExpectation {
-    expect_service_with(service, spec, slices, node, Semantics::default())
+    expect_service_with(service, spec, slices, node, &Semantics::default())
 }
 
 pub fn expect_service_with(
@@ -163,7 +223,7 @@ pub fn expect_service_with(
     spec: Option<&ServiceSpec>,
     slices: &[&SliceRecord],
     node: &str,
-    semantics: Semantics,
+    semantics: &Semantics,
 ) -> ServiceExpectation {
     let mut out = ServiceExpectation {
         trigger: slices.iter().filter_map(|s| s.trigger).max_by_key(|t| t.time),
@@ -188,7 +248,7 @@ pub fn expect_service_with(
         out.frontends.insert(spn.clone(), port.protocol, spec.frontends(port));
         // One entry per ip:port: the same endpoint in two slices counts once, and the
         // non-terminating copy wins.
-        let mut candidates: BTreeMap<SocketAddr, (Conditions, bool)> = BTreeMap::new();
+        let mut candidates: BTreeMap<SocketAddr, (&SliceEndpoint, bool)> = BTreeMap::new();
         for slice in slices {
             let Some(sp) = slice
                 .ports
@@ -202,22 +262,33 @@ pub fn expect_service_with(
                 let local = ep.node_name.as_deref() == Some(node);
                 candidates
                     .entry(addr)
-                    .and_modify(|(c, l)| {
-                        if c.terminating && !ep.conditions.terminating {
-                            *c = ep.conditions;
+                    .and_modify(|(e, l)| {
+                        if e.conditions.terminating && !ep.conditions.terminating {
+                            *e = ep;
                             *l = local;
                         }
                     })
-                    .or_insert((ep.conditions, local));
+                    .or_insert((ep, local));
             }
         }
+        let zone = semantics.zone.as_deref();
+        // Topology (hints) narrows the cluster endpoints only; the Local set ignores it.
+        let topo = topology(
+            candidates.values().map(|(e, _)| *e).filter(|e| e.conditions.ready),
+            node,
+            zone,
+        );
         let pick = |only_local: bool| -> Vec<SocketAddr> {
             let pool = candidates.iter().filter(|(_, (_, l))| !only_local || *l);
-            let ready: Vec<_> = pool.clone().filter(|(_, (c, _))| c.ready).map(|(a, _)| *a).collect();
+            let ready: Vec<_> = pool
+                .clone()
+                .filter(|(_, (e, _))| e.conditions.ready && (only_local || available(e, topo, node, zone)))
+                .map(|(a, _)| *a)
+                .collect();
             if !ready.is_empty() {
                 return ready;
             }
-            pool.filter(|(_, (c, _))| c.usable_as_fallback())
+            pool.filter(|(_, (e, _))| e.conditions.usable_as_fallback())
                 .map(|(a, _)| *a)
                 .collect()
         };
@@ -299,6 +370,7 @@ pub(crate) mod builders {
                 address: ip.parse().expect("ip"),
                 conditions: Conditions::READY,
                 node_name: None,
+                hints: None,
             });
             self
         }
@@ -319,6 +391,18 @@ pub(crate) mod builders {
                 serving: false,
                 terminating: false,
             };
+            self
+        }
+        /// Zone hints (`hints.forZones`).
+        pub fn for_zones(mut self, zones: &[&str]) -> Self {
+            self.last().hints.get_or_insert_with(Default::default).zones =
+                zones.iter().map(|z| z.to_string()).collect();
+            self
+        }
+        /// Node hints (`hints.forNodes`).
+        pub fn for_nodes(mut self, nodes: &[&str]) -> Self {
+            self.last().hints.get_or_insert_with(Default::default).nodes =
+                nodes.iter().map(|n| n.to_string()).collect();
             self
         }
         pub fn on(mut self, node: &str) -> Self {
@@ -431,6 +515,93 @@ mod tests {
         spec.has_external = false;
         assert_eq!(
             addrs(&expect_service(&r, Some(&spec), &[&s], "node-a")),
+            ["10.180.0.1:80"]
+        );
+    }
+
+    fn zoned(zone: Option<&str>) -> Semantics {
+        Semantics {
+            zone: zone.map(Into::into),
+            ..Default::default()
+        }
+    }
+
+    /// Issue 15 (topology): kube-proxy routes only the endpoints hinted to this node's zone
+    /// when every ready endpoint has a zone hint and one names the zone; otherwise all.
+    #[test]
+    fn zone_hints_narrow_the_cluster_endpoints_as_kube_proxy_does() {
+        let (r, spec) = svc("ns1/svc1");
+        let hinted = slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .for_zones(&["a"])
+            .endpoint("10.180.0.2")
+            .for_zones(&["b"])
+            .endpoint("10.180.0.3")
+            .unready()
+            .build();
+        let got =
+            |s: &SliceRecord, zone: Option<&str>| addrs(&expect_service_with(&r, Some(&spec), &[s], "n", &zoned(zone)));
+        assert_eq!(got(&hinted, Some("a")), ["10.180.0.1:80"]);
+        assert_eq!(got(&hinted, Some("b")), ["10.180.0.2:80"]);
+        // No endpoint for this zone, or the node has no zone label: hints are ignored.
+        assert_eq!(got(&hinted, Some("c")), ["10.180.0.1:80", "10.180.0.2:80"]);
+        assert_eq!(got(&hinted, None), ["10.180.0.1:80", "10.180.0.2:80"]);
+        // One ready endpoint without a hint: hints are ignored.
+        let partial = slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .for_zones(&["a"])
+            .endpoint("10.180.0.2")
+            .build();
+        assert_eq!(got(&partial, Some("a")), ["10.180.0.1:80", "10.180.0.2:80"]);
+        // Nothing ready: the terminating fallback ignores topology.
+        let terminating = slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .for_zones(&["a"])
+            .terminating()
+            .endpoint("10.180.0.2")
+            .for_zones(&["b"])
+            .terminating()
+            .build();
+        assert_eq!(got(&terminating, Some("a")), ["10.180.0.1:80", "10.180.0.2:80"]);
+    }
+
+    /// PreferSameNode: node hints win when every ready endpoint has one and one names this
+    /// node; otherwise zone hints apply.
+    #[test]
+    fn node_hints_win_over_zone_hints() {
+        let (r, spec) = svc("ns1/svc1");
+        let s = slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .for_nodes(&["n1"])
+            .for_zones(&["a"])
+            .endpoint("10.180.0.2")
+            .for_nodes(&["n2"])
+            .for_zones(&["a"])
+            .build();
+        let got = |node: &str| addrs(&expect_service_with(&r, Some(&spec), &[&s], node, &zoned(Some("a"))));
+        assert_eq!(got("n1"), ["10.180.0.1:80"]);
+        assert_eq!(
+            got("n3"),
+            ["10.180.0.1:80", "10.180.0.2:80"],
+            "no node hint for n3: zone hints (both in a)"
+        );
+    }
+
+    /// Topology narrows the cluster chain only: with iTP=Local, local endpoints are routed
+    /// whatever their hints.
+    #[test]
+    fn topology_does_not_narrow_the_local_endpoints() {
+        let (r, mut spec) = svc("ns1/svc1");
+        spec.internal_local = true;
+        let s = slice("ns1/svc1")
+            .endpoint("10.180.0.1")
+            .on("n")
+            .for_zones(&["b"])
+            .endpoint("10.180.0.2")
+            .for_zones(&["a"])
+            .build();
+        assert_eq!(
+            addrs(&expect_service_with(&r, Some(&spec), &[&s], "n", &zoned(Some("a")))),
             ["10.180.0.1:80"]
         );
     }

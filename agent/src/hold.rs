@@ -307,6 +307,23 @@ pub struct WorldService {
     pub spec: Option<ServiceSpec>,
 }
 
+/// A Node as the verdict needs it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WorldNode {
+    pub ready: bool,
+    /// `topology.kubernetes.io/zone` (zone hints).
+    pub zone: Option<String>,
+}
+
+impl WorldNode {
+    pub fn ready() -> Self {
+        Self {
+            ready: true,
+            zone: None,
+        }
+    }
+}
+
 /// What a hold knows of the cluster at one moment, for one namespace.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct World {
@@ -325,7 +342,7 @@ pub struct World {
     /// say (or are deleted).
     pub seen: BTreeSet<(IpAddr, String)>,
     /// Node name and whether it is Ready.
-    pub nodes: BTreeMap<String, bool>,
+    pub nodes: BTreeMap<String, WorldNode>,
     pub convergences: BTreeMap<String, NodeConvergenceStatus>,
 }
 
@@ -407,9 +424,10 @@ pub fn verdict(
         .chain(services.iter().filter_map(|n| world.services_deleted.get(n).copied()))
         .max()
         .unwrap_or(0);
-    let expected_on = |node: &str, mode: &str| -> bool {
+    let expected_on = |node: &str, zone: Option<&String>, mode: &str| -> bool {
         let semantics = Semantics {
             local_falls_back_to_cluster: mode == "ipvs",
+            zone: zone.cloned(),
         };
         services.iter().any(|name| {
             let r = ServiceRef::new(&subject.namespace, name);
@@ -419,7 +437,7 @@ pub fn verdict(
                 .map(|s| &s.record)
                 .collect();
             let spec = world.services.get(name).and_then(|s| s.spec.as_ref());
-            expect_service_with(&r, spec, &recs, node, semantics)
+            expect_service_with(&r, spec, &recs, node, &semantics)
                 .expected
                 .iter()
                 .any(|k| ips.contains(&k.endpoint.ip()))
@@ -437,7 +455,8 @@ pub fn verdict(
     let skip_absent = opts.skip_stale_after.is_some_and(|d| waited >= d);
     let absent = |state: NodeState| if skip_absent { NodeState::Skipped } else { state };
     let mut summaries = Vec::new();
-    for (name, ready) in &world.nodes {
+    for (name, info) in &world.nodes {
+        let ready = info.ready;
         let mut summary = NodeSummary {
             node: name.clone(),
             state: NodeState::Converged,
@@ -471,7 +490,7 @@ pub fn verdict(
                 NodeState::StillRouted
             } else if !target.addition && ips.iter().any(|ip| st.stale_unknown.iter().any(|f| f == family(*ip))) {
                 NodeState::Unknown
-            } else if !target.addition && expected_on(name, &st.mode) {
+            } else if !target.addition && expected_on(name, info.zone.as_ref(), &st.mode) {
                 NodeState::StillExpected
             } else if !changed_in_api {
                 NodeState::Lagging
@@ -510,11 +529,15 @@ pub fn verdict(
     }
 }
 
-fn node_ready(node: &Node) -> bool {
-    node.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+fn node_of(node: &Node) -> WorldNode {
+    WorldNode {
+        ready: node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+        zone: node.labels().get(k8s::ZONE_LABEL).cloned(),
+    }
 }
 
 /// One watch's part of the state: the list in progress, the live map, and the watch's index
@@ -529,7 +552,7 @@ struct FeedState {
     /// Objects of a (re)list in progress, per watch.
     slices_init: Option<BTreeMap<String, WorldSlice>>,
     services_init: Option<BTreeMap<String, WorldService>>,
-    nodes_init: Option<BTreeMap<String, bool>>,
+    nodes_init: Option<BTreeMap<String, WorldNode>>,
     convergences_init: Option<BTreeMap<String, NodeConvergenceStatus>>,
     slice_lists: u32,
     error: Option<String>,
@@ -720,7 +743,7 @@ impl Feed {
                 Api::<Node>::all(client.clone()),
                 watcher::Config::default(),
                 feed,
-                |n| Some((n.name_any(), node_ready(n))),
+                |n| Some((n.name_any(), node_of(n))),
                 |st| (&mut st.nodes_init, &mut st.world.nodes, 2),
                 |_, _| {},
                 None,
@@ -891,7 +914,11 @@ mod tests {
                 },
             )]
             .into(),
-            nodes: [("node-a".to_string(), true), ("node-b".to_string(), true)].into(),
+            nodes: [
+                ("node-a".to_string(), WorldNode::ready()),
+                ("node-b".to_string(), WorldNode::ready()),
+            ]
+            .into(),
             convergences: [("node-a".to_string(), agent(10)), ("node-b".to_string(), agent(10))].into(),
             ..Default::default()
         }
@@ -1050,7 +1077,7 @@ mod tests {
     #[test]
     fn item8_not_ready_nodes_are_waited_on_unless_skipped() {
         let mut w = world();
-        w.nodes.insert("node-b".into(), false);
+        w.nodes.insert("node-b".into(), WorldNode::default());
         w.convergences.get_mut("node-b").unwrap().heartbeat_time =
             Timestamp::from_millis(NOW_MS - 600_000).to_rfc3339();
         let r = run(&subject(&["10.180.0.1"]), &removal(), &w, &HoldOptions::default());
@@ -1145,7 +1172,7 @@ mod tests {
     #[test]
     fn nodes_without_agent_block_until_skipped() {
         let mut w = world();
-        w.nodes.insert("node-c".into(), true);
+        w.nodes.insert("node-c".into(), WorldNode::ready());
         let r = run(&subject(&["10.180.0.1"]), &removal(), &w, &HoldOptions::default());
         assert_eq!(state(&r, "node-c"), NodeState::NoAgent);
         assert!(!r.converged);

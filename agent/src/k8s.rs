@@ -19,6 +19,8 @@ use crate::model::{Protocol, ServiceRef, Timestamp, Trigger, TriggerSource};
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const TRIGGER_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// kube-proxy ignores objects carrying either label.
+/// A Node's zone, for topology hints.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub const KUBE_PROXY_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
 /// Why a whole slice was skipped.
@@ -146,6 +148,11 @@ pub fn slice_record(slice: &EndpointSlice) -> Result<(SliceRecord, Vec<SliceProb
                 terminating: c.and_then(|c| c.terminating).unwrap_or(false),
             },
             node_name: ep.node_name.as_deref().map(intern_node_name),
+            hints: ep.hints.as_ref().and_then(|h| {
+                let zones: Vec<String> = h.for_zones.iter().flatten().map(|z| z.name.clone()).collect();
+                let nodes: Vec<String> = h.for_nodes.iter().flatten().map(|n| n.name.clone()).collect();
+                (!zones.is_empty() || !nodes.is_empty()).then(|| Box::new(crate::expected::Hints { zones, nodes }))
+            }),
         });
     }
     // Kept for the agent's lifetime, one per slice: no spare capacity.
@@ -307,6 +314,26 @@ mod tests {
 
     fn slice(v: serde_json::Value) -> EndpointSlice {
         serde_json::from_value(v).expect("valid EndpointSlice JSON")
+    }
+
+    #[test]
+    fn reads_topology_hints() {
+        let s = slice(json!({
+            "metadata": {"name": "svc1-1", "namespace": "ns1", "labels": {SERVICE_NAME_LABEL: "svc1"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "p80", "port": 80, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["10.180.0.1"], "hints": {"forZones": [{"name": "a"}], "forNodes": [{"name": "n1"}]}},
+                {"addresses": ["10.180.0.2"], "hints": {}}
+            ]
+        }));
+        let (r, _) = slice_record(&s).unwrap();
+        let h = r.endpoints[0].hints.as_deref().unwrap();
+        assert_eq!(
+            (h.zones.as_slice(), h.nodes.as_slice()),
+            (&["a".to_string()][..], &["n1".to_string()][..])
+        );
+        assert!(r.endpoints[1].hints.is_none(), "empty hints are no hints");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use super::*;
 use crate::crd::NodeConvergenceStatus;
 use crate::dataplane::{DataplaneSnapshot, ReadError, ServiceRoutes};
 use crate::expected::{expect_service, Conditions, ServicePortSpec, SliceEndpoint, SlicePort};
-use crate::hold::{verdict, HoldOptions, HoldTarget, Subject, World, WorldService, WorldSlice};
+use crate::hold::{verdict, HoldOptions, HoldTarget, Subject, World, WorldNode, WorldService, WorldSlice};
 use crate::model::{EndpointKey, Protocol, ServicePortName};
 
 const NODES: usize = 2;
@@ -121,6 +121,7 @@ impl Api {
                             },
                         },
                         node_name: Some(node_name(i % NODES).into()),
+                        hints: None,
                     })
                     .collect();
                 if endpoints.is_empty() {
@@ -509,7 +510,7 @@ impl Sim {
             )]
             .into(),
             seen: self.seen.clone(),
-            nodes: (0..NODES).map(|n| (node_name(n), true)).collect(),
+            nodes: (0..NODES).map(|n| (node_name(n), WorldNode::ready())).collect(),
             convergences: self
                 .agents
                 .iter()
