@@ -124,6 +124,11 @@ ipvsadm -e -t 10.96.0.10:80 -r 10.180.0.2:8080 -m -w 0
 step weight-zero
 ipvsadm -d -t 10.96.0.10:80 -r 10.180.0.2:8080
 step deleted
+# Every virtual server gone (kube-proxy switching modes): not found, never "routes nothing".
+ipvsadm -C
+echo "@@CLEARED"
+kube-converge inspect --mode ipvs -o json 2>&1
+echo "@@CEND"
 echo "@@TESTED $start $(cut -d' ' -f1 /proc/uptime)"
 poweroff -f
 INIT

@@ -117,6 +117,13 @@ fn inspect_agrees_with_ipvsadm_in_a_kernel_with_ipvs() {
             assert_eq!(got, want, "step {name}: {frontend}");
         }
     }
+    // No virtual server at all is "not found", not an empty dataplane.
+    let cleared = log
+        .split("@@CLEARED")
+        .nth(1)
+        .and_then(|t| t.split("@@CEND").next())
+        .unwrap_or_else(|| panic!("no @@CLEARED section:\n{log}"));
+    assert!(cleared.contains("no IPVS virtual servers"), "{cleared}");
     // Targeted reads: exactly the asked frontends' virtual servers.
     let section = |start: &str, end: &str| -> serde_json::Value {
         let text = log
@@ -197,8 +204,8 @@ fn a_kernel_without_ipvs_gives_a_clear_error() {
         .output()
         .unwrap();
     if has_ipvs {
-        // The host has IPVS: an empty namespace simply has no virtual servers.
-        assert!(out.status.success());
+        // The host has IPVS: an empty namespace has no virtual servers, which is not found.
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no IPVS virtual servers"));
         return;
     }
     assert!(!out.status.success());

@@ -253,8 +253,13 @@ impl IpvsConn {
     pub fn services(&mut self) -> io::Result<Vec<VirtualServer>> {
         let mut attrs = Vec::new();
         encode_nla(&mut attrs, IPVS_CMD_ATTR_SERVICE | NLA_F_NESTED, &[]);
-        let replies = self.request(self.family, IPVS_CMD_GET_SERVICE, NLM_F_DUMP, &attrs)?;
-        Ok(replies.iter().filter_map(|r| decode_service(r)).collect())
+        stable_dump(
+            || {
+                let replies = self.request(self.family, IPVS_CMD_GET_SERVICE, NLM_F_DUMP, &attrs)?;
+                Ok(replies.iter().filter_map(|r| decode_service(r)).collect())
+            },
+            |vs: &VirtualServer| (vs.af, vs.protocol, vs.addr, vs.port, vs.fwmark),
+        )
     }
 
     /// The virtual server for `frontend` and `protocol`, asked for by key (one hashed lookup in
@@ -291,9 +296,40 @@ impl IpvsConn {
         }
         let mut attrs = Vec::new();
         encode_nla(&mut attrs, IPVS_CMD_ATTR_SERVICE | NLA_F_NESTED, &key);
-        let replies = self.request(self.family, IPVS_CMD_GET_DEST, NLM_F_DUMP, &attrs)?;
-        Ok(replies.iter().filter_map(|r| decode_dest(r, vs.af)).collect())
+        stable_dump(
+            || {
+                let replies = self.request(self.family, IPVS_CMD_GET_DEST, NLM_F_DUMP, &attrs)?;
+                Ok(replies.iter().filter_map(|r| decode_dest(r, vs.af)).collect())
+            },
+            |d: &Destination| (d.addr, d.weight),
+        )
     }
+}
+
+/// Dumps at most this many times looking for two in a row that agree.
+const MAX_DUMPS: usize = 4;
+
+/// A dump that agrees with itself. IPVS dumps resume by index, so an entry deleted while a
+/// dump is under way can make the next entry be skipped: a routed destination would read as
+/// gone. Two dumps in a row that agree on `key` had no such deletion (the deleted entry would
+/// be in the first and not the second). Without agreement after [`MAX_DUMPS`], the union of all
+/// counts: an entry seen in any of them is kept (a false "routed" only costs time).
+fn stable_dump<T, K: Ord>(mut dump: impl FnMut() -> io::Result<Vec<T>>, key: impl Fn(&T) -> K) -> io::Result<Vec<T>> {
+    let keys = |v: &[T]| v.iter().map(&key).collect::<std::collections::BTreeSet<K>>();
+    let mut union: std::collections::BTreeMap<K, T> = std::collections::BTreeMap::new();
+    let mut last: Option<std::collections::BTreeSet<K>> = None;
+    for _ in 0..MAX_DUMPS {
+        let got = dump()?;
+        let now = keys(&got);
+        if last.as_ref() == Some(&now) {
+            return Ok(got);
+        }
+        last = Some(now);
+        for t in got {
+            union.insert(key(&t), t);
+        }
+    }
+    Ok(union.into_values().collect())
 }
 
 /// The attributes that name one virtual server by address, port and protocol (what the kernel
@@ -456,6 +492,11 @@ impl IpvsReader {
             Ok(out)
         })();
         match result {
+            // kube-proxy always has virtual servers (the `kubernetes` Service): none at all is
+            // kube-proxy cleaning up or recreating them, never proof that nothing routes.
+            Ok(servers) if servers.is_empty() && only.is_none() => Err(ReadError::NotFound {
+                detail: "no IPVS virtual servers (kube-proxy switching modes or recreating them?)".into(),
+            }),
             Ok(servers) => {
                 let (services, draining) = routes(&servers);
                 Ok(DataplaneSnapshot {
@@ -480,6 +521,29 @@ impl IpvsReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 15 (suspected, confirmed by the kernel's index-based dump resume): a deletion
+    /// during a dump can hide another entry; the reader dumps until two dumps agree.
+    #[test]
+    fn a_dump_that_skipped_an_entry_is_not_trusted() {
+        let mut script = vec![vec![1, 2, 3], vec![1, 2, 3], vec![1, 3]]
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>();
+        let got = stable_dump(|| Ok(script.pop().unwrap()), |x: &i32| *x).unwrap();
+        assert_eq!(got, [1, 2, 3], "the first dump skipped 2");
+        // Never two alike: everything seen counts.
+        let mut n = 0;
+        let got = stable_dump(
+            || {
+                n += 1;
+                Ok(vec![n])
+            },
+            |x: &i32| *x,
+        )
+        .unwrap();
+        assert_eq!(got, [1, 2, 3, 4]);
+    }
 
     fn service_msg(addr: [u8; 4], port: u16) -> Vec<Nla> {
         let mut nested = Vec::new();
