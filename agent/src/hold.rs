@@ -696,6 +696,16 @@ fn remember_endpoints(st: &mut FeedState, slice: Option<&str>) {
     }
 }
 
+/// The version a deletion happened at; unreadable, the highest (never too low).
+fn deletion_version<K: kube::Resource>(o: &K) -> u64 {
+    o.resource_version().and_then(|v| v.parse().ok()).unwrap_or(u64::MAX)
+}
+
+fn raise(map: &mut BTreeMap<String, u64>, key: &str, rv: u64) {
+    let e = map.entry(key.to_string()).or_default();
+    *e = (*e).max(rv);
+}
+
 impl Feed {
     /// Starts the watches for `namespace`.
     pub fn start(client: &Client, namespace: &str) -> Self {
@@ -712,13 +722,8 @@ impl Feed {
                 |s| Some((s.name_any(), slice_of(s)?)),
                 |st| (&mut st.slices_init, &mut st.world.slices, 0),
                 |st, s| {
-                    let rv = s
-                        .resource_version()
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .unwrap_or(u64::MAX);
                     if let Some(svc) = s.labels().get(k8s::SERVICE_NAME_LABEL) {
-                        let e = st.world.deleted.entry(svc.clone()).or_default();
-                        *e = (*e).max(rv);
+                        raise(&mut st.world.deleted, svc, deletion_version(s));
                     }
                 },
                 Some(slices),
@@ -729,14 +734,7 @@ impl Feed {
                 feed,
                 |s| Some((s.name_any(), service_of(s))),
                 |st| (&mut st.services_init, &mut st.world.services, 1),
-                |st, s| {
-                    let rv = s
-                        .resource_version()
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .unwrap_or(u64::MAX);
-                    let e = st.world.services_deleted.entry(s.name_any()).or_default();
-                    *e = (*e).max(rv);
-                },
+                |st, s| raise(&mut st.world.services_deleted, &s.name_any(), deletion_version(s)),
                 None,
             ),
             spawn_watch(
