@@ -317,8 +317,7 @@ impl Core {
         }
         // A full read is wanted until the tracker settles, and while the last reads could not
         // tell which endpoints are stale (holds wait on that).
-        let wanted =
-            self.tracker.is_synced() && (!self.tracker.is_settled() || self.tracker.stale_unknown().contains(&true));
+        let wanted = self.tracker.is_synced() && (!self.tracker.is_settled() || self.tracker.wants_full_read());
         self.requests.full_wanted.store(wanted, Ordering::Relaxed);
     }
 

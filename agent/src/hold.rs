@@ -20,7 +20,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::ListParams;
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -399,6 +399,29 @@ pub fn verdict(
             .filter(|(ip, _)| ips.contains(ip))
             .map(|(_, svc)| svc.clone()),
     );
+    // What agents list for the pod's addresses names Services too (a hold started after a
+    // relabel: the slices no longer say).
+    let listed = |ns: &str, ip: &str| ns == subject.namespace && ip_strings.iter().any(|i| i == ip);
+    for st in world.convergences.values() {
+        services.extend(
+            st.pending
+                .iter()
+                .filter(|p| listed(&p.namespace, &p.ip))
+                .map(|p| p.service.clone()),
+        );
+        services.extend(
+            st.stale
+                .iter()
+                .filter(|p| listed(&p.namespace, &p.ip))
+                .map(|p| p.service.clone()),
+        );
+        services.extend(
+            st.recent
+                .iter()
+                .filter(|p| listed(&p.namespace, &p.ip))
+                .map(|p| p.service.clone()),
+        );
+    }
     for s in world.slices.values() {
         if s.record.endpoints.iter().any(|e| ips.contains(&e.address)) {
             services.insert(s.record.service.name.clone());
@@ -455,7 +478,19 @@ pub fn verdict(
     let skip_absent = opts.skip_stale_after.is_some_and(|d| waited >= d);
     let absent = |state: NodeState| if skip_absent { NodeState::Skipped } else { state };
     let mut summaries = Vec::new();
-    for (name, info) in &world.nodes {
+    // Every Node, and every agent that is alive although its Node is gone or not yet seen (a
+    // node being drained away still routes until it stops).
+    let fresh = |st: &NodeConvergenceStatus| {
+        Timestamp::parse_rfc3339(&st.heartbeat_time)
+            .is_some_and(|t| now.seconds_since(t) <= opts.stale_after.as_secs_f64())
+    };
+    let orphans: BTreeMap<String, WorldNode> = world
+        .convergences
+        .iter()
+        .filter(|(name, st)| !world.nodes.contains_key(*name) && fresh(st))
+        .map(|(name, _)| (name.clone(), WorldNode::default()))
+        .collect();
+    for (name, info) in world.nodes.iter().chain(&orphans) {
         let ready = info.ready;
         let mut summary = NodeSummary {
             node: name.clone(),
@@ -514,7 +549,8 @@ pub fn verdict(
         }
         summaries.push(summary);
     }
-    let converged = changed_in_api && summaries.iter().all(|n| n.state.done());
+    // No node at all is no proof of anything.
+    let converged = changed_in_api && !summaries.is_empty() && summaries.iter().all(|n| n.state.done());
     HoldReport {
         converged,
         namespace: subject.namespace.clone(),
@@ -547,8 +583,11 @@ type Part<T> = fn(&mut FeedState) -> (&mut Option<BTreeMap<String, T>>, &mut BTr
 #[derive(Default)]
 struct FeedState {
     world: World,
-    /// Which of the four watches have completed their first list.
+    /// Which of the four watches have their current list in place (a relist in progress, or
+    /// the slices' floor after one, clears it).
     synced: [bool; 4],
+    /// Which of the four watches have completed a list at least once.
+    listed_once: [bool; 4],
     /// Objects of a (re)list in progress, per watch.
     slices_init: Option<BTreeMap<String, WorldSlice>>,
     services_init: Option<BTreeMap<String, WorldService>>,
@@ -576,7 +615,9 @@ impl Drop for Feed {
 }
 
 fn slice_of(s: &EndpointSlice) -> Option<WorldSlice> {
-    let (record, _) = k8s::slice_record(s).ok()?;
+    let (mut record, _) = k8s::slice_record(s).ok()?;
+    // An unreadable version must not lower what agents have to reach.
+    record.resource_version = deletion_version(s);
     Some(WorldSlice {
         name: s.name_any(),
         labels: s.labels().clone(),
@@ -609,7 +650,8 @@ where
 {
     let (state, changed) = (feed.0.clone(), feed.1.clone());
     tokio::spawn(async move {
-        let mut stream = watcher::watcher(api, config).boxed();
+        // Errors are retried with kube-runtime's backoff, not in a hot loop.
+        let mut stream = watcher::watcher(api, config).default_backoff().boxed();
         while let Some(ev) = stream.next().await {
             // A relist's floor: the collection's version once the list is in.
             let mut relisted = false;
@@ -625,12 +667,16 @@ where
                     Ok(watcher::Event::InitDone) => {
                         let (init, live, index) = part(&mut st);
                         *live = init.take().unwrap_or_default();
-                        let first = !st.synced[index];
+                        let first = !st.listed_once[index];
+                        st.listed_once[index] = true;
                         st.synced[index] = true;
                         if index == 0 {
                             st.slice_lists += 1;
-                            relisted = !first;
+                            relisted = !first && on_relist.is_some();
                             remember_endpoints(&mut st, None);
+                            // Until the floor is raised, a deletion the watch missed is unknown:
+                            // no verdict meanwhile.
+                            st.synced[0] = !relisted;
                         }
                     }
                     Ok(watcher::Event::Apply(o)) => {
@@ -661,12 +707,14 @@ where
                                 .unwrap_or(u64::MAX);
                             if let Ok(mut st) = state.lock() {
                                 st.world.floor = st.world.floor.max(rv);
+                                st.synced[0] = true;
                             }
                         }
                         Err(e) => {
                             if let Ok(mut st) = state.lock() {
                                 st.world.floor = u64::MAX;
                                 st.error = Some(format!("after a relist: {e}"));
+                                st.synced[0] = true;
                             }
                         }
                     }
@@ -764,6 +812,9 @@ impl Feed {
         let st = self.state.lock().map_err(|_| "hold state poisoned".to_string())?;
         if st.synced.iter().all(|s| *s) {
             Ok(Some(st.world.clone()))
+        } else if st.listed_once.iter().all(|s| *s) {
+            // A relist is under way: wait for it, errors included (the watcher retries).
+            Ok(None)
         } else {
             st.error.clone().map_or(Ok(None), Err)
         }
@@ -798,17 +849,24 @@ impl Feed {
     ) -> Result<HoldReport, HoldError> {
         let start = Instant::now();
         self.synced(opts.timeout.max(Duration::from_secs(5))).await?;
+        let mut last = None;
         loop {
             let notified = self.changed.notified();
-            let world = match self.snapshot() {
-                Ok(Some(w)) => w,
-                Ok(None) => World::default(),
+            // Between a relist and its floor the world is not complete: no verdict from it.
+            match self.snapshot() {
+                Ok(Some(world)) => {
+                    let report = verdict(subject, target, &world, opts, Timestamp::now(), start.elapsed());
+                    progress(&report);
+                    if report.converged {
+                        return Ok(report);
+                    }
+                    last = Some(report);
+                }
+                Ok(None) => {}
                 Err(e) => return Err(HoldError::Watch(e)),
-            };
-            let report = verdict(subject, target, &world, opts, Timestamp::now(), start.elapsed());
-            progress(&report);
-            if report.converged || start.elapsed() >= opts.timeout {
-                return Ok(report);
+            }
+            if start.elapsed() >= opts.timeout {
+                return last.ok_or_else(|| HoldError::Watch("the watches did not list in time".into()));
             }
             let left = opts.timeout.saturating_sub(start.elapsed());
             let _ = tokio::time::timeout(opts.poll.min(left), notified).await;
@@ -1165,6 +1223,48 @@ mod tests {
         assert!(!r.changed_in_api && !r.converged);
         let r = run(&subject(&["10.180.0.2"]), &add, &world(), &HoldOptions::default());
         assert!(r.converged, "{r:?}");
+    }
+
+    /// Review finding: an agent alive on a node the Node watch does not have (deleted while
+    /// draining, or not seen yet) is still waited on; a dead one is not.
+    #[test]
+    fn an_alive_agent_without_a_node_object_is_waited_on() {
+        let mut w = world();
+        let mut orphan = agent(10);
+        orphan.pending.push(pending("10.180.0.1"));
+        w.convergences.insert("node-gone".into(), orphan.clone());
+        let r = run(&subject(&["10.180.0.1"]), &removal(), &w, &HoldOptions::default());
+        assert!(!r.converged);
+        assert_eq!(state(&r, "node-gone"), NodeState::Pending);
+        orphan.heartbeat_time = Timestamp::from_millis(NOW_MS - 600_000).to_rfc3339();
+        w.convergences.insert("node-gone".into(), orphan);
+        assert!(run(&subject(&["10.180.0.1"]), &removal(), &w, &HoldOptions::default()).converged);
+    }
+
+    /// Review finding: a hold started after a relabel finds the Services the pod left in what
+    /// agents list for its addresses.
+    #[test]
+    fn services_named_by_agents_count_for_a_hold_started_after_a_relabel() {
+        let mut w = world();
+        // The relabel removed 10.180.0.9 from slice `a` (now version 10); node-a has processed
+        // it and lists the removal, node-b has not.
+        let mut listed = pending("10.180.0.9");
+        listed.namespace = "ns1".into();
+        listed.service = "svc1".into();
+        w.convergences.get_mut("node-a").unwrap().pending.push(listed);
+        w.convergences.get_mut("node-b").unwrap().observed_resource_version = "9".into();
+        let r = run(&subject(&["10.180.0.9"]), &removal(), &w, &HoldOptions::default());
+        assert_eq!(r.required_resource_version, 10);
+        assert!(!r.converged);
+        assert_eq!(state(&r, "node-b"), NodeState::Lagging);
+    }
+
+    #[test]
+    fn no_node_at_all_is_not_converged() {
+        let mut w = world();
+        w.nodes.clear();
+        w.convergences.clear();
+        assert!(!run(&subject(&["10.180.0.1"]), &removal(), &w, &HoldOptions::default()).converged);
     }
 
     #[test]

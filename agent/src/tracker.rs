@@ -289,6 +289,10 @@ pub struct Tracker {
     /// Families (v4, v6) whose stale endpoints are not known: a read failed, or could not read
     /// the family or understand some rule. Cleared by a clean full read.
     stale_unknown: [bool; 2],
+    /// Families (v4, v6) without kube-proxy's rules in the last reading: their stale endpoints
+    /// are unknown too (kube-proxy may put rules back), but a single-stack node always has one
+    /// and a full read would not change that.
+    absent: [bool; 2],
     /// Highest slice resourceVersion folded into the expectation.
     observed_resource_version: u64,
     /// Bumped whenever some Service's frontends change (see `frontends_generation`).
@@ -532,6 +536,7 @@ impl Tracker {
             ReadingOutcome::Routed(view) if full => {
                 self.stale = self.find_stale(view);
                 self.stale_unknown = view.unclean_families();
+                self.absent = [view.absent_v4, view.absent_v6];
                 self.last_view = Some((LastView::of(view), meta));
             }
             // A targeted read is no picture of the whole node, and the last full one may now be
@@ -548,6 +553,7 @@ impl Tracker {
                 }
                 let unclean = view.unclean_families();
                 self.stale_unknown = [self.stale_unknown[0] || unclean[0], self.stale_unknown[1] || unclean[1]];
+                self.absent = [self.absent[0] || view.absent_v4, self.absent[1] || view.absent_v6];
                 self.last_view = None;
             }
             ReadingOutcome::Failed { .. } => {
@@ -622,9 +628,19 @@ impl Tracker {
         self.stale.len()
     }
 
-    /// Families (v4, v6) whose stale endpoints the last reads could not establish.
+    /// Families (v4, v6) whose stale endpoints the last reads could not establish (holds wait
+    /// on addresses in them).
     pub fn stale_unknown(&self) -> [bool; 2] {
-        self.stale_unknown
+        [
+            self.stale_unknown[0] || self.absent[0],
+            self.stale_unknown[1] || self.absent[1],
+        ]
+    }
+
+    /// Whether a full read could tell what the last reads could not (a failed, partial or not
+    /// understood read; an absent family stays absent).
+    pub fn wants_full_read(&self) -> bool {
+        self.stale_unknown.contains(&true)
     }
 
     /// The stale endpoints: a hold waits on them as on pending removals.
@@ -851,6 +867,15 @@ mod tests {
         }
         tr.apply_reading(&half);
         assert_eq!(tr.stale_unknown(), [false, true]);
+        assert!(tr.wants_full_read());
+        // A family without kube-proxy's rules: unknown for holds, but no full read would help.
+        let mut absent = reading(400, 400, &[&key("10.180.0.1"), &key("10.180.0.2")]);
+        if let ReadingOutcome::Routed(v) = &mut absent.outcome {
+            v.absent_v6 = true;
+        }
+        tr.apply_reading(&absent);
+        assert_eq!(tr.stale_unknown(), [false, true]);
+        assert!(!tr.wants_full_read());
     }
 
     /// A synced tracker with 10.180.0.1 and 10.180.0.2 expected and routed.

@@ -393,6 +393,9 @@ impl NftablesReader {
         let mut pending: Vec<String> = Vec::new();
         for map in ENTRY_MAPS {
             let Some(mut set) = conn.set_header(family, TABLE, map)? else {
+                if map == ENTRY_MAPS[0] {
+                    return Ok(None);
+                }
                 continue;
             };
             // Ask the kernel for the frontends' elements one by one: dumping a map of 10k
@@ -468,7 +471,15 @@ impl DataplaneReader for NftablesReader {
                     snap.services.extend(services);
                     snap.warnings.extend(warnings);
                 }
-                Ok(None) => {}
+                // No table, or no service-ips map: as for a full read, the family's keys are
+                // unknown (kube-proxy switching modes, a `flush ruleset`), never "not routed".
+                Ok(None) => {
+                    if v6 {
+                        snap.absent_v6 = true;
+                    } else {
+                        snap.absent_v4 = true;
+                    }
+                }
                 Err(e) => {
                     self.conn = None;
                     snap.warnings.push(format!("targeted nf_tables read: {e}"));
