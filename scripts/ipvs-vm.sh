@@ -128,6 +128,7 @@ step deleted
 ipvsadm -C
 echo "@@CLEARED"
 kube-converge inspect --mode ipvs -o json 2>&1
+kube-converge inspect --mode ipvs --frontend 10.96.0.10:80 -o json 2>&1
 echo "@@CEND"
 echo "@@TESTED $start $(cut -d' ' -f1 /proc/uptime)"
 poweroff -f

@@ -459,6 +459,9 @@ impl IpvsReader {
                 },
             })?),
         };
+        // No virtual server at all: kube-proxy cleaning up (a mode switch), never "routes
+        // nothing". A targeted read checks it only when none of its frontends was found.
+        let mut table_empty = false;
         let result = (|| -> io::Result<Vec<(VirtualServer, Vec<Destination>)>> {
             let servers = match only.map(by_address) {
                 // Only ClusterIP-style frontends: look each one up by key, for every protocol
@@ -470,15 +473,20 @@ impl IpvsReader {
                             found.extend(conn.service(a, p as u16)?);
                         }
                     }
+                    if found.is_empty() {
+                        table_empty = conn.services()?.is_empty();
+                    }
                     found
                 }
                 // A NodePort (`*:port`) is served on every node address, which the frontend
                 // does not list: dump the virtual servers and match by port.
-                _ => conn
-                    .services()?
-                    .into_iter()
-                    .filter(|vs| only.is_none_or(|f| serves(vs, f)))
-                    .collect(),
+                _ => {
+                    let all = conn.services()?;
+                    table_empty = all.is_empty();
+                    all.into_iter()
+                        .filter(|vs| only.is_none_or(|f| serves(vs, f)))
+                        .collect()
+                }
             };
             let mut out = Vec::new();
             for vs in servers {
@@ -492,9 +500,8 @@ impl IpvsReader {
             Ok(out)
         })();
         match result {
-            // kube-proxy always has virtual servers (the `kubernetes` Service): none at all is
-            // kube-proxy cleaning up or recreating them, never proof that nothing routes.
-            Ok(servers) if servers.is_empty() && only.is_none() => Err(ReadError::NotFound {
+            // kube-proxy always has virtual servers (the `kubernetes` Service).
+            Ok(_) if table_empty => Err(ReadError::NotFound {
                 detail: "no IPVS virtual servers (kube-proxy switching modes or recreating them?)".into(),
             }),
             Ok(servers) => {
