@@ -70,12 +70,27 @@ fn bad_request(message: String) -> axum::response::Response {
     json_response(StatusCode::BAD_REQUEST, serde_json::json!({"error": message}))
 }
 
+/// A Kubernetes object name (RFC 1123 subdomain): pods.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// An RFC 1123 label: namespaces.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 /// `GET /v1/hold?namespace=N&pod=P&timeout=T` (or `ip=`): 200 once the pod converged on every
 /// node, 504 on timeout naming the nodes still waited on, 400/404 on bad input, 429 when too
 /// many holds are in progress.
 async fn hold_handler(
     State(s): State<AdminState>,
-    Query(q): Query<std::collections::HashMap<String, String>>,
+    Query(pairs): Query<Vec<(String, String)>>,
 ) -> axum::response::Response {
     use crate::hold::{hold_until_converged, HoldError, HoldTarget};
     let Some(ctx) = s.hold.clone() else {
@@ -84,6 +99,12 @@ async fn hold_handler(
             serde_json::json!({"error": "holds are disabled on this agent"}),
         );
     };
+    let mut q = std::collections::HashMap::new();
+    for (k, v) in pairs {
+        if q.insert(k.clone(), v).is_some() {
+            return bad_request(format!("parameter {k:?} is given more than once"));
+        }
+    }
     for k in q.keys() {
         if ![
             "namespace",
@@ -108,6 +129,16 @@ async fn hold_handler(
     };
     let pod = q.get("pod").filter(|p| !p.is_empty()).cloned();
     let namespace = q.get("namespace").filter(|n| !n.is_empty()).cloned();
+    if let Some(p) = &pod {
+        if !is_dns_subdomain(p) {
+            return bad_request(format!("pod={p:?} is not a valid pod name"));
+        }
+    }
+    if let Some(n) = &namespace {
+        if !is_dns_label(n) {
+            return bad_request(format!("namespace={n:?} is not a valid namespace name"));
+        }
+    }
     if pod.is_none() && ip.is_none() {
         return bad_request("give pod= (with namespace=) or ip=".into());
     }
@@ -132,7 +163,11 @@ async fn hold_handler(
         Some("true") => opts.skip_not_ready = true,
         Some(v) => return bad_request(format!("skipNotReady={v:?}: use true or false")),
     }
-    let annotate = q.get("annotate").is_some_and(|v| v == "true" || v == "1");
+    let annotate = match q.get("annotate").map(String::as_str) {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") => true,
+        Some(v) => return bad_request(format!("annotate={v:?}: use true or false")),
+    };
     let Ok(_slot) = ctx.slots.clone().try_acquire_owned() else {
         return json_response(
             StatusCode::TOO_MANY_REQUESTS,

@@ -192,27 +192,27 @@ pub struct AgentArgs {
     #[arg(long, env = "KUBE_CONVERGE_NAMESPACE")]
     pub namespace: Option<String>,
     /// Watch only Services and EndpointSlices matching this label selector.
-    #[arg(long, env = "KUBE_CONVERGE_LABEL_SELECTOR")]
+    #[arg(long, env = "KUBE_CONVERGE_LABEL_SELECTOR", value_parser = parse_label_selector)]
     pub label_selector: Option<String>,
     #[command(flatten)]
     pub dataplane: DataplaneArgs,
     /// Poll interval where the kernel does not notify (iptables-legacy), while changes are pending.
-    #[arg(long, env = "KUBE_CONVERGE_POLL_INTERVAL", value_parser = parse_duration, default_value = "1s")]
+    #[arg(long, env = "KUBE_CONVERGE_POLL_INTERVAL", value_parser = parse_interval, default_value = "1s")]
     pub poll_interval: Duration,
     /// Full re-read interval when nothing is pending (safety net and stale-endpoint check).
-    #[arg(long, env = "KUBE_CONVERGE_RESYNC_INTERVAL", value_parser = parse_duration, default_value = "30s")]
+    #[arg(long, env = "KUBE_CONVERGE_RESYNC_INTERVAL", value_parser = parse_interval, default_value = "30s")]
     pub resync_interval: Duration,
     /// A change pending longer than this is reported timed out (it stays tracked).
-    #[arg(long, env = "KUBE_CONVERGE_CHANGE_TIMEOUT", value_parser = parse_duration, default_value = "5m")]
+    #[arg(long, env = "KUBE_CONVERGE_CHANGE_TIMEOUT", value_parser = parse_interval, default_value = "5m")]
     pub change_timeout: Duration,
     /// At most one NodeConvergence status write per this interval while the state changes.
-    #[arg(long, env = "KUBE_CONVERGE_STATUS_INTERVAL", value_parser = parse_duration, default_value = "1s")]
+    #[arg(long, env = "KUBE_CONVERGE_STATUS_INTERVAL", value_parser = parse_interval, default_value = "1s")]
     pub status_interval: Duration,
     /// A heartbeat status write when nothing changes.
-    #[arg(long, env = "KUBE_CONVERGE_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "30s")]
+    #[arg(long, env = "KUBE_CONVERGE_HEARTBEAT_INTERVAL", value_parser = parse_interval, default_value = "30s")]
     pub heartbeat_interval: Duration,
     /// Sustained status-write budget: on average one write per this interval (node leases: 10s).
-    #[arg(long, env = "KUBE_CONVERGE_STATUS_BUDGET", value_parser = parse_duration, default_value = "10s")]
+    #[arg(long, env = "KUBE_CONVERGE_STATUS_BUDGET", value_parser = parse_interval, default_value = "10s")]
     pub status_budget: Duration,
     /// Writes allowed in a burst at --status-interval before the budget applies.
     #[arg(long, env = "KUBE_CONVERGE_STATUS_BURST", default_value_t = 10)]
@@ -221,7 +221,7 @@ pub struct AgentArgs {
     #[arg(long, env = "KUBE_CONVERGE_PUBLISH_STATUS", default_value_t = true, action = clap::ArgAction::Set)]
     pub publish_status: bool,
     /// Concurrent /v1/hold requests served at most (more get 429).
-    #[arg(long, env = "KUBE_CONVERGE_MAX_HOLDS", default_value_t = 64)]
+    #[arg(long, env = "KUBE_CONVERGE_MAX_HOLDS", value_parser = parse_positive, default_value = "64")]
     pub max_holds: usize,
     /// Address of the HTTP server for /metrics, /healthz, /readyz and /v1/hold.
     #[arg(long, env = "KUBE_CONVERGE_LISTEN", default_value = "0.0.0.0:9108")]
@@ -285,7 +285,37 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("invalid duration {s:?}"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    // Nothing here needs more than a week; larger values are typos (and past u64 seconds they
+    // would not even fit a Duration).
+    if secs > MAX_DURATION.as_secs_f64() {
+        return Err(format!("duration {s:?} is too long: at most 168h"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// The longest duration any flag or parameter takes.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A duration that must not be zero (an interval: zero would spin).
+pub fn parse_interval(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?} is zero: an interval must be positive, e.g. 1s")),
+        d => Ok(d),
+    }
+}
+
+/// A count that must be at least 1.
+pub fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
+}
+
+/// A label selector the API server would accept (kube-proxy's own terms are added to it).
+pub fn parse_label_selector(s: &str) -> Result<String, String> {
+    crate::selector::LabelSelector::parse(s).map(|_| s.trim().to_string())
 }
 
 #[cfg(test)]
@@ -323,6 +353,27 @@ mod tests {
         };
         assert_eq!(i.frontends, ["10.96.0.10:80", "*:30080"]);
         assert!(Cli::try_parse_from(["kube-converge", "inspect", "--frontend", "nope"]).is_err());
+    }
+
+    /// Issue 17: configuration that cannot work is refused at start (clap exits 2), and an
+    /// absurd duration is an error, not a panic.
+    #[test]
+    fn absurd_flags_are_refused() {
+        assert!(parse_duration("99999999999999999999s").is_err());
+        assert!(parse_duration("169h").is_err());
+        assert_eq!(parse_duration("168h"), Ok(MAX_DURATION));
+        for bad in [
+            &["--poll-interval", "0s"][..],
+            &["--resync-interval", "0"],
+            &["--poll-interval", "99999999999999999999s"],
+            &["--max-holds", "0"],
+            &["--label-selector", "app in (x"],
+        ] {
+            let mut args = vec!["kube-converge", "agent", "--node-name", "n1"];
+            args.extend_from_slice(bad);
+            let err = Cli::try_parse_from(&args).map(|_| ()).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
     }
 
     #[test]

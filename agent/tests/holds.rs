@@ -81,6 +81,13 @@ async fn bad_and_unknown_hold_requests() {
         "/v1/hold?ip=not-an-ip",
         "/v1/hold?namespace=demo&pod=web-0&timeout=soon",
         "/v1/hold?bogus=1",
+        // Issue 17: bounded and validated parameters.
+        "/v1/hold?namespace=demo&pod=web-0&timeout=99999999999999999999s",
+        "/v1/hold?namespace=demo&pod=web-0&annotate=maybe",
+        "/v1/hold?namespace=demo&pod=web-0&pod=web-1",
+        "/v1/hold?namespace=demo&pod=Web_0",
+        "/v1/hold?namespace=Demo!&pod=web-0",
+        "/v1/hold?namespace=demo&pod=web-0&skipNotReady=yes",
     ] {
         assert_eq!(get(addr, path).await.0, 400, "{path}");
     }
