@@ -44,6 +44,8 @@ pub struct HoldContext {
     pub client: kube::Client,
     pub defaults: crate::hold::HoldOptions,
     pub slots: Arc<tokio::sync::Semaphore>,
+    /// True once the agent is shutting down: new holds get 503, in-flight ones answer.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 #[derive(Clone)]
@@ -168,6 +170,13 @@ async fn hold_handler(
         Some("true") | Some("1") => true,
         Some(v) => return bad_request(format!("annotate={v:?}: use true or false")),
     };
+    let mut stopping = ctx.stopping.clone();
+    if *stopping.borrow() {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "this agent is shutting down; ask another node's agent"}),
+        );
+    }
     let Ok(_slot) = ctx.slots.clone().try_acquire_owned() else {
         return json_response(
             StatusCode::TOO_MANY_REQUESTS,
@@ -181,7 +190,17 @@ async fn hold_handler(
         ip,
         ..Default::default()
     };
-    let result = hold_until_converged(&ctx.client, &target, &opts, |_| {}).await;
+    let result = tokio::select! {
+        r = hold_until_converged(&ctx.client, &target, &opts, |_| {}) => r,
+        _ = stopping.wait_for(|stop| *stop) => {
+            s.metrics.holds_in_progress.dec();
+            s.metrics.holds.with_label_values(&["error"]).inc();
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"converged": false, "error": "this agent is shutting down before the pod converged everywhere; retry on another node's agent"}),
+            );
+        }
+    };
     s.metrics.holds_in_progress.dec();
     match result {
         Ok(report) if report.converged => {

@@ -101,14 +101,23 @@ enum Input {
     Zone(Option<String>),
 }
 
+/// How long a shutting-down agent waits for its in-flight holds' replies to go out.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
 /// Runs the agent with kube's standard config discovery until an error or Ctrl-C.
 pub async fn run(config: AgentConfig, metrics: Metrics) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await.context(
         "building the Kubernetes client (in-cluster service account, or KUBECONFIG / ~/.kube/config): check that one of them is present and valid",
     )?;
-    let interrupted = async {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("interrupted, shutting down");
+    // SIGTERM (what the kubelet sends, also to PID 1, which has no default handler) and
+    // SIGINT are handled alike.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let interrupted = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
     };
     run_with_client(client, config, metrics, interrupted).await
 }
@@ -122,10 +131,13 @@ pub async fn run_with_client(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let health = Arc::new(Health::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_holds));
     let hold = admin::HoldContext {
         client: client.clone(),
         defaults: crate::hold::HoldOptions::default(),
-        slots: Arc::new(tokio::sync::Semaphore::new(config.max_holds)),
+        slots: slots.clone(),
+        stopping: stop_rx,
     };
     let (addr, server) = admin::serve(config.listen, metrics.clone(), health.clone(), Some(hold))
         .await
@@ -171,7 +183,21 @@ pub async fn run_with_client(
     // Every task runs for the agent's lifetime: the first one to end, ends the agent.
     let first = tokio::select! {
         r = tasks.join_next() => r,
-        _ = shutdown => { tasks.abort_all(); return Ok(()); }
+        _ = shutdown => {
+            // New holds get 503 and the ones in flight answer now (not converged yet); give
+            // their replies a bounded moment to go out, then stop.
+            let _ = stop_tx.send(true);
+            let drained = async {
+                while slots.available_permits() < config.max_holds {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            };
+            if tokio::time::timeout(SHUTDOWN_DRAIN, drained).await.is_err() {
+                tracing::warn!("holds still answering after {SHUTDOWN_DRAIN:?}; stopping anyway");
+            }
+            tasks.abort_all();
+            return Ok(());
+        }
     };
     tasks.abort_all();
     match first {

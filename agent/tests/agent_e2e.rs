@@ -417,3 +417,80 @@ async fn watch_disconnect_and_410_gone_relist_loses_and_duplicates_nothing() {
     );
     assert_eq!(metric(&body, "kube_converge_lag_seconds_count", &[]), 1.0);
 }
+
+/// The host pid of `parent`'s only child (the agent that `unshare --fork` runs as PID 1).
+fn child_of(parent: u32) -> Option<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).ok()?;
+    children.split_whitespace().next()?.parse().ok()
+}
+
+/// Issue 17: as PID 1 (in its container) the agent got no SIGTERM at all, so every rollout
+/// waited for SIGKILL. It now stops on SIGTERM: new holds get 503, an in-flight hold is answered
+/// (not converged), and it exits 0 within the drain bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_agent_as_pid_1_and_answers_in_flight_holds() {
+    if !require(&["unshare"]) {
+        return;
+    }
+    let api = FakeApiServer::start().await.unwrap();
+    // A pod whose hold cannot converge (no node has an agent).
+    api.apply(json!({"kind": "Pod", "apiVersion": "v1",
+        "metadata": {"name": "web-0", "namespace": "demo"},
+        "status": {"podIP": "10.244.1.10", "podIPs": [{"ip": "10.244.1.10"}]}}));
+    api.apply(
+        json!({"kind": "Node", "apiVersion": "v1", "metadata": {"name": "node-a"},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let listen = free_port();
+    let mut unshare = Agent(
+        Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child"])
+            .arg(env!("CARGO_BIN_EXE_kube-converge"))
+            .args(["agent", "--node-name", "node-a", "--listen", &listen.to_string()])
+            .args([
+                "--publish-status",
+                "false",
+                "--mode",
+                "iptables",
+                "--netns",
+                "/proc/self/ns/net",
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn unshare"),
+    );
+    wait_for(listen, "/healthz", Duration::from_secs(20), |_| true).await;
+    let agent = child_of(unshare.0.id()).expect("the agent under unshare");
+    let hold = tokio::spawn(async move { http_get(listen, "/v1/hold?namespace=demo&pod=web-0&timeout=60s").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!hold.is_finished(), "the hold should be waiting");
+    let sent = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &agent.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let (code, body) = tokio::time::timeout(Duration::from_secs(10), hold)
+        .await
+        .expect("the in-flight hold was not answered")
+        .unwrap()
+        .expect("the in-flight hold got no reply");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("shutting down"), "{body}");
+    let status = loop {
+        if let Some(s) = unshare.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "the agent (PID 1) ignored SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
