@@ -160,7 +160,39 @@ impl Metrics {
                 m.changes.with_label_values(&[change, outcome]);
             }
         }
+        for trigger in ["event", "poll", "pending", "initial"] {
+            for scope in ["full", "targeted"] {
+                m.dataplane_reads.with_label_values(&[trigger, scope]);
+            }
+        }
+        for state in ["active", "inactive"] {
+            m.draining_connections.with_label_values(&[state]).set(0);
+        }
+        m.set_info("unknown", "unknown");
+        for lag in ["lag", "end_to_end"] {
+            m.lag_clamped.with_label_values(&[lag]);
+        }
+        for resource in ["endpointslices", "services"] {
+            for kind in ["initial_list", "watch_start", "watch_error", "watch_failed", "other"] {
+                m.watch_errors.with_label_values(&[resource, kind]);
+            }
+        }
+        for reason in [
+            "bad_protocol",
+            "invalid_ip",
+            "missing_port",
+            "no_address",
+            "missing_service_label",
+            "fqdn",
+        ] {
+            m.malformed.with_label_values(&[reason]);
+        }
         Ok(m)
+    }
+
+    #[cfg(test)]
+    fn families(&self) -> Vec<String> {
+        self.registry.gather().iter().map(|f| f.name().to_string()).collect()
     }
 
     pub fn set_info(&self, mode: &str, backend: &str) {
@@ -264,6 +296,35 @@ pub fn release_freed_memory() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 17: every metric of the README's table is in the first scrape (counters at zero),
+    /// except histograms with labels, whose series appear with their first sample.
+    #[test]
+    fn every_documented_metric_is_exported_from_the_start() {
+        let readme = include_str!("../../README.md");
+        let m = Metrics::new().unwrap();
+        let families = m.families();
+        let mut checked = 0;
+        for line in readme.lines() {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let [_, name, kind, labels, ..] = cells.as_slice() else {
+                continue;
+            };
+            let Some(name) = name.strip_prefix('`').and_then(|n| n.strip_suffix('`')) else {
+                continue;
+            };
+            if !["counter", "gauge", "histogram"].contains(kind) || (*kind == "histogram" && !labels.is_empty()) {
+                continue;
+            }
+            let full = format!("kube_converge_{name}");
+            assert!(
+                families.contains(&full),
+                "{full} is documented but not in the first scrape: {families:?}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 15, "read only {checked} metrics from the README's table");
+    }
 
     #[test]
     fn buckets_are_sorted_and_span_1ms_to_300s() {
