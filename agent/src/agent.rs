@@ -214,16 +214,22 @@ async fn watch_zone(client: kube::Client, node: String, tx: mpsc::Sender<Input>)
     let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
     let config = watcher::Config::default().fields(&format!("metadata.name={node}"));
     let mut stream = std::pin::pin!(watcher::watcher(api, config));
+    let mut failures = 0u32;
     while let Some(ev) = stream.next().await {
         let zone = match ev {
             Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => n.labels().get(k8s::ZONE_LABEL).cloned(),
             Ok(_) => continue,
             Err(e) => {
-                tracing::warn!(error = %e, node, "watching this node's zone label failed; retrying");
-                tokio::time::sleep(k8s::WATCH_RETRY).await;
+                failures = failures.saturating_add(1);
+                if failures == 1 {
+                    let cause = k8s::failure_cause(&e.to_string());
+                    tracing::warn!(error = %e, node, "watching this node's zone label failed, retrying with backoff: {cause}");
+                }
+                tokio::time::sleep(k8s::retry_delay(failures, k8s::jitter())).await;
                 continue;
             }
         };
+        failures = 0;
         if tx.send(Input::Zone(zone)).await.is_err() {
             break;
         }
@@ -237,17 +243,20 @@ async fn forward<T>(
     wrap: fn(WatchMsg<T>) -> Input,
 ) -> anyhow::Result<()> {
     let mut stream = std::pin::pin!(stream);
+    let mut failures = 0u32;
     while let Some(msg) = stream.next().await {
         if let WatchMsg::Failed { .. } = &msg {
-            // kube-runtime's watcher retries on the next poll; pace it so an unreachable API
-            // server is not hammered.
+            // kube-runtime's watcher retries on the next poll; back off exponentially, with
+            // jitter, so an unreachable API server is not hammered by every agent in step.
             let failed = tx.send(wrap(msg)).await.is_err();
             if failed {
                 break;
             }
-            tokio::time::sleep(k8s::WATCH_RETRY).await;
+            failures = failures.saturating_add(1);
+            tokio::time::sleep(k8s::retry_delay(failures, k8s::jitter())).await;
             continue;
         }
+        failures = 0;
         if tx.send(wrap(msg)).await.is_err() {
             break;
         }
@@ -290,6 +299,8 @@ struct Core {
     /// The catalog that names dataplane rules, with the frontends generation it was built at.
     catalog: Option<(u64, ServiceCatalog)>,
     backend: String,
+    /// The cause of each resource's last watch failure, logged once per change.
+    watch_causes: HashMap<&'static str, &'static str>,
     /// The last read: Ok(warnings) or Err(error kind).
     last_read: Option<Result<usize, &'static str>>,
 }
@@ -330,6 +341,7 @@ impl Core {
             catalog: None,
             backend: "unknown".into(),
             last_read: None,
+            watch_causes: HashMap::new(),
         }
     }
 
@@ -642,9 +654,15 @@ impl Core {
         }
     }
 
-    fn watch_failed(&self, resource: &str, kind: &'static str, message: &str) {
+    fn watch_failed(&mut self, resource: &'static str, kind: &'static str, message: &str) {
         self.metrics.watch_errors.with_label_values(&[resource, kind]).inc();
-        tracing::warn!(resource, kind, error = %message, "watch failed; retrying (is the API server reachable and are RBAC rights granted?)");
+        // One line per change of cause, not one per retry.
+        let cause = k8s::failure_cause(message);
+        if self.watch_causes.insert(resource, cause) != Some(cause) {
+            tracing::warn!(resource, kind, error = %message, "watch failed, retrying with backoff: {cause}");
+        } else {
+            tracing::debug!(resource, kind, error = %message, "watch failed again");
+        }
     }
 
     fn insert_slice(&mut self, item: SliceItem) -> Option<ServiceRef> {

@@ -307,6 +307,68 @@ fn watch_error_kind(e: &watcher::Error) -> &'static str {
 /// How long to wait between retries of a failing watch.
 pub const WATCH_RETRY: Duration = Duration::from_secs(1);
 
+/// The wait before retrying a watch after `failures` failures in a row: 1 s doubling up to
+/// 60 s, with `jitter` (0..1) taking off up to a quarter so agents do not retry in step.
+pub fn retry_delay(failures: u32, jitter: f64) -> Duration {
+    let base = WATCH_RETRY
+        .saturating_mul(1 << failures.saturating_sub(1).min(6))
+        .min(Duration::from_secs(60));
+    base.mul_f64(1.0 - 0.25 * jitter.clamp(0.0, 1.0))
+}
+
+/// A number in 0..1 that differs between agents and calls (std's randomly keyed hasher, over
+/// the clock): enough to spread retries, no dependency for it.
+pub fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// What a watch failure most likely means, in words an operator can act on.
+pub fn failure_cause(message: &str) -> &'static str {
+    let m = message.to_ascii_lowercase();
+    if m.contains("connection refused") || m.contains("tcp connect") || m.contains("dns") || m.contains("timed out") {
+        "the API server cannot be reached (address, network, or it is down)"
+    } else if m.contains("401") || m.contains("unauthorized") {
+        "the API server rejects the agent's credentials (service account token)"
+    } else if m.contains("403") || m.contains("forbidden") {
+        "RBAC: the agent's ServiceAccount may not list/watch this resource (deploy/base/rbac-agent.yaml)"
+    } else if m.contains("400") || m.contains("badrequest") || m.contains("bad request") {
+        "the API server refuses the request (an invalid --label-selector?)"
+    } else {
+        "see the error"
+    }
+}
+
+#[cfg(test)]
+mod failure_tests {
+    use super::*;
+
+    /// Issue 17: exponential backoff with jitter, and a cause that names the real problem.
+    #[test]
+    fn retries_back_off_and_causes_are_named() {
+        assert_eq!(retry_delay(1, 0.0), Duration::from_secs(1));
+        assert_eq!(retry_delay(2, 0.0), Duration::from_secs(2));
+        assert_eq!(retry_delay(5, 0.0), Duration::from_secs(16));
+        assert_eq!(retry_delay(40, 0.0), Duration::from_secs(60));
+        assert_eq!(retry_delay(3, 1.0), Duration::from_secs(3));
+        assert!(
+            failure_cause("error trying to connect: tcp connect error: Connection refused (os error 111)")
+                .contains("cannot be reached")
+        );
+        assert!(failure_cause("ApiError: endpointslices is forbidden: ... (Forbidden): 403").contains("RBAC"));
+        assert!(
+            !failure_cause("Connection refused").contains("RBAC"),
+            "connection refused is not RBAC"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
