@@ -14,7 +14,7 @@ use serde_json::Value;
 const BACKENDS: [&str; 2] = ["nft", "legacy"];
 const FIXTURES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/reference/kube-proxy/fixtures"
+    "/tests/fixtures/kube-proxy"
 );
 
 fn tools(backend: &str) -> Vec<String> {

@@ -11,7 +11,7 @@ use kube_converge::model::{Protocol, ServicePortName};
 
 const FIXTURES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/reference/kube-proxy/fixtures"
+    "/tests/fixtures/kube-proxy"
 );
 
 fn nft(ns: &Netns, script: &str) {

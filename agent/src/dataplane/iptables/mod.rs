@@ -490,7 +490,7 @@ mod tests {
 
     const FIXTURES: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/reference/kube-proxy/fixtures"
+        "/tests/fixtures/kube-proxy"
     );
 
     fn fixture(name: &str) -> String {
