@@ -37,6 +37,10 @@ fn netns(args: &DataplaneArgs) -> anyhow::Result<NetNs> {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let cluster = ClusterArgs {
+        kubeconfig: cli.kubeconfig.clone(),
+        context: cli.context.clone(),
+    };
     let quiet = !matches!(cli.command, Command::Agent(_));
     telemetry::init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     match cli.command {
@@ -47,9 +51,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", crate::crd::crd_yaml());
             Ok(())
         }
-        Command::Isolate(args) => run_isolate(args).await,
-        Command::Restore(args) => run_restore(args).await,
-        Command::Status(args) => run_status(args).await,
+        Command::Isolate(args) => run_isolate(args, &cluster).await,
+        Command::Restore(args) => run_restore(args, &cluster).await,
+        Command::Status(args) => run_status(args, &cluster).await,
     }
 }
 
@@ -138,10 +142,34 @@ async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn cluster_client() -> anyhow::Result<kube::Client> {
-    kube::Client::try_default()
-        .await
-        .context("connecting to the cluster (KUBECONFIG, ~/.kube/config or in-cluster config): check that one is present and valid")
+/// Where the CLI finds the cluster: kubectl's `--kubeconfig` and `--context`.
+#[derive(Clone, Debug, Default)]
+struct ClusterArgs {
+    kubeconfig: Option<std::path::PathBuf>,
+    context: Option<String>,
+}
+
+async fn cluster_client(cluster: &ClusterArgs) -> anyhow::Result<kube::Client> {
+    let options = kube::config::KubeConfigOptions {
+        context: cluster.context.clone(),
+        ..Default::default()
+    };
+    let config = match (&cluster.kubeconfig, &cluster.context) {
+        (Some(path), _) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+                .await
+                .with_context(|| format!("using the kubeconfig {}", path.display()))?
+        }
+        (None, Some(context)) => kube::Config::from_kubeconfig(&options)
+            .await
+            .with_context(|| format!("using context {context:?} of the kubeconfig (KUBECONFIG or ~/.kube/config)"))?,
+        (None, None) => kube::Config::infer().await.context(
+            "finding the cluster (KUBECONFIG, ~/.kube/config or in-cluster config): check that one is present and valid",
+        )?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 fn hold_options(w: &WaitArgs) -> crate::hold::HoldOptions {
@@ -168,9 +196,9 @@ fn finish(report: &crate::hold::HoldReport, what: &str) -> anyhow::Result<()> {
     }
 }
 
-async fn run_isolate(args: IsolateArgs) -> anyhow::Result<()> {
+async fn run_isolate(args: IsolateArgs, cluster: &ClusterArgs) -> anyhow::Result<()> {
     use crate::isolate::Relabel;
-    let client = cluster_client().await?;
+    let client = cluster_client(cluster).await?;
     let ns = args
         .namespace
         .clone()
@@ -203,8 +231,8 @@ async fn run_isolate(args: IsolateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
-    let client = cluster_client().await?;
+async fn run_restore(args: RestoreArgs, cluster: &ClusterArgs) -> anyhow::Result<()> {
+    let client = cluster_client(cluster).await?;
     let ns = args
         .namespace
         .clone()
@@ -214,8 +242,8 @@ async fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
     finish(&report, &format!("restore of {ns}/{}", args.pod))
 }
 
-async fn run_status(args: StatusArgs) -> anyhow::Result<()> {
-    let client = cluster_client().await?;
+async fn run_status(args: StatusArgs, cluster: &ClusterArgs) -> anyhow::Result<()> {
+    let client = cluster_client(cluster).await?;
     match args.pod {
         None => print!("{}", crate::isolate::status_table(&client).await?),
         Some(pod) => {
@@ -234,14 +262,14 @@ async fn run_status(args: StatusArgs) -> anyhow::Result<()> {
             };
             let report = crate::hold::hold_until_converged(&client, &target, &opts, |_| {}).await?;
             print!("{}", report.table());
-            println!(
-                "{}",
-                if report.converged {
-                    "converged everywhere"
-                } else {
-                    "not converged everywhere"
-                }
-            );
+            if !report.converged {
+                // A script asking "is it safe yet?" gets its answer from the exit code too.
+                anyhow::bail!(
+                    "not converged everywhere; waiting on: {}",
+                    report.waiting_on().join(", ")
+                );
+            }
+            println!("converged everywhere");
         }
     }
     Ok(())

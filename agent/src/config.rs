@@ -24,6 +24,13 @@ pub struct Cli {
         global = true
     )]
     pub log_format: LogFormat,
+    /// The kubeconfig file for `isolate`, `restore` and `status` (default: KUBECONFIG,
+    /// ~/.kube/config, or the in-cluster config), as kubectl's `--kubeconfig`.
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// The kubeconfig context to use, as kubectl's `--context`.
+    #[arg(long, global = true)]
+    pub context: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }

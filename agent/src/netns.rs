@@ -15,6 +15,8 @@ use std::os::unix::process::CommandExt;
 pub enum NetnsError {
     #[error("opening network namespace {path}: {source} (is the path a netns file such as /run/netns/NAME or /proc/PID/ns/net?)")]
     OpenFailed { path: PathBuf, source: io::Error },
+    #[error("{path} is not a network namespace (use /run/netns/NAME or /proc/PID/ns/net)")]
+    NotNetns { path: PathBuf },
     #[error("entering network namespace {path}: {source} (this needs CAP_SYS_ADMIN)")]
     EnterFailed { path: PathBuf, source: io::Error },
 }
@@ -35,6 +37,13 @@ impl NetNs {
             path: path.into(),
             source,
         })?;
+        // NS_GET_NSTYPE: the kind of namespace a nsfs file is; any other file fails the ioctl.
+        const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+        // SAFETY: an ioctl without argument on a file descriptor we own.
+        let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+        if kind != libc::CLONE_NEWNET {
+            return Err(NetnsError::NotNetns { path: path.into() });
+        }
         Ok(Self {
             target: Some(Arc::new((path.into(), file))),
         })
@@ -86,5 +95,22 @@ impl NetNs {
                 source: io::Error::other("worker panicked"),
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 17: `--netns /etc/passwd` says it is not a network namespace.
+    #[test]
+    fn a_file_that_is_not_a_network_namespace_is_refused() {
+        let err = NetNs::open(Path::new("/etc/passwd")).unwrap_err();
+        assert!(err.to_string().contains("is not a network namespace"), "{err}");
+        assert!(NetNs::open(Path::new("/proc/self/ns/net")).is_ok());
+        assert!(
+            NetNs::open(Path::new("/proc/self/ns/uts")).is_err(),
+            "another kind of namespace"
+        );
     }
 }

@@ -213,6 +213,38 @@ async fn isolate_and_restore_from_the_cli_and_the_timeout_path() {
         sim.cluster().get("Pod", "demo", "web-1").unwrap()["metadata"]["labels"]["app"],
         "web"
     );
+    // Issue 17: `status` of a pod not converged everywhere exits non-zero (web-1 is routed
+    // again: a removal has not converged).
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let run = run.clone();
+        move || run(&["status", "web-1", "-n", "demo"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(1), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains("not converged everywhere"), "{err}");
+    // Issue 17: --kubeconfig and --context, as kubectl's.
+    let file = dir.path().join("kubeconfig");
+    let with_flags = |context: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kube-converge"))
+            .args(["status", "--kubeconfig"])
+            .arg(&file)
+            .args(["--context", context])
+            .env_remove("KUBECONFIG")
+            .env("HOME", "/nonexistent")
+            .output()
+            .unwrap()
+    };
+    let out = with_flags("sim");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("node-1"));
+    let out = with_flags("nope");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nope"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The timeout path: node-3 needs 1 s, the command allows 300 ms.
     let (code, _out, err) =
         tokio::task::spawn_blocking(move || run(&["isolate", "web-2", "-n", "demo", "--timeout", "300ms"]))

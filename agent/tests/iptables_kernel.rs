@@ -12,10 +12,7 @@ use kube_converge::model::{Protocol, ServicePortName};
 use serde_json::Value;
 
 const BACKENDS: [&str; 2] = ["nft", "legacy"];
-const FIXTURES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/kube-proxy"
-);
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kube-proxy");
 
 fn tools(backend: &str) -> Vec<String> {
     ["iptables", "ip6tables"]

@@ -9,10 +9,7 @@ use common::{inspect_json, pair, require, routed, Netns};
 use kube_converge::emulate::{nft_endpoint_chain, render_nft, EmulatedServicePort};
 use kube_converge::model::{Protocol, ServicePortName};
 
-const FIXTURES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/kube-proxy"
-);
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kube-proxy");
 
 fn nft(ns: &Netns, script: &str) {
     ns.run_stdin("nft", &["-f", "-"], script);
