@@ -305,3 +305,72 @@ fn inspect_frontend_reports_only_what_serves_it() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("expected IP:PORT"), "{err}");
 }
+
+/// Real kube-proxy v1.37.2 DNATs in the service chain through an anonymous data map
+/// (`dnat ip addr . port to numgen random mod 3 map { 0 : a . p, … }`), with no endpoint
+/// chains. Full and targeted reads must both find every endpoint, and follow a removal.
+#[test]
+fn real_v1_37_dnat_through_a_numgen_data_map() {
+    use kube_converge::dataplane::nftables::NftablesReader;
+    use kube_converge::dataplane::{DataplaneReader, ReadTargets};
+    if !require(&["ip", "nft"]) {
+        return;
+    }
+    let ns = Netns::new("nft137");
+    nft(
+        &ns,
+        &std::fs::read_to_string(format!("{FIXTURES}/nft_real_v1.37.2_web3.nft")).unwrap(),
+    );
+    let report = inspect(&ns);
+    let three = pair(
+        "demo/web:http",
+        &["10.244.0.11:8080", "10.244.1.11:8080", "10.244.2.11:8080"],
+    );
+    assert!(routed(&report).contains(&three), "{report}");
+    assert_eq!(
+        report["warnings"].as_array().map(|w| w.len()).unwrap_or(0),
+        0,
+        "{report}"
+    );
+    let mut reader = NftablesReader::new(kube_converge::netns::NetNs::open(std::path::Path::new(&ns.path())).unwrap());
+    let full = reader.read().unwrap();
+    let web = full
+        .services
+        .iter()
+        .find(|s| s.name.as_ref().is_some_and(|n| n.to_string() == "demo/web:http"))
+        .expect("demo/web read");
+    assert!(!web.uncertain);
+    assert_eq!(web.endpoints.len(), 3);
+    let vip = web.frontends.iter().next().unwrap().clone();
+    let want = ReadTargets {
+        frontends: [vip.clone()].into(),
+        ..Default::default()
+    };
+    let snap = reader.read_targeted(&want).unwrap().unwrap();
+    assert_eq!(snap.services.len(), 1);
+    assert_eq!(snap.services[0].endpoints.len(), 3, "{snap:?}");
+    // kube-proxy's removal: the service chain is rewritten with the remaining two.
+    nft(
+        &ns,
+        "flush chain ip kube-proxy service-AXK6CI2C-demo/web/tcp/http\n\
+         add rule ip kube-proxy service-AXK6CI2C-demo/web/tcp/http meta l4proto tcp dnat ip addr . port to numgen random mod 2 map { 0 : 10.244.1.11 . 8080, 1 : 10.244.2.11 . 8080 }\n",
+    );
+    let snap = reader.read_targeted(&want).unwrap().unwrap();
+    let mut eps: Vec<String> = snap.services[0].endpoints.iter().map(|e| e.to_string()).collect();
+    eps.sort();
+    assert_eq!(eps, ["10.244.1.11:8080", "10.244.2.11:8080"]);
+    let full = reader.read().unwrap();
+    assert!(full
+        .services
+        .iter()
+        .all(|s| !s.endpoints.iter().any(|e| e.to_string() == "10.244.0.11:8080")));
+    // One endpoint left: kube-proxy DNATs with immediates, still in the service chain.
+    nft(
+        &ns,
+        "flush chain ip kube-proxy service-AXK6CI2C-demo/web/tcp/http\n\
+         add rule ip kube-proxy service-AXK6CI2C-demo/web/tcp/http meta l4proto tcp dnat to 10.244.2.11:8080\n",
+    );
+    let snap = reader.read_targeted(&want).unwrap().unwrap();
+    let eps: Vec<String> = snap.services[0].endpoints.iter().map(|e| e.to_string()).collect();
+    assert_eq!(eps, ["10.244.2.11:8080"]);
+}

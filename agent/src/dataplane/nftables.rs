@@ -253,16 +253,41 @@ fn follow(
         reached.insert(chain.clone());
         for rule in chains.get(chain.as_str()).into_iter().flatten() {
             let mut regs: HashMap<u32, &[u8]> = HashMap::new();
+            // Registers loaded from a data map: kube-proxy ≥ 1.35 DNATs in the service chain
+            // with `dnat ip addr . port to numgen random mod N map { 0 : a . p, … }`.
+            let mut mapped: HashMap<u32, &str> = HashMap::new();
             for expr in &rule.exprs {
                 match expr {
                     Expr::Immediate { dreg, data } => {
                         regs.insert(*dreg, data);
+                        mapped.remove(dreg);
                     }
                     Expr::Verdict {
                         code,
                         chain: Some(next),
                     } if *code == NFT_GOTO || *code == NFT_JUMP => {
                         stack.push(next.clone());
+                    }
+                    Expr::Lookup { set, dreg: Some(r), .. } if *r != 0 => {
+                        regs.remove(r);
+                        mapped.insert(*r, set.as_str());
+                    }
+                    // Any other load overwrites what a map put in the register.
+                    Expr::Numgen { dreg, .. } | Expr::Payload { dreg, .. } | Expr::Bitwise { dreg, .. }
+                        if mapped.remove(dreg).is_some() => {}
+                    Expr::Meta { dreg: Some(dreg), .. } if mapped.remove(dreg).is_some() => {}
+                    Expr::Nat {
+                        kind,
+                        addr_reg: Some(r),
+                        ..
+                    } if *kind == NFT_NAT_DNAT && mapped.contains_key(r) => {
+                        match dnat_map_targets(expr, sets.get(mapped[r]).copied()) {
+                            Ok(targets) => group.endpoints.extend(targets),
+                            Err(why) => {
+                                group.uncertain = true;
+                                warnings.push(format!("chain {chain}: {why}"));
+                            }
+                        }
                     }
                     Expr::Verdict { .. } => {}
                     Expr::Lookup { set, dreg: Some(0), .. } => match sets.get(set.as_str()) {
@@ -307,6 +332,70 @@ fn follow(
             }
         }
     }
+}
+
+/// A register as a 32-bit register number: nf_tables' 16-byte registers 1..=4 start at the
+/// 32-bit registers 8, 12, 16 and 20 (`NFT_REG32_00` = 8); nft loads a map's concatenated
+/// value into `reg 1` and names the port's part `reg 9`.
+fn reg32(r: u32) -> u32 {
+    match r {
+        1..=4 => 8 + (r - 1) * 4,
+        _ => r,
+    }
+}
+
+/// Every endpoint a DNAT whose address and port come from a data map can choose: each
+/// element's value is `address . port` (4 or 16 bytes, then the port in the next 32-bit
+/// register). Anything else (no such map, a range, an address without a port, a value of
+/// another layout) cannot be justified and is an error.
+fn dnat_map_targets(expr: &Expr, set: Option<&nftnl::NftSet>) -> Result<Vec<std::net::SocketAddr>, String> {
+    let Expr::Nat {
+        addr_reg: Some(addr),
+        addr_max_reg,
+        proto_reg,
+        proto_max_reg,
+        ..
+    } = expr
+    else {
+        return Err("not a DNAT from registers".into());
+    };
+    let Some(set) = set else {
+        return Err("DNAT through a map that is not in the table".into());
+    };
+    if addr_max_reg.is_some_and(|m| m != *addr) || proto_max_reg.is_some_and(|m| Some(m) != *proto_reg) {
+        return Err(format!(
+            "DNAT through map {} to a range: which endpoint is chosen is not known",
+            set.name
+        ));
+    }
+    let Some(proto) = proto_reg else {
+        return Err(format!("DNAT through map {} without a port", set.name));
+    };
+    let mut out = Vec::new();
+    for e in &set.elems {
+        let Some(data) = e.data.as_deref() else {
+            return Err(format!("map {}: an element without a value", set.name));
+        };
+        let alen = match data.len() {
+            8 => 4,
+            20 => 16,
+            n => return Err(format!("map {}: a {n}-byte value is not address . port", set.name)),
+        };
+        // The port is loaded into the 32-bit register right after the address's.
+        if reg32(*proto) != reg32(*addr) + (alen as u32 / 4) {
+            return Err(format!(
+                "map {}: the port register does not follow the address",
+                set.name
+            ));
+        }
+        let ip = nftnl::ip_from(&data[..alen]).ok_or_else(|| format!("map {}: bad address", set.name))?;
+        let port = u16::from_be_bytes([data[alen], data[alen + 1]]);
+        out.push(std::net::SocketAddr::new(ip, port));
+    }
+    if out.is_empty() {
+        return Err(format!("DNAT through map {} with no elements", set.name));
+    }
+    Ok(out)
 }
 
 /// A family without kube-proxy's table, or whose table has no `service-ips` map (kube-proxy
@@ -425,7 +514,8 @@ impl NftablesReader {
                 for expr in &rule.exprs {
                     match expr {
                         Expr::Verdict { chain: Some(next), .. } => pending.push(next.clone()),
-                        Expr::Lookup { set, dreg: Some(0), .. } if seen.insert(format!("set:{set}")) => {
+                        // Verdict maps and data maps (DNAT targets) alike.
+                        Expr::Lookup { set, dreg: Some(_), .. } if seen.insert(format!("set:{set}")) => {
                             if let Some(s) = conn.set(family, TABLE, set)? {
                                 pending.extend(s.elems.iter().filter_map(|e| e.verdict.as_ref()?.1.clone()));
                                 table.sets.push(s);
@@ -601,6 +691,7 @@ mod tests {
             elems: vec![NftElem {
                 key: vec![6, 0, 0, 0, 0x75, 0x30, 0, 0],
                 verdict: Some((NFT_GOTO, Some(ext.into()))),
+                data: None,
             }],
         });
         let (s, _) = routes_from_table(&t, false);
@@ -660,6 +751,7 @@ mod tests {
                     elems: vec![NftElem {
                         key,
                         verdict: Some((NFT_GOTO, Some(SVC.into()))),
+                        data: None,
                     }],
                 },
                 NftSet {
@@ -672,6 +764,7 @@ mod tests {
                         .map(|(i, c)| NftElem {
                             key: (i as u32).to_ne_bytes().to_vec(),
                             verdict: Some((NFT_GOTO, Some(c.to_string()))),
+                            data: None,
                         })
                         .collect(),
                 },

@@ -27,6 +27,7 @@ const NLMSG_DONE: u16 = 3;
 /// The data type of a verdict map's values.
 pub const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 pub const NFT_SET_ANONYMOUS: u32 = 0x1;
+pub const NFT_SET_MAP: u32 = 0x8;
 pub const NFT_GOTO: i32 = -4;
 pub const NFT_JUMP: i32 = -3;
 pub const NFT_NAT_DNAT: u32 = 1;
@@ -90,6 +91,8 @@ pub struct NftRule {
 pub struct NftElem {
     pub key: Vec<u8>,
     pub verdict: Option<(i32, Option<String>)>,
+    /// A data map's value (kube-proxy ≥ 1.35's `dnat … to numgen … map { 0 : addr . port }`).
+    pub data: Option<Vec<u8>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -477,7 +480,8 @@ impl NftConn {
         }
         let keyed = numgen_keys(&table.rules);
         for mut set in names {
-            if set.data_type != Some(NFT_DATA_VERDICT) {
+            // Plain sets (cluster-ips, …) need no elements; verdict maps and data maps do.
+            if set.data_type != Some(NFT_DATA_VERDICT) && set.flags & NFT_SET_MAP == 0 {
                 table.sets.push(set);
                 continue;
             }
@@ -535,10 +539,11 @@ pub fn numgen_keys(rules: &[NftRule]) -> HashMap<&str, Vec<Vec<u8>>> {
                     last_numgen = Some((*dreg, *modulus, *offset));
                     continue;
                 }
+                // A verdict map (dreg 0) or a data map (kube-proxy's DNAT maps).
                 Expr::Lookup {
                     set,
                     sreg,
-                    dreg: Some(0),
+                    dreg: Some(_),
                 } => match last_numgen {
                     Some((reg, modulus, offset))
                         if reg == *sreg
@@ -789,7 +794,14 @@ fn decode_elems(nlh: *const libc::nlmsghdr) -> Result<Vec<NftElem>, NftnlError> 
                     };
                     (code, chain)
                 });
-                out.push(NftElem { key, verdict });
+                let data = sys::nftnl_set_elem_is_set(e, sys::NFTNL_SET_ELEM_DATA as u16)
+                    .then(|| {
+                        let mut len = 0u32;
+                        let p = sys::nftnl_set_elem_get(e, sys::NFTNL_SET_ELEM_DATA as u16, &mut len);
+                        (!p.is_null()).then(|| std::slice::from_raw_parts(p.cast::<u8>(), len as usize).to_vec())
+                    })
+                    .flatten();
+                out.push(NftElem { key, verdict, data });
                 e = sys::nftnl_set_elems_iter_next(it);
             }
             sys::nftnl_set_elems_iter_destroy(it);
@@ -889,6 +901,7 @@ mod tests {
         let elem = |k: u32| NftElem {
             key: key(k),
             verdict: Some((NFT_GOTO, Some(format!("endpoint-{k}")))),
+            data: None,
         };
         let keys = [key(0), key(1), key(2)];
         assert!(answers_every_key(&keys, &[elem(2), elem(0), elem(1)]));
