@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::Api;
-use serde_json::json;
 use tokio::sync::watch;
 
 use crate::crd::{
@@ -245,7 +244,7 @@ impl Publisher {
     async fn write(&self, draft: &StatusDraft) -> Result<(), kube::Error> {
         let mut status = draft.status.clone();
         status.heartbeat_time = Timestamp::now().to_rfc3339();
-        let patch = json!({"status": status});
+        let patch = crate::crd::status_merge_patch(&status);
         match self
             .api
             .patch_status(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
