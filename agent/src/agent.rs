@@ -105,10 +105,7 @@ enum Input {
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 
 /// Runs the agent with kube's standard config discovery until an error or Ctrl-C.
-pub async fn run(config: AgentConfig, metrics: Metrics) -> anyhow::Result<()> {
-    let client = kube::Client::try_default().await.context(
-        "building the Kubernetes client (in-cluster service account, or KUBECONFIG / ~/.kube/config): check that one of them is present and valid",
-    )?;
+pub async fn run(client: kube::Client, config: AgentConfig, metrics: Metrics) -> anyhow::Result<()> {
     // SIGTERM (what the kubelet sends, also to PID 1, which has no default handler) and
     // SIGINT are handled alike.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -355,7 +352,12 @@ impl Core {
         }
         // A full read is wanted until the tracker settles, and while the last reads could not
         // tell which endpoints are stale (holds wait on that).
-        let wanted = self.tracker.is_synced() && (!self.tracker.is_settled() || self.tracker.wants_full_read());
+        // So is a full read while a pending change has no frontend a targeted read could find
+        // (its Service was deleted).
+        let wanted = self.tracker.is_synced()
+            && (!self.tracker.is_settled()
+                || self.tracker.wants_full_read()
+                || self.tracker.pending_without_frontends());
         self.requests.full_wanted.store(wanted, Ordering::Relaxed);
     }
 

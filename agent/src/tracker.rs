@@ -590,6 +590,19 @@ impl Tracker {
         crate::dataplane::ReadTargets { frontends, ports }
     }
 
+    /// Whether a pending change belongs to a service port whose frontends are not known (its
+    /// Service was deleted, or has no address yet): a targeted read cannot find its rules, so
+    /// only a full read can confirm it. Without one it would wait for the next periodic read.
+    pub fn pending_without_frontends(&self) -> bool {
+        self.pending.values().any(|c| {
+            let spn = &*c.key.port_name;
+            self.services
+                .get(&spn.service)
+                .and_then(|s| s.frontends.get(spn, c.key.protocol))
+                .is_none_or(|f| f.is_empty())
+        })
+    }
+
     /// Marks changes pending longer than the timeout. They stay pending (a hold must keep
     /// waiting), and are reported once.
     pub fn expire(&mut self, now: Timestamp) -> Vec<Outcome> {
@@ -1106,6 +1119,24 @@ mod tests {
         let out = tr.apply_reading(&reading(1100, 1050, &[]));
         assert_eq!(samples(&out).len(), 2);
         assert!(tr.service(&r).is_none());
+    }
+
+    /// Found by the real-cluster tier: a deleted Service's removals have no frontend for a
+    /// targeted read, so in the event-driven modes they waited ~30 s for the periodic full read.
+    #[test]
+    fn a_deleted_services_pending_removals_ask_for_a_full_read() {
+        let (mut tr, r) = steady();
+        assert!(!tr.pending_without_frontends());
+        let gone = expect_service(&r, None, &[], NODE);
+        tr.update_service(&r, gone, t(1000));
+        assert!(tr.pending_count() > 0);
+        assert!(
+            tr.pending_without_frontends(),
+            "only a full read can confirm these removals"
+        );
+        tr.apply_reading(&reading(1100, 1050, &[]));
+        assert_eq!(tr.pending_count(), 0);
+        assert!(!tr.pending_without_frontends());
     }
 
     #[test]
