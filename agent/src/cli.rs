@@ -44,7 +44,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let quiet = !matches!(cli.command, Command::Agent(_));
     telemetry::init_logging(cli.log_format, if quiet { "warn" } else { "info" });
     match cli.command {
-        Command::Agent(args) => run_agent(args).await,
+        Command::Agent(args) => run_agent(args, &cluster).await,
         Command::Inspect(args) => run_inspect(args).await,
         Command::Sim(args) => run_sim(args).await,
         Command::Crd => {
@@ -57,7 +57,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+async fn run_agent(args: AgentArgs, cluster: &ClusterArgs) -> anyhow::Result<()> {
     if args.node_name.trim().is_empty() {
         anyhow::bail!("--node-name (or NODE_NAME) is empty; set it from the downward API (spec.nodeName)");
     }
@@ -84,7 +84,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         }),
         max_holds: args.max_holds,
     };
-    agent::run(config, metrics).await
+    agent::run(cluster_client(cluster).await?, config, metrics).await
 }
 
 async fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {

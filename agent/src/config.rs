@@ -24,7 +24,7 @@ pub struct Cli {
         global = true
     )]
     pub log_format: LogFormat,
-    /// The kubeconfig file for `isolate`, `restore` and `status` (default: KUBECONFIG,
+    /// The kubeconfig file for `agent`, `isolate`, `restore` and `status` (default: KUBECONFIG,
     /// ~/.kube/config, or the in-cluster config), as kubectl's `--kubeconfig`.
     #[arg(long, global = true)]
     pub kubeconfig: Option<std::path::PathBuf>,
