@@ -212,7 +212,7 @@ async fn rbac_roles_grant_exactly_what_agents_and_the_cli_call() {
     let addr = sim.metrics_addrs()["node-1"];
     // Exercise the agents: a hold while a pod is deleted (and status writes, which never stop).
     sim.cluster().delete("Pod", "demo", "web-0", Some(5)).unwrap();
-    let hold = http_get(addr, "/v1/hold?namespace=demo&pod=web-0&timeout=20s").await;
+    let hold = http_get(addr, "/v1/hold?namespace=demo&pod=web-0&timeout=20s&annotate=true").await;
     assert!(hold.lines().next().is_some_and(|l| l.contains(" 200 ")), "{hold}");
     // A hold by IP finds the pod by listing (the pod may be gone by now: any answer will do).
     let _ = http_get(addr, "/v1/hold?namespace=demo&ip=10.244.2.11&timeout=1s").await;
