@@ -203,7 +203,31 @@ pub fn nft_endpoint_chain(svc: &EmulatedServicePort, ep: SocketAddr) -> String {
 /// rewritten, `flush` for chains that just went stale and `delete` for chains stale long
 /// enough (kube-proxy deletes them at least 1 s later).
 pub fn render_nft(family: &str, services: &[EmulatedServicePort], flush: &[String], delete: &[String]) -> String {
+    render_nft_as(NftStyle::EndpointChains, family, services, flush, delete)
+}
+
+/// How kube-proxy's nftables mode sends a service to its endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NftStyle {
+    /// `numgen random mod N vmap { i : goto endpoint-… }`, each endpoint chain DNATing
+    /// (kube-proxy before v1.37, and every version with session affinity).
+    EndpointChains,
+    /// kube-proxy v1.37 without session affinity: the service chain DNATs itself, through
+    /// `numgen random mod N map { i : addr . port }` (one endpoint: `dnat to addr:port`); no
+    /// endpoint chains. A change rewrites the service chain in one transaction.
+    ServiceDnat,
+}
+
+/// The ruleset of kube-proxy's nftables mode in `style`, as `nft -f` input.
+pub fn render_nft_as(
+    style: NftStyle,
+    family: &str,
+    services: &[EmulatedServicePort],
+    flush: &[String],
+    delete: &[String],
+) -> String {
     let t = format!("{family} kube-proxy");
+    let ipx = if family == "ip6" { "ip6" } else { "ip" };
     let addr = if family == "ip6" { "ipv6_addr" } else { "ipv4_addr" };
     let daddr = if family == "ip6" { "ip6 daddr" } else { "ip daddr" };
     let saddr = if family == "ip6" { "ip6 saddr" } else { "ip saddr" };
@@ -246,23 +270,43 @@ pub fn render_nft(family: &str, services: &[EmulatedServicePort], flush: &[Strin
         let _ = writeln!(o, "add chain {t} {chain}\nflush chain {t} {chain}");
         let mut eps = svc.endpoints.clone();
         eps.sort_by_key(|e| e.to_string());
-        for ep in &eps {
+        if style == NftStyle::ServiceDnat {
+            let _ = match eps.as_slice() {
+                [one] => writeln!(rules, "add rule {t} {chain} meta l4proto {p} dnat to {one}"),
+                _ => {
+                    let map: Vec<String> = eps
+                        .iter()
+                        .enumerate()
+                        .map(|(i, e)| format!("{i} : {} . {}", e.ip(), e.port()))
+                        .collect();
+                    writeln!(
+                        rules,
+                        "add rule {t} {chain} meta l4proto {p} dnat {ipx} addr . port to numgen random mod {} map {{ {} }}",
+                        eps.len(),
+                        map.join(" , ")
+                    )
+                }
+            };
+        }
+        for ep in eps.iter().filter(|_| style == NftStyle::EndpointChains) {
             let ec = nft_endpoint_chain(svc, *ep);
             let _ = writeln!(o, "add chain {t} {ec}\nflush chain {t} {ec}");
             let _ = writeln!(rules, "add rule {t} {ec} {saddr} {} jump mark-for-masquerade", ep.ip());
             let _ = writeln!(rules, "add rule {t} {ec} meta l4proto {p} dnat to {ep}");
         }
-        let vmap: Vec<String> = eps
-            .iter()
-            .enumerate()
-            .map(|(i, e)| format!("{i} : goto {}", nft_endpoint_chain(svc, *e)))
-            .collect();
-        let _ = writeln!(
-            rules,
-            "add rule {t} {chain} numgen random mod {} vmap {{ {} }}",
-            eps.len(),
-            vmap.join(" , ")
-        );
+        if style == NftStyle::EndpointChains {
+            let vmap: Vec<String> = eps
+                .iter()
+                .enumerate()
+                .map(|(i, e)| format!("{i} : goto {}", nft_endpoint_chain(svc, *e)))
+                .collect();
+            let _ = writeln!(
+                rules,
+                "add rule {t} {chain} numgen random mod {} vmap {{ {} }}",
+                eps.len(),
+                vmap.join(" , ")
+            );
+        }
         let _ = writeln!(
             rules,
             "add element {t} service-ips {{ {} . {p} . {} : goto {chain} }}",

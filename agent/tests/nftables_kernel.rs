@@ -374,3 +374,40 @@ fn real_v1_37_dnat_through_a_numgen_data_map() {
     let eps: Vec<String> = snap.services[0].endpoints.iter().map(|e| e.to_string()).collect();
     assert_eq!(eps, ["10.244.2.11:8080"]);
 }
+
+/// The emulator's v1.37 style (what the sim's nftables nodes now program) reads back exactly,
+/// in both families, with one and with several endpoints.
+#[test]
+fn emulated_v1_37_service_dnat_reads_back_in_both_families() {
+    use kube_converge::emulate::{render_nft_as, NftStyle};
+    if !require(&["ip", "nft"]) {
+        return;
+    }
+    let ns = Netns::new("nftstyle");
+    let mut a = port(
+        "ns1/a:p80",
+        "172.30.0.51",
+        &["10.180.0.1:80", "10.180.0.2:80", "10.180.0.3:80"],
+    );
+    a.node_port = None;
+    let mut b = port("ns1/b:p80", "172.30.0.52", &["10.180.1.1:80"]);
+    b.node_port = None;
+    nft(&ns, &render_nft_as(NftStyle::ServiceDnat, "ip", &[a, b], &[], &[]));
+    let mut v6 = port("ns1/c:p80", "fd00:30::53", &["[fd00:180::1]:80", "[fd00:180::2]:80"]);
+    v6.node_port = None;
+    nft(&ns, &render_nft_as(NftStyle::ServiceDnat, "ip6", &[v6], &[], &[]));
+    let report = inspect(&ns);
+    let got = routed(&report);
+    for want in [
+        pair("ns1/a:p80", &["10.180.0.1:80", "10.180.0.2:80", "10.180.0.3:80"]),
+        pair("ns1/b:p80", &["10.180.1.1:80"]),
+        pair("ns1/c:p80", &["[fd00:180::1]:80", "[fd00:180::2]:80"]),
+    ] {
+        assert!(got.contains(&want), "{want:?} not in {got:?}: {report}");
+    }
+    assert_eq!(
+        report["warnings"].as_array().map(|w| w.len()).unwrap_or(0),
+        0,
+        "{report}"
+    );
+}

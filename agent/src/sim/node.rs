@@ -12,7 +12,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::sync::mpsc;
 
 use super::store::Cluster;
-use crate::emulate::{nft_endpoint_chain, render_nat, render_nft, sep_chain, EmulatedServicePort};
+use crate::emulate::{nft_endpoint_chain, render_nat, render_nft_as, sep_chain, EmulatedServicePort, NftStyle};
 use crate::expected::{expect_service, SliceRecord};
 use crate::k8s;
 use crate::model::{ChangeKind, EndpointKey, ServiceRef, Timestamp};
@@ -114,6 +114,9 @@ pub struct KubeProxyEmulator {
     pub mode: ProxyMode,
     pub netns: NetNs,
     pub delay: Delay,
+    /// How the emulated nftables mode DNATs: real kube-proxy v1.37 does it in the service
+    /// chain (`NftStyle::ServiceDnat`), older releases through endpoint chains.
+    pub nft_style: NftStyle,
     pub cluster: Cluster,
     pub truth: mpsc::UnboundedSender<GroundTruth>,
 }
@@ -280,8 +283,19 @@ impl KubeProxyEmulator {
                 let (old, young): (Vec<_>, Vec<_>) = stale.drain(..).partition(|(_, at)| now.seconds_since(*at) > 1.0);
                 *stale = young;
                 stale.extend(flush.iter().map(|c| (c.clone(), now)));
-                let delete: Vec<String> = old.into_iter().map(|(c, _)| c).collect();
-                (render_nft("ip", &ports, &flush, &delete), "nft", vec!["-f", "-"])
+                let mut delete: Vec<String> = old.into_iter().map(|(c, _)| c).collect();
+                let mut flush = flush;
+                if self.nft_style == NftStyle::ServiceDnat {
+                    // No endpoint chains: rewriting the service chain is the whole change.
+                    flush.clear();
+                    delete.clear();
+                    stale.clear();
+                }
+                (
+                    render_nft_as(self.nft_style, "ip", &ports, &flush, &delete),
+                    "nft",
+                    vec!["-f", "-"],
+                )
             }
         };
         let netns = self.netns.clone();

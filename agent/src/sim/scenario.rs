@@ -223,6 +223,7 @@ impl SimCluster {
             );
             let extra = opts.slow.get(&name).copied().unwrap_or_default();
             let emulator = KubeProxyEmulator {
+                nft_style: crate::emulate::NftStyle::ServiceDnat,
                 node: name.clone(),
                 mode: opts.proxy_mode,
                 netns: NetNs::open(std::path::Path::new(&guard.path()))?,
