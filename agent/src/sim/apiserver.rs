@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use futures::SinkExt;
 use serde_json::{json, Value};
 
-use super::store::{resource_by_plural, Cluster, Part, StoreError, StoredEvent};
+use super::store::{resource_by_plural, Cluster, Part, StoreError, StoredEvent, RESOURCES};
 use crate::selector::LabelSelector;
 
 /// One kind of request a client made: (user, verb, API group, resource[/subresource]), the
@@ -245,6 +245,52 @@ fn parse_path(path: &str) -> Option<Request> {
     })
 }
 
+/// Legacy (unaggregated) discovery for the fake's resources, as kubectl and kube-rs ask for it:
+/// `/api`, `/apis`, `/api/v1` and `/apis/GROUP/VERSION`. Clients that prefer aggregated
+/// discovery fall back to it, since the answer is plain `application/json`.
+fn discovery(path: &str) -> Option<Value> {
+    let path = path.trim_end_matches('/');
+    let versions: Vec<&str> = {
+        let mut v: Vec<&str> = RESOURCES.iter().map(|r| r.1).filter(|gv| *gv != "v1").collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let resources = |gv: &str| -> Value {
+        let list: Vec<Value> = RESOURCES
+            .iter()
+            .filter(|r| r.1 == gv)
+            .flat_map(|&(plural, _, kind, namespaced, has_status)| {
+                let main = json!({"name": plural, "singularName": kind.to_lowercase(), "namespaced": namespaced,
+                    "kind": kind, "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]});
+                let status = json!({"name": format!("{plural}/status"), "singularName": "", "namespaced": namespaced,
+                    "kind": kind, "verbs": ["get", "patch", "update"]});
+                std::iter::once(main).chain(has_status.then_some(status))
+            })
+            .collect();
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list})
+    };
+    match path {
+        "/api" => Some(json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})),
+        "/api/v1" => Some(resources("v1")),
+        "/apis" => {
+            let groups: Vec<Value> = versions
+                .iter()
+                .filter_map(|gv| gv.split_once('/'))
+                .map(|(g, v)| {
+                    let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
+                    json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
+                })
+                .collect();
+            Some(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
+        }
+        p => {
+            let gv = p.strip_prefix("/apis/")?;
+            versions.contains(&gv).then(|| resources(gv))
+        }
+    }
+}
+
 fn query_map(uri: &Uri) -> BTreeMap<String, String> {
     uri.query()
         .unwrap_or_default()
@@ -341,6 +387,11 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if method == Method::GET {
+        if let Some(doc) = discovery(uri.path()) {
+            return ok_json(&doc);
+        }
+    }
     let Some(req) = parse_path(uri.path()) else {
         return status(
             StatusCode::NOT_FOUND,
@@ -652,6 +703,42 @@ fn watch(state: &ServerState, req: &Request, filter: Filter, q: &BTreeMap<String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn legacy_discovery_lists_every_served_resource() {
+        assert_eq!(discovery("/api").unwrap()["versions"], json!(["v1"]));
+        let groups = discovery("/apis").unwrap();
+        let names: Vec<&str> = groups["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["converge.kube-converge.io", "discovery.k8s.io"]);
+        let core = discovery("/api/v1/").unwrap();
+        let core: Vec<&str> = core["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            core,
+            [
+                "services",
+                "services/status",
+                "pods",
+                "pods/status",
+                "nodes",
+                "nodes/status"
+            ]
+        );
+        let nc = discovery("/apis/converge.kube-converge.io/v1alpha1").unwrap();
+        assert_eq!(nc["resources"][0]["name"], "nodeconvergences");
+        assert_eq!(nc["resources"][0]["namespaced"], false);
+        assert!(discovery("/apis/apps/v1").is_none());
+        assert!(discovery("/api/v1/namespaces/ns1/pods").is_none());
+    }
 
     #[test]
     fn paths_map_to_resources() {
