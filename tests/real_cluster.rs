@@ -15,30 +15,43 @@ use std::io::{Read, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube_converge::crd::NodeConvergence;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube_converge::model::Timestamp;
 
-use kc_real_cluster::kubelet::Kubelet;
-use kc_real_cluster::{agent_binary, k8s_bin_dir, missing_prerequisites, Cluster, Node, ProxyMode};
+use kc_real_cluster::missing_prerequisites;
 
-const NS: &str = "demo";
+use kc_real_cluster::world::{
+    create_pod, create_pod_annotated, create_service, delete_pod, wait_pod_gone, wait_programmed, World, NS,
+};
 /// A node's kernel-commit listener and the agent's are two sockets on one multicast group;
 /// the agent may learn of the same commit this much before the harness does.
-const LISTENER_SKEW: Duration = Duration::from_millis(3);
-const WAIT: Duration = Duration::from_secs(90);
+const LISTENER_SKEW: Duration = Duration::from_millis(5);
 
 struct Env {
-    cluster: Cluster,
-    nodes: Vec<Node>,
-    agent: std::path::PathBuf,
-    token: String,
-    /// A kubeconfig with the token of `demo/operator`, bound to the kube-converge-operator role:
-    /// the CLI runs as an operator would.
-    operator: std::path::PathBuf,
+    w: World,
     /// Per mode: the agent's t_programmed minus the kernel commit, in ms, for each removal.
     lags: BTreeMap<&'static str, Vec<f64>>,
+}
+
+impl std::ops::Deref for Env {
+    type Target = World;
+    fn deref(&self) -> &World {
+        &self.w
+    }
+}
+
+impl std::ops::DerefMut for Env {
+    fn deref_mut(&mut self) -> &mut World {
+        &mut self.w
+    }
+}
+
+async fn setup() -> anyhow::Result<Env> {
+    Ok(Env {
+        w: kc_real_cluster::world::start().await?,
+        lags: BTreeMap::new(),
+    })
 }
 
 type Scenario = for<'a> fn(&'a mut Env) -> futures::future::BoxFuture<'a, anyhow::Result<()>>;
@@ -90,6 +103,7 @@ async fn run_all(filter: &[String]) -> (usize, usize) {
         ("kube_proxy_restart", |e| Box::pin(kube_proxy_restart(e))),
         ("apiserver_restart", |e| Box::pin(apiserver_restart(e))),
         ("agent_restart_mid_hold", |e| Box::pin(agent_restart_mid_hold(e))),
+        ("fake_api_server_agrees_with_the_real_one", |e| Box::pin(fake_agrees(e))),
         ("rbac_role_equals_what_is_used", |e| Box::pin(rbac_audit(e))),
     ];
     let started = Instant::now();
@@ -152,282 +166,18 @@ async fn run_all(filter: &[String]) -> (usize, usize) {
 }
 
 fn alive(env: &mut Env) -> anyhow::Result<()> {
-    env.cluster.check_alive()?;
-    for n in &mut env.nodes {
-        n.check_alive()?;
-    }
-    Ok(())
-}
-
-async fn setup() -> anyhow::Result<Env> {
-    let bin = k8s_bin_dir()?;
-    let agent = agent_binary()?;
-    let cluster = Cluster::start(&bin).await?;
-    let root = kc_real_cluster::repo_root();
-    cluster.kubectl(&["apply", "-k", &root.join("deploy/base").display().to_string()])?;
-    cluster.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/nodeconvergences.converge.kube-converge.io",
-        "--timeout=60s",
-    ])?;
-    let token = cluster
-        .kubectl(&[
-            "create",
-            "token",
-            "kube-converge",
-            "-n",
-            "kube-converge",
-            "--duration=6h",
-        ])?
-        .trim()
-        .to_string();
-    let nss: Api<Namespace> = Api::all(cluster.admin.clone());
-    nss.create(
-        &PostParams::default(),
-        &serde_json::from_value(serde_json::json!({"metadata": {"name": NS}}))?,
-    )
-    .await?;
-    // No ServiceAccount controller runs: create the namespace's default account ourselves.
-    let sas: Api<ServiceAccount> = Api::namespaced(cluster.admin.clone(), NS);
-    sas.create(
-        &PostParams::default(),
-        &serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}}))?,
-    )
-    .await?;
-    cluster.kubectl(&["create", "serviceaccount", "operator", "-n", NS])?;
-    cluster.kubectl(&[
-        "create",
-        "clusterrolebinding",
-        "kc-test-operator",
-        "--clusterrole=kube-converge-operator",
-        &format!("--serviceaccount={NS}:operator"),
-    ])?;
-    let op_token = cluster.kubectl(&["create", "token", "operator", "-n", NS, "--duration=6h"])?;
-    let operator = cluster.dir.join("operator.kubeconfig");
-    std::fs::write(
-        &operator,
-        kc_real_cluster::cluster::kubeconfig(
-            &cluster.dir,
-            &format!("https://127.0.0.1:{}", cluster.port),
-            op_token.trim(),
-        ),
-    )?;
-    let mut env = Env {
-        cluster,
-        nodes: Vec::new(),
-        agent,
-        token,
-        operator,
-        lags: BTreeMap::new(),
-    };
-    let mut index = BTreeMap::new();
-    for (i, mode) in ProxyMode::ALL.into_iter().enumerate() {
-        let mut node = Node::create(&env.cluster, i, mode).await?;
-        node.start_kube_proxy(&env.cluster)?;
-        index.insert(node.name.clone(), i);
-        env.nodes.push(node);
-    }
-    Kubelet::new(index).spawn(env.cluster.admin.clone());
-    for i in 0..env.nodes.len() {
-        let (cluster, token, agent) = (&env.cluster, env.token.clone(), env.agent.clone());
-        env.nodes[i].start_agent(cluster, &agent, &token)?;
-    }
-    // Every agent publishes, having detected its node's mode from the kernel.
-    let want: BTreeMap<String, (&str, &str)> = env
-        .nodes
-        .iter()
-        .map(|n| {
-            let (mode, backend) = match n.mode {
-                ProxyMode::IptablesNft => ("iptables", "nft"),
-                ProxyMode::IptablesLegacy => ("iptables", "legacy"),
-                ProxyMode::Nftables => ("nftables", ""),
-            };
-            (n.name.clone(), (mode, backend))
-        })
-        .collect();
-    let ncs: Api<NodeConvergence> = Api::all(env.cluster.admin.clone());
-    let deadline = Instant::now() + WAIT;
-    loop {
-        alive(&mut env)?;
-        let list = ncs.list(&Default::default()).await?;
-        let ok = want.iter().all(|(node, (mode, backend))| {
-            list.items.iter().any(|nc| {
-                nc.spec.node_name == *node
-                    && nc.status.as_ref().is_some_and(|s| {
-                        s.mode == *mode && (backend.is_empty() || s.backend == *backend) && s.health_message.is_none()
-                    })
-            })
-        });
-        if ok {
-            env.cluster.keep = std::env::var_os("KC_REAL_KEEP").is_some();
-            return Ok(env);
-        }
-        if Instant::now() > deadline {
-            let seen: Vec<String> = list
-                .items
-                .iter()
-                .map(|nc| {
-                    format!(
-                        "{}: {:?}",
-                        nc.spec.node_name,
-                        nc.status
-                            .as_ref()
-                            .map(|s| (&s.mode, &s.backend, &s.health, &s.health_message))
-                    )
-                })
-                .collect();
-            anyhow::bail!("agents did not all report their node's mode and health ok: want {want:?}, seen {seen:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    env.w.check_alive()
 }
 
 // ---- objects ----
 
-async fn create_pod(
-    env: &Env,
-    name: &str,
-    labels: serde_json::Value,
-    node: usize,
-    grace: i64,
-) -> anyhow::Result<String> {
-    create_pod_annotated(env, name, labels, node, grace, serde_json::json!({})).await
-}
-
-async fn create_pod_annotated(
-    env: &Env,
-    name: &str,
-    labels: serde_json::Value,
-    node: usize,
-    grace: i64,
-    annotations: serde_json::Value,
-) -> anyhow::Result<String> {
-    let pods: Api<Pod> = Api::namespaced(env.cluster.admin.clone(), NS);
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name, "labels": labels, "annotations": annotations},
-        "spec": {
-            "nodeName": env.nodes[node].name,
-            "terminationGracePeriodSeconds": grace,
-            "containers": [{"name": "app", "image": "registry.invalid/app:1", "ports": [{"containerPort": 8080}]}],
-        },
-    }))?;
-    pods.create(&PostParams::default(), &pod).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let p = pods.get(name).await?;
-        if let Some(ip) = p.status.and_then(|s| s.pod_ip) {
-            return Ok(ip);
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "pod {name} got no IP from the kubelet stand-in"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn create_service(env: &Env, name: &str, selector: serde_json::Value) -> anyhow::Result<()> {
-    let svcs: Api<Service> = Api::namespaced(env.cluster.admin.clone(), NS);
-    let svc: Service = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
-        "spec": {"selector": selector, "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
-    }))?;
-    svcs.create(&PostParams::default(), &svc).await?;
-    Ok(())
-}
-
-async fn delete_pod(env: &Env, name: &str, grace: Option<i64>) -> anyhow::Result<()> {
-    let pods: Api<Pod> = Api::namespaced(env.cluster.admin.clone(), NS);
-    let dp = DeleteParams {
-        grace_period_seconds: grace.map(|g| g as u32),
-        ..Default::default()
-    };
-    pods.delete(name, &dp).await?;
-    Ok(())
-}
-
-async fn wait_pod_gone(env: &Env, name: &str) -> anyhow::Result<()> {
-    let pods: Api<Pod> = Api::namespaced(env.cluster.admin.clone(), NS);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while pods.get_opt(name).await?.is_some() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "pod {name} was never finished by the kubelet stand-in"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Ok(())
-}
-
 // ---- what the agents say, checked against the kernel ----
-
-/// Waits until every node's agent reports `change` ("added"/"removed") of `ip` programmed after
-/// `since`; returns each node's t_programmed.
-async fn wait_programmed(env: &mut Env, ip: &str, change: &str, since: Timestamp) -> anyhow::Result<Vec<Timestamp>> {
-    let ncs: Api<NodeConvergence> = Api::all(env.cluster.admin.clone());
-    let deadline = Instant::now() + WAIT;
-    let mut last_progress = Instant::now();
-    loop {
-        alive(env)?;
-        let list = ncs.list(&Default::default()).await?;
-        let mut found = Vec::new();
-        for node in &env.nodes {
-            let t = list
-                .items
-                .iter()
-                .filter(|nc| nc.spec.node_name == node.name)
-                .filter_map(|nc| nc.status.as_ref())
-                .flat_map(|s| s.recent.iter())
-                .filter(|r| r.ip == ip && r.change == change)
-                .filter_map(|r| Timestamp::parse_rfc3339(&r.programmed_time))
-                .filter(|t| *t >= since)
-                .min();
-            found.push(t);
-        }
-        if found.iter().all(|t| t.is_some()) {
-            return Ok(found.into_iter().flatten().collect());
-        }
-        let waiting: Vec<&str> = env
-            .nodes
-            .iter()
-            .zip(&found)
-            .filter(|(_, t)| t.is_none())
-            .map(|(n, _)| n.name.as_str())
-            .collect();
-        if Instant::now() > deadline {
-            let pending: Vec<String> = list
-                .items
-                .iter()
-                .filter_map(|nc| {
-                    nc.status.as_ref().map(|s| {
-                        format!(
-                            "{}: pending {:?} health {}",
-                            nc.spec.node_name,
-                            s.pending
-                                .iter()
-                                .map(|p| (&p.ip, &p.change, &p.state))
-                                .collect::<Vec<_>>(),
-                            s.health
-                        )
-                    })
-                })
-                .collect();
-            anyhow::bail!("{ip} {change}: no agent report after {WAIT:?} on {waiting:?}; {pending:?}");
-        }
-        if last_progress.elapsed() > Duration::from_secs(10) {
-            eprintln!("  waiting for {ip} {change} on {waiting:?}");
-            last_progress = Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 /// The kernel agrees with each node's report that `ip` was removed (or added) at `at[i]`, after
 /// the API change at `t0`: the rules show it, and in event-driven modes a commit after `t0`
 /// came no later than the report. Records the report's lag behind that commit.
 fn check_kernel(env: &mut Env, ip: &str, removed: bool, t0: Timestamp, at: &[Timestamp]) -> anyhow::Result<()> {
-    for (node, t) in env.nodes.iter().zip(at) {
+    for (node, t) in env.w.nodes.iter().zip(at) {
         let routes = node.routes_to(ip)?;
         anyhow::ensure!(
             routes != removed,
@@ -779,9 +529,9 @@ async fn hold_annotate(env: &mut Env) -> anyhow::Result<()> {
 }
 
 async fn kube_proxy_restart(env: &mut Env) -> anyhow::Result<()> {
-    for i in 0..env.nodes.len() {
-        let cluster = &env.cluster;
-        env.nodes[i].start_kube_proxy(cluster)?;
+    let w = &mut env.w;
+    for node in &mut w.nodes {
+        node.start_kube_proxy(&w.cluster)?;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let t0 = now();
@@ -830,8 +580,8 @@ async fn agent_restart_mid_hold(env: &mut Env) -> anyhow::Result<()> {
         "the hold was released while node-2's agent was down"
     );
     let restarted = now();
-    let (cluster, token, agent) = (&env.cluster, env.token.clone(), env.agent.clone());
-    env.nodes[2].start_agent(cluster, &agent, &token)?;
+    let w = &mut env.w;
+    w.nodes[2].start_agent(&w.cluster, &w.agent, &w.token)?;
     let (status, body) = hold.await??;
     let released = now();
     anyhow::ensure!(status == 200, "hold answered {status}: {body}");
@@ -905,5 +655,60 @@ fn check_role(env: &Env, events: &[&serde_json::Value], user: &str, role_name: &
         unused.is_empty(),
         "{role_name} grants what {user} never used: {unused:?}; used: {used:?}"
     );
+    Ok(())
+}
+
+/// The API semantics kube-converge relies on, checked on the real server and on the fake one
+/// (`kc_real_cluster::agreement`): the real one passes every check; the fake agrees except
+/// where `FAKE_DIFFERS` says why not, and there it must really differ.
+async fn fake_agrees(env: &mut Env) -> anyhow::Result<()> {
+    use kc_real_cluster::agreement::{client, Target, FAKE_DIFFERS};
+    let c = &env.cluster;
+    c.kubectl(&["create", "namespace", "agree"])?;
+    c.kubectl(&["create", "serviceaccount", "default", "-n", "agree"])?;
+    c.kubectl(&["create", "serviceaccount", "nobody", "-n", "agree"])?;
+    let token = c.kubectl(&["create", "token", "nobody", "-n", "agree"])?;
+    let unbound_kc = c.dir.join("nobody.kubeconfig");
+    std::fs::write(
+        &unbound_kc,
+        kc_real_cluster::cluster::kubeconfig(&c.dir, &format!("https://127.0.0.1:{}", c.port), token.trim()),
+    )?;
+    let real = Target {
+        client: c.admin.clone(),
+        unbound: client(&unbound_kc).await?,
+        kubectl: c.bin.join("kubectl"),
+        kubeconfig: c.admin_kubeconfig(),
+    };
+    let fake_server = kube_converge::sim::apiserver::FakeApiServer::start().await?;
+    let fake_kc = c.dir.join("fake.kubeconfig");
+    std::fs::write(&fake_kc, fake_server.kubeconfig())?;
+    let fake_unbound_kc = c.dir.join("fake-nobody.kubeconfig");
+    std::fs::write(&fake_unbound_kc, fake_server.kubeconfig_for("nobody"))?;
+    let fake = Target {
+        client: client(&fake_kc).await?,
+        unbound: client(&fake_unbound_kc).await?,
+        kubectl: c.bin.join("kubectl"),
+        kubeconfig: fake_kc,
+    };
+    let real_results = real.run().await;
+    let fake_results = fake.run().await;
+    let mut problems = Vec::new();
+    for ((check, r), (_, f)) in real_results.iter().zip(&fake_results) {
+        if let Err(e) = r {
+            problems.push(format!(
+                "{check}: the real API server fails it ({e:#}): the check is wrong"
+            ));
+            continue;
+        }
+        let documented = FAKE_DIFFERS.iter().any(|(c, _)| c == check);
+        match (f, documented) {
+            (Ok(()), false) | (Err(_), true) => {}
+            (Err(e), false) => problems.push(format!("{check}: the fake differs from the real one: {e:#}")),
+            (Ok(()), true) => problems.push(format!(
+                "{check}: the fake now agrees; remove it from FAKE_DIFFERS and tests/README.md"
+            )),
+        }
+    }
+    anyhow::ensure!(problems.is_empty(), "{problems:#?}");
     Ok(())
 }

@@ -6,9 +6,11 @@
 //! status and finishes graceful deletions; and, per node, the kernel's nf_tables commits
 //! (NEWGEN) as ground truth.
 
+pub mod agreement;
 pub mod cluster;
 pub mod kubelet;
 pub mod node;
+pub mod world;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -41,14 +43,19 @@ pub fn k8s_bin_dir() -> anyhow::Result<PathBuf> {
 /// the tests).
 pub fn agent_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/real_cluster-HASH -> target/<profile>/kube-converge
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .ok_or_else(|| anyhow::anyhow!("no target dir"))?;
-    let bin = dir.join("kube-converge");
-    anyhow::ensure!(bin.is_file(), "{} is missing: run `cargo build` first", bin.display());
-    Ok(bin)
+    // A test runs from target/<profile>/deps/, the demo from target/<profile>/.
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("kube-converge"))
+        .collect();
+    candidates.iter().find(|b| b.is_file()).cloned().ok_or_else(|| {
+        anyhow::anyhow!(
+            "the kube-converge binary is not beside {} (looked for {candidates:?}): build it with the same profile",
+            exe.display()
+        )
+    })
 }
 
 /// What the tier needs that may be missing: root, the built components, the kernel tools.
