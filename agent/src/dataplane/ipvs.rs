@@ -184,6 +184,7 @@ impl IpvsConn {
             })
             .map_err(io::Error::other)??;
         sock.connect(&netlink_sys::SocketAddr::new(0, 0))?;
+        super::set_recv_deadline(&sock, super::KERNEL_REPLY_DEADLINE)?;
         let mut conn = Self {
             sock,
             family: GENL_ID_CTRL,

@@ -11,7 +11,9 @@ pub mod nftnl;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -282,5 +284,88 @@ pub fn open_reader(
         }
         Mode::Nftables => Ok(Box::new(nftables::NftablesReader::new(netns.clone()))),
         Mode::Ipvs => Ok(Box::new(ipvs::IpvsReader::new(netns.clone()))),
+    }
+}
+
+/// How long the kernel may take to answer one netlink request before the read fails (and the
+/// affected changes are unknown) instead of stopping the dataplane loop forever.
+pub const KERNEL_REPLY_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Gives every `recv` on `sock` a deadline (`SO_RCVTIMEO`): past it, `recv` fails with
+/// `WouldBlock`. Replies that arrive later carry an old sequence number and are skipped.
+pub fn set_recv_deadline(sock: &impl AsRawFd, deadline: Duration) -> std::io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: deadline.as_secs().min(i32::MAX as u64) as libc::time_t,
+        tv_usec: deadline.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: a valid socket descriptor, and a timeval of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The receive deadline set on `sock`, if any.
+pub fn recv_deadline(sock: &impl AsRawFd) -> std::io::Result<Option<Duration>> {
+    let mut tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
+    let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+    // SAFETY: a valid socket descriptor, and a timeval buffer of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&mut tv as *mut libc::timeval).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let d = Duration::from_secs(tv.tv_sec as u64) + Duration::from_micros(tv.tv_usec as u64);
+    Ok((!d.is_zero()).then_some(d))
+}
+
+#[cfg(test)]
+mod deadline_tests {
+    use super::*;
+
+    /// A netlink request whose reply never comes no longer blocks forever.
+    #[test]
+    fn a_recv_with_no_reply_fails_at_the_deadline() {
+        let mut sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER).unwrap();
+        sock.bind_auto().unwrap();
+        assert_eq!(recv_deadline(&sock).unwrap(), None);
+        set_recv_deadline(&sock, Duration::from_millis(200)).unwrap();
+        assert_eq!(recv_deadline(&sock).unwrap(), Some(Duration::from_millis(200)));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            let r = sock.recv(&mut &mut buf[..], 0);
+            let _ = tx.send(r.map_err(|e| e.kind()));
+        });
+        let got = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("recv returned within the deadline");
+        assert!(matches!(got, Err(std::io::ErrorKind::WouldBlock)), "{got:?}");
+    }
+
+    #[test]
+    fn readers_connections_have_the_deadline() {
+        let ns = crate::netns::NetNs::current();
+        let conn = nftnl::NftConn::open(&ns).unwrap();
+        assert_eq!(conn.recv_deadline().unwrap(), Some(KERNEL_REPLY_DEADLINE));
+        let probe = nfnotify::GenerationProbe::open(&ns).unwrap();
+        assert_eq!(probe.recv_deadline().unwrap(), Some(KERNEL_REPLY_DEADLINE));
     }
 }

@@ -84,7 +84,13 @@ impl GenerationProbe {
     pub fn open(netns: &NetNs) -> io::Result<Self> {
         let sock = open_socket(netns)?;
         sock.connect(&SocketAddr::new(0, 0))?;
+        super::set_recv_deadline(&sock, super::KERNEL_REPLY_DEADLINE)?;
         Ok(Self { sock, seq: 1 })
+    }
+
+    /// The receive deadline of the probe's socket.
+    pub fn recv_deadline(&self) -> io::Result<Option<std::time::Duration>> {
+        super::recv_deadline(&self.sock)
     }
 
     pub fn current(&mut self) -> io::Result<u32> {
@@ -148,6 +154,8 @@ pub fn spawn_listener(
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
                 Err(e) => {
                     tracing::error!(error = %e, "nf_tables notification socket failed; falling back to polling");
+                    // Wake the loop: it sees the thread gone, polls and restarts it.
+                    let _ = tx.send(Notification::Overrun(Timestamp::now()));
                     return;
                 }
             };

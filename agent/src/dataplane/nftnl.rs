@@ -151,11 +151,17 @@ impl NftConn {
             .map_err(io::Error::other)??;
         sock.connect(&netlink_sys::SocketAddr::new(0, 0))?;
         let _ = sock.set_rx_buf_sz(8 * 1024 * 1024);
+        super::set_recv_deadline(&sock, super::KERNEL_REPLY_DEADLINE)?;
         Ok(Self {
             sock,
             seq: 0,
             buf: vec![0u64; 64 * 1024],
         })
+    }
+
+    /// The receive deadline of this connection's socket.
+    pub fn recv_deadline(&self) -> io::Result<Option<std::time::Duration>> {
+        super::recv_deadline(&self.sock)
     }
 
     /// Sends one dump request built by `build` and hands every reply message to `each`.
