@@ -2,7 +2,7 @@
 //! reads shared state and the API; it never blocks the agent's core loop.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
@@ -20,9 +20,37 @@ pub struct Health {
     pub slices_listed: AtomicBool,
     pub services_listed: AtomicBool,
     pub dataplane_read: AtomicBool,
+    /// When the dataplane loop last went round (seconds since the Unix epoch; 0: not started).
+    pub loop_beat: AtomicU64,
+    /// How long the loop may go without a round before `/healthz` fails (seconds; 0: never).
+    pub stall_after: AtomicU64,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Health {
+    /// Records a round of the dataplane loop.
+    pub fn beat(&self) {
+        self.loop_beat.store(unix_now(), Ordering::Relaxed);
+    }
+
+    /// Why the agent is not live at `now` (Unix seconds): its dataplane loop has been stuck
+    /// (a kernel call that never returns, a task that hangs) for longer than its bound.
+    pub fn stalled(&self, now: u64) -> Option<String> {
+        let (beat, bound) = (
+            self.loop_beat.load(Ordering::Relaxed),
+            self.stall_after.load(Ordering::Relaxed),
+        );
+        let quiet = now.saturating_sub(beat);
+        (beat > 0 && bound > 0 && quiet > bound)
+            .then(|| format!("the dataplane loop has made no progress for {quiet} s (bound {bound} s)"))
+    }
+
     pub fn not_ready_reasons(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
         if !self.slices_listed.load(Ordering::Relaxed) {
@@ -58,7 +86,7 @@ struct AdminState {
 pub fn router(metrics: Metrics, health: Arc<Health>, hold: Option<HoldContext>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/hold", get(hold_handler))
         .with_state(AdminState { metrics, health, hold })
@@ -240,6 +268,16 @@ async fn metrics_handler(State(s): State<AdminState>) -> impl IntoResponse {
     )
 }
 
+async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
+    match s.health.stalled(unix_now()) {
+        None => (StatusCode::OK, "ok\n".to_string()),
+        Some(why) => {
+            s.metrics.liveness_failures.inc();
+            (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {why}\n"))
+        }
+    }
+}
+
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     let reasons = s.health.not_ready_reasons();
     if reasons.is_empty() {
@@ -264,4 +302,53 @@ pub async fn serve(
     Ok((local, async move {
         axum::serve(listener, router(metrics, health, hold)).await
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[test]
+    fn a_loop_quiet_past_its_bound_is_stalled() {
+        let h = Health::default();
+        assert_eq!(h.stalled(1_000), None, "not started: not stalled");
+        h.loop_beat.store(900, Ordering::Relaxed);
+        h.stall_after.store(150, Ordering::Relaxed);
+        assert_eq!(h.stalled(1_000), None);
+        let why = h.stalled(1_100).unwrap();
+        assert!(why.contains("200 s") && why.contains("150 s"), "{why}");
+        h.stall_after.store(0, Ordering::Relaxed);
+        assert_eq!(h.stalled(1_100), None, "no bound: never stalled");
+    }
+
+    /// A hung dataplane loop can no longer hide behind a 200 /healthz: the kubelet restarts it.
+    #[tokio::test]
+    async fn healthz_fails_and_counts_when_the_dataplane_loop_stalls() {
+        let metrics = Metrics::new().unwrap();
+        let health = Arc::new(Health::default());
+        health.stall_after.store(60, Ordering::Relaxed);
+        health.beat();
+        let (addr, server) = serve("127.0.0.1:0".parse().unwrap(), metrics.clone(), health.clone(), None)
+            .await
+            .unwrap();
+        let task = tokio::spawn(server);
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        health.loop_beat.store(unix_now() - 120, Ordering::Relaxed);
+        let reply = get(addr, "/healthz").await;
+        assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+        assert!(reply.contains("no progress for 120 s"), "{reply}");
+        assert_eq!(metrics.liveness_failures.get(), 1);
+        task.abort();
+    }
 }

@@ -160,7 +160,12 @@ pub async fn run_with_client(
     tasks.spawn(forward(slices, tx.clone(), Input::Slice));
     tasks.spawn(forward(services, tx.clone(), Input::Service));
     tasks.spawn(watch_zone(client.clone(), config.node_name.clone(), tx.clone()));
-    tasks.spawn(dataplane_loop(config.clone(), tx, requests.clone()));
+    // Liveness: the loop goes round at least every resync interval (or 5 s without a reader),
+    // plus one read whose every kernel reply has a deadline.
+    let bound = (config.resync_interval.max(Duration::from_secs(5)) * 3 + Duration::from_secs(60)).as_secs();
+    health.stall_after.store(bound, Ordering::Relaxed);
+    health.beat();
+    tasks.spawn(dataplane_loop(config.clone(), tx, requests.clone(), health.clone()));
     let (status_tx, status_rx) = tokio::sync::watch::channel(Arc::new(crate::publish::StatusDraft::default()));
     if let Some(sc) = config.status {
         let publisher = crate::publish::Publisher {
@@ -751,36 +756,31 @@ fn redetect_due(mode: Option<Mode>, since_last: Duration, resync: Duration) -> b
 }
 
 /// Reads the dataplane on kernel notifications, on new pending changes and on a timer.
-async fn dataplane_loop(config: AgentConfig, tx: mpsc::Sender<Input>, requests: ReadRequests) -> anyhow::Result<()> {
+async fn dataplane_loop(
+    config: AgentConfig,
+    tx: mpsc::Sender<Input>,
+    requests: ReadRequests,
+    health: Arc<Health>,
+) -> anyhow::Result<()> {
     let mut last_full = Instant::now();
     let mut last_full_cost = Duration::ZERO;
     let mut reader: Option<Box<dyn DataplaneReader>> = None;
     let mut probe: Option<GenerationProbe> = None;
     let (ntx, mut nrx) = mpsc::unbounded_channel::<Notification>();
-    let mut listening = false;
+    let mut listener = Listener::new(config.resync_interval);
     let mut seen: VecDeque<(u32, Timestamp)> = VecDeque::new();
     let mut overrun = false;
     let mut prev_started: Option<Timestamp> = None;
     let mut trigger = ReadTrigger::Initial;
     let mut last_detect = Instant::now();
     loop {
+        health.beat();
         if reader.is_none() {
             let (mode, backend, netns) = (config.mode, config.backend, config.netns.clone());
             let opened = tokio::task::spawn_blocking(move || dataplane::open_reader(mode, backend, &netns)).await?;
             match opened {
                 Ok(r) => {
                     tracing::info!(mode = %r.mode(), backend = r.backend(), "dataplane reader ready");
-                    if r.change_source() == ChangeSource::NfTablesEvents && !listening {
-                        match nfnotify::spawn_listener(&config.netns, ntx.clone()) {
-                            Ok(_) => listening = true,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "cannot subscribe to nf_tables notifications; polling instead")
-                            }
-                        }
-                        probe = GenerationProbe::open(&config.netns)
-                            .map_err(|e| tracing::warn!(error = %e, "cannot query the nf_tables generation"))
-                            .ok();
-                    }
                     reader = Some(r);
                 }
                 Err(e) => {
@@ -799,6 +799,21 @@ async fn dataplane_loop(config: AgentConfig, tx: mpsc::Sender<Input>, requests: 
                 }
             }
         }
+        // An event-driven reader needs the notification thread and the generation probe; both
+        // are (re)opened whenever missing, after a reader rebuild too. While the thread is down
+        // the loop polls (`listening` is false).
+        if reader
+            .as_ref()
+            .is_some_and(|r| r.change_source() == ChangeSource::NfTablesEvents)
+        {
+            listener.ensure(Instant::now(), || nfnotify::spawn_listener(&config.netns, ntx.clone()));
+            if probe.is_none() {
+                probe = GenerationProbe::open(&config.netns)
+                    .map_err(|e| tracing::warn!(error = %e, "cannot query the nf_tables generation"))
+                    .ok();
+            }
+        }
+        let listening = listener.listening();
         // With --mode auto, the mode is re-checked once per resync interval, on its own timer
         // (a steady stream of nf_tables events must not keep it from running): kube-proxy may
         // have been reconfigured (it cleans up the old mode's rules when it starts in the new one).
@@ -930,6 +945,59 @@ async fn dataplane_loop(config: AgentConfig, tx: mpsc::Sender<Input>, requests: 
     }
 }
 
+/// Keeps the nf_tables notification thread running: when it stops (its socket failed), the
+/// loop polls, and the thread is started again after a backoff (1 s, doubling up to `max`).
+struct Listener {
+    handle: Option<std::thread::JoinHandle<()>>,
+    /// No start before this (after a stop or a failed start).
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    max: Duration,
+}
+
+impl Listener {
+    fn new(max: Duration) -> Self {
+        Self {
+            handle: None,
+            retry_at: None,
+            backoff: Duration::from_secs(1),
+            max: max.max(Duration::from_secs(1)),
+        }
+    }
+
+    /// Whether the thread is running now.
+    fn listening(&self) -> bool {
+        self.handle.as_ref().is_some_and(|h| !h.is_finished())
+    }
+
+    /// Starts the thread if it is not running and its retry time has come.
+    fn ensure(&mut self, now: Instant, spawn: impl FnOnce() -> std::io::Result<std::thread::JoinHandle<()>>) {
+        if self.listening() {
+            return;
+        }
+        if self.handle.take().is_some() {
+            tracing::warn!(retry_in = ?self.backoff, "the nf_tables notification thread stopped; polling until it restarts");
+            self.retry_at = Some(now + self.backoff);
+            self.backoff = (self.backoff * 2).min(self.max);
+            return;
+        }
+        if self.retry_at.is_some_and(|at| now < at) {
+            return;
+        }
+        match spawn() {
+            Ok(h) => {
+                self.handle = Some(h);
+                self.backoff = Duration::from_secs(1);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?self.backoff, "cannot subscribe to nf_tables notifications; polling instead");
+                self.retry_at = Some(now + self.backoff);
+                self.backoff = (self.backoff * 2).min(self.max);
+            }
+        }
+    }
+}
+
 fn p_take_back(current: Option<GenerationProbe>, taken: Option<GenerationProbe>) -> Option<GenerationProbe> {
     current.or(taken)
 }
@@ -1012,6 +1080,43 @@ fn note(seen: &mut VecDeque<(u32, Timestamp)>, overrun: &mut bool, n: Notificati
 
 #[cfg(test)]
 mod tests {
+
+    /// Supervision: a notification thread that stops is noticed (the loop polls meanwhile) and
+    /// started again after a backoff that doubles up to the resync interval; a failed start too.
+    #[test]
+    fn the_notification_thread_is_restarted_with_backoff() {
+        let mut l = Listener::new(Duration::from_secs(4));
+        let t0 = Instant::now();
+        let quick = || Ok(std::thread::spawn(|| {}));
+        l.ensure(t0, quick);
+        let h = l.handle.as_ref().expect("started");
+        while !h.is_finished() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!l.listening(), "a stopped thread is not listening: the loop polls");
+        l.ensure(t0, || panic!("noticed, not restarted at once"));
+        l.ensure(t0 + Duration::from_millis(500), || panic!("not before the backoff"));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        l.ensure(t0 + Duration::from_secs(1), move || {
+            Ok(std::thread::spawn(move || {
+                let _ = rx.recv();
+            }))
+        });
+        assert!(l.listening(), "restarted after 1 s");
+        drop(tx);
+        // A failing start backs off 1 s, 2 s, 4 s, then stays at the bound.
+        let mut l = Listener::new(Duration::from_secs(4));
+        let fail = || Err(std::io::Error::other("no netlink"));
+        let mut at = t0;
+        for expected in [1, 2, 4, 4] {
+            l.ensure(at, fail);
+            assert_eq!(l.retry_at.unwrap() - at, Duration::from_secs(expected));
+            l.ensure(at + Duration::from_secs(expected) - Duration::from_millis(1), || {
+                panic!("too early")
+            });
+            at += Duration::from_secs(expected);
+        }
+    }
     use super::*;
     use crate::expected::builders::slice;
 

@@ -2,8 +2,8 @@
 //! is registered here; metric labels never carry pod names, endpoint IPs or error text.
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::model::Timestamp;
@@ -41,6 +41,7 @@ pub struct Metrics {
     pub watch_errors: IntCounterVec,
     pub status_writes: IntCounterVec,
     pub malformed: IntCounterVec,
+    pub liveness_failures: IntCounter,
     pub info: GaugeVec,
 }
 
@@ -103,6 +104,10 @@ impl Metrics {
             watch_errors: IntCounterVec::new(opts("watch_errors_total", "Watch errors by resource and kind."), &["resource", "kind"])?,
             status_writes: IntCounterVec::new(opts("status_writes_total", "Node status writes by result."), &["result"])?,
             malformed: IntCounterVec::new(opts("malformed_objects_total", "Objects or endpoints skipped as malformed, by reason."), &["reason"])?,
+            liveness_failures: IntCounter::with_opts(opts(
+                "liveness_failures_total",
+                "/healthz answers that failed because the dataplane loop made no progress within its bound.",
+            ))?,
             info: GaugeVec::new(opts("info", "Agent information: dataplane mode, backend and version."), &["mode", "backend", "version"])?,
             registry,
         };
@@ -125,6 +130,7 @@ impl Metrics {
             Box::new(m.watch_errors.clone()),
             Box::new(m.status_writes.clone()),
             Box::new(m.malformed.clone()),
+            Box::new(m.liveness_failures.clone()),
             Box::new(m.info.clone()),
         ];
         for c in collectors {
