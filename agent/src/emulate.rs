@@ -37,6 +37,14 @@ fn host_cidr(ip: IpAddr) -> String {
 /// Renders a full nat table for `services`. `comments: false` mimics large-cluster mode (no
 /// comments on SVC→SEP and SEP rules). `deleted_chains` are removed with `-X`, as kube-proxy
 /// does for the chains of removed endpoints. Load with `iptables-restore --noflush`.
+/// The service port's own chains (`KUBE-SVC-*`, `KUBE-EXT-*`). When its last endpoint goes,
+/// kube-proxy deletes them with the endpoint chains; left behind, the service chain keeps a
+/// jump to the endpoint chain and `-X` of that chain fails with EBUSY.
+pub fn service_chains(spn: &ServicePortName, protocol: Protocol) -> [String; 2] {
+    let hash = port_proto_hash(spn, protocol);
+    [format!("KUBE-SVC-{hash}"), format!("KUBE-EXT-{hash}")]
+}
+
 pub fn render_nat(services: &[EmulatedServicePort], comments: bool, deleted_chains: &[String]) -> String {
     let mut chains = vec![
         "KUBE-SERVICES".to_string(),
@@ -179,6 +187,17 @@ fn nft_port_base(svc: &EmulatedServicePort) -> String {
         "{}/{}/{}/{}",
         spn.service.namespace, spn.service.name, svc.protocol, spn.port
     ))
+}
+
+/// A service port's own nftables chains (`service-…`, `external-…`): when its last endpoint
+/// goes, kube-proxy flushes them (they would keep jumping to, or DNATing to, what left) and
+/// deletes them later, as it does endpoint chains.
+pub fn nft_service_chains(spn: &ServicePortName, protocol: Protocol) -> [String; 2] {
+    let base = nft_chain_base(&format!(
+        "{}/{}/{}/{}",
+        spn.service.namespace, spn.service.name, protocol, spn.port
+    ));
+    [format!("service-{base}"), format!("external-{base}")]
 }
 
 /// The `endpoint-…` chain of one endpoint (`:` of IPv6 addresses becomes `.`).

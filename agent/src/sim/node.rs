@@ -12,7 +12,10 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::sync::mpsc;
 
 use super::store::Cluster;
-use crate::emulate::{nft_endpoint_chain, render_nat, render_nft_as, sep_chain, EmulatedServicePort, NftStyle};
+use crate::emulate::{
+    nft_endpoint_chain, nft_service_chains, render_nat, render_nft_as, sep_chain, service_chains, EmulatedServicePort,
+    NftStyle,
+};
 use crate::expected::{expect_service, SliceRecord};
 use crate::k8s;
 use crate::model::{ChangeKind, EndpointKey, ServiceRef, Timestamp};
@@ -243,10 +246,23 @@ impl KubeProxyEmulator {
         let now = Timestamp::now();
         let (script, program, args): (String, &str, Vec<&str>) = match self.mode {
             ProxyMode::Iptables | ProxyMode::IptablesLegacy => {
-                let gone: Vec<String> = removed
+                let mut gone: Vec<String> = removed
                     .iter()
                     .map(|k| sep_chain(&k.port_name, k.protocol, k.endpoint))
                     .collect();
+                // A service port left without endpoints loses its own chains too.
+                for k in &removed {
+                    let served = ports
+                        .iter()
+                        .any(|p| p.name == *k.port_name && p.protocol == k.protocol && !p.endpoints.is_empty());
+                    if !served {
+                        for c in service_chains(&k.port_name, k.protocol) {
+                            if !gone.contains(&c) {
+                                gone.push(c);
+                            }
+                        }
+                    }
+                }
                 let program = if self.mode == ProxyMode::Iptables {
                     "iptables-nft-restore"
                 } else {
@@ -255,9 +271,13 @@ impl KubeProxyEmulator {
                 (render_nat(&ports, true, &gone), program, vec!["--noflush"])
             }
             ProxyMode::Nftables => {
-                // kube-proxy flushes a removed endpoint chain at once and deletes it > 1 s later.
-                let flush: Vec<String> = removed
+                // kube-proxy flushes a removed endpoint chain at once and deletes it > 1 s later
+                // (v1.37 without affinity has none); so too the chains of a service port left
+                // without endpoints.
+                let endpoint_chains = self.nft_style == NftStyle::EndpointChains;
+                let mut flush: Vec<String> = removed
                     .iter()
+                    .filter(|_| endpoint_chains)
                     .map(|k| {
                         let p = ports
                             .iter()
@@ -274,23 +294,35 @@ impl KubeProxyEmulator {
                         nft_endpoint_chain(&p, k.endpoint)
                     })
                     .collect();
+                for k in &removed {
+                    let served = ports
+                        .iter()
+                        .any(|p| p.name == *k.port_name && p.protocol == k.protocol && !p.endpoints.is_empty());
+                    for c in nft_service_chains(&k.port_name, k.protocol)
+                        .into_iter()
+                        .filter(|_| !served)
+                    {
+                        if !flush.contains(&c) {
+                            flush.push(c);
+                        }
+                    }
+                }
                 // A chain programmed again (the endpoint came back) is no longer stale.
                 let live: BTreeSet<String> = ports
                     .iter()
-                    .flat_map(|p| p.endpoints.iter().map(|e| nft_endpoint_chain(p, *e)))
+                    .filter(|p| !p.endpoints.is_empty())
+                    .flat_map(|p| {
+                        p.endpoints
+                            .iter()
+                            .map(|e| nft_endpoint_chain(p, *e))
+                            .chain(nft_service_chains(&p.name, p.protocol))
+                    })
                     .collect();
                 stale.retain(|(c, _)| !live.contains(c));
                 let (old, young): (Vec<_>, Vec<_>) = stale.drain(..).partition(|(_, at)| now.seconds_since(*at) > 1.0);
                 *stale = young;
                 stale.extend(flush.iter().map(|c| (c.clone(), now)));
-                let mut delete: Vec<String> = old.into_iter().map(|(c, _)| c).collect();
-                let mut flush = flush;
-                if self.nft_style == NftStyle::ServiceDnat {
-                    // No endpoint chains: rewriting the service chain is the whole change.
-                    flush.clear();
-                    delete.clear();
-                    stale.clear();
-                }
+                let delete: Vec<String> = old.into_iter().map(|(c, _)| c).collect();
                 (
                     render_nft_as(self.nft_style, "ip", &ports, &flush, &delete),
                     "nft",
