@@ -142,6 +142,36 @@ async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An error as one line of sentences: each cause in turn, the API server's answers by their
+/// message and reason (never the `Status { … }` structure).
+pub fn describe_error(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = match cause.downcast_ref::<kube::Error>() {
+            Some(kube::Error::Api(s)) => {
+                let reason = if s.reason.is_empty() {
+                    "no reason"
+                } else {
+                    s.reason.as_str()
+                };
+                // Its only cause is the same Status: nothing more to say.
+                parts.push(format!(
+                    "the API server refused: {} ({reason}, HTTP {})",
+                    s.message.trim(),
+                    s.code
+                ));
+                break;
+            }
+            _ => cause.to_string(),
+        };
+        // kube's errors repeat their cause in their own text; keep each piece once.
+        if !parts.iter().any(|p| p.contains(text.as_str())) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}
+
 /// Where the CLI finds the cluster: kubectl's `--kubeconfig` and `--context`.
 #[derive(Clone, Debug, Default)]
 struct ClusterArgs {
@@ -219,6 +249,7 @@ async fn run_isolate(args: IsolateArgs, cluster: &ClusterArgs) -> anyhow::Result
         &ns,
         &args.pod,
         relabel,
+        args.force,
         &hold_options(&args.wait),
         &mut progress,
     )
@@ -273,4 +304,27 @@ async fn run_status(args: StatusArgs, cluster: &ClusterArgs) -> anyhow::Result<(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_errors_read_as_sentences_not_status_dumps() {
+        let status: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "status": "Failure", "message": "pods \"web-9\" not found", "reason": "NotFound", "code": 404,
+            "details": {"name": "web-9", "kind": "pods"}
+        }))
+        .unwrap();
+        let e = anyhow::Error::new(kube::Error::Api(Box::new(status))).context("reading pod demo/web-9");
+        let text = describe_error(&e);
+        assert_eq!(
+            text,
+            "reading pod demo/web-9: the API server refused: pods \"web-9\" not found (NotFound, HTTP 404)"
+        );
+        assert!(!text.contains("Status {") && !text.contains("ErrorResponse"), "{text}");
+        let plain = anyhow::anyhow!("no kube-proxy rules found").context("inspect");
+        assert_eq!(describe_error(&plain), "inspect: no kube-proxy rules found");
+    }
 }

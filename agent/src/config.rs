@@ -81,11 +81,15 @@ pub struct IsolateArgs {
     pub namespace: Option<String>,
     /// Set this label (KEY=VALUE), e.g. app=test-offline. Default: the first selector key of the
     /// pod's first Service, with "-offline" appended to its value.
-    #[arg(long, conflicts_with = "remove_label")]
+    #[arg(long, conflicts_with = "remove_label", value_parser = parse_label)]
     pub label: Option<String>,
     /// Remove this label instead.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_label_key)]
     pub remove_label: Option<String>,
+    /// Isolate the pod even when it is the last ready endpoint of one of its Services (that
+    /// takes the Service down).
+    #[arg(long)]
+    pub force: bool,
     /// Delete the pod once every node has converged.
     #[arg(long)]
     pub delete: bool,
@@ -95,7 +99,9 @@ pub struct IsolateArgs {
 
 #[derive(Clone, Debug, Args)]
 pub struct RestoreArgs {
+    /// The pod `isolate` relabelled.
     pub pod: String,
+    /// Its namespace (default: the kubeconfig context's).
     #[arg(short, long, env = "KUBE_CONVERGE_NAMESPACE")]
     pub namespace: Option<String>,
     #[command(flatten)]
@@ -320,6 +326,57 @@ pub fn parse_positive(s: &str) -> Result<usize, String> {
     }
 }
 
+/// One part of a label key, or a label value: at most 63 characters, alphanumerics with `-`,
+/// `_` and `.` inside (Kubernetes' qualified name).
+fn is_label_name(s: &str) -> bool {
+    let ok = |c: char| c.is_ascii_alphanumeric();
+    s.len() <= 63
+        && s.chars().next().is_some_and(ok)
+        && s.chars().last().is_some_and(ok)
+        && s.chars().all(|c| ok(c) || matches!(c, '-' | '_' | '.'))
+}
+
+/// A label key as the API server accepts it: `[PREFIX/]NAME`, PREFIX a DNS subdomain.
+pub fn parse_label_key(s: &str) -> Result<String, String> {
+    let (prefix, name) = match s.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            })
+    });
+    if prefix_ok && is_label_name(name) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a label key: [PREFIX/]NAME, NAME at most 63 characters of letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
+        ))
+    }
+}
+
+/// `KEY=VALUE` with a valid key and value (the value may be empty).
+pub fn parse_label(s: &str) -> Result<String, String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE, e.g. app=test-offline"))?;
+    parse_label_key(k)?;
+    if !v.is_empty() && !is_label_name(v) {
+        return Err(format!(
+            "{v:?} is not a label value: at most 63 characters of letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
+        ));
+    }
+    Ok(s.to_string())
+}
+
 /// A label selector the API server would accept (kube-proxy's own terms are added to it).
 pub fn parse_label_selector(s: &str) -> Result<String, String> {
     crate::selector::LabelSelector::parse(s).map(|_| s.trim().to_string())
@@ -328,6 +385,32 @@ pub fn parse_label_selector(s: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_checked_before_anything_is_patched() {
+        assert_eq!(parse_label("app=test-offline"), Ok("app=test-offline".into()));
+        assert_eq!(
+            parse_label("example.com/track=blue"),
+            Ok("example.com/track=blue".into())
+        );
+        assert!(parse_label("app=").is_ok(), "an empty value is a valid label value");
+        for bad in [
+            "=x",
+            "app",
+            "app=bad value",
+            "a/b/c=x",
+            "-app=x",
+            "app=x-",
+            "Example.COM/x=y",
+            "/x=y",
+        ] {
+            assert!(parse_label(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_label(&format!("app={}", "v".repeat(64))).is_err());
+        assert_eq!(parse_label_key("app"), Ok("app".into()));
+        assert!(parse_label_key("").is_err());
+        assert!(parse_label_key("bad key").is_err());
+    }
 
     #[test]
     fn durations() {

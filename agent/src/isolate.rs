@@ -105,6 +105,7 @@ pub async fn isolate(
     ns: &str,
     pod_name: &str,
     relabel: Relabel,
+    force: bool,
     opts: &HoldOptions,
     progress: &mut Progress,
 ) -> anyhow::Result<HoldReport> {
@@ -151,6 +152,24 @@ pub async fn isolate(
         );
     }
     let names: BTreeSet<String> = services.iter().map(|s| s.name_any()).collect();
+    if !force {
+        let ips: BTreeSet<String> = pod
+            .status
+            .as_ref()
+            .map(|s| {
+                let mut ips: BTreeSet<String> = s.pod_ips.iter().flatten().map(|p| p.ip.clone()).collect();
+                ips.extend(s.pod_ip.clone());
+                ips
+            })
+            .unwrap_or_default();
+        let down = left_without_ready_endpoints(client, ns, &names, &ips).await?;
+        if !down.is_empty() {
+            anyhow::bail!(
+                "pod {ns}/{pod_name} is the last ready endpoint of Service(s) {}: isolating it takes them down; pass --force to isolate it anyway",
+                down.join(", ")
+            );
+        }
+    }
     // Watch before the change: a slice the relabel empties is deleted, and only a watch sees
     // the version of that deletion.
     let target = HoldTarget {
@@ -183,6 +202,32 @@ pub async fn isolate(
         annotate_converged(client, ns, pod_name).await;
     }
     Ok(report)
+}
+
+/// The Services among `services` that no ready endpoint other than `ips` serves, from their
+/// EndpointSlices (an endpoint with no `ready` condition counts as ready, as kube-proxy counts
+/// it).
+async fn left_without_ready_endpoints(
+    client: &Client,
+    ns: &str,
+    services: &BTreeSet<String>,
+    ips: &BTreeSet<String>,
+) -> anyhow::Result<Vec<String>> {
+    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> = Api::namespaced(client.clone(), ns);
+    let mut out = Vec::new();
+    for svc in services {
+        let list = slices
+            .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={svc}")))
+            .await
+            .with_context(|| format!("listing the EndpointSlices of Service {ns}/{svc}"))?;
+        let others = list.items.iter().flat_map(|s| s.endpoints.iter().flatten()).any(|e| {
+            e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true) && e.addresses.iter().any(|a| !ips.contains(a))
+        });
+        if !others {
+            out.push(svc.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// Puts back the labels `isolate` changed and waits for every node to route to the pod again.

@@ -23,6 +23,16 @@ struct ConfString(*const std::ffi::c_char);
 unsafe impl Sync for ConfString {}
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    kube_converge::cli::run(kube_converge::config::Cli::parse()).await
+async fn main() -> std::process::ExitCode {
+    match kube_converge::cli::run(kube_converge::config::Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // A sentence, never a debug dump; the backtrace only when asked for.
+            eprintln!("error: {}", kube_converge::cli::describe_error(&e));
+            if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+                eprintln!("\n{}", e.backtrace());
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -271,7 +271,7 @@ async fn isolate_as_a_library_reports_per_node_lags() {
         ..Default::default()
     };
     let relabel = kube_converge::isolate::Relabel::Set("app".into(), "web-offline".into());
-    let report = kube_converge::isolate::isolate(&client, "demo", "web-1", relabel, &opts, &mut progress)
+    let report = kube_converge::isolate::isolate(&client, "demo", "web-1", relabel, false, &opts, &mut progress)
         .await
         .unwrap();
     assert!(report.converged);
@@ -282,10 +282,36 @@ async fn isolate_as_a_library_reports_per_node_lags() {
     );
     // Isolating with a label that keeps the pod selected is refused.
     let keep = kube_converge::isolate::Relabel::Set("tier".into(), "x".into());
-    let err = kube_converge::isolate::isolate(&client, "demo", "web-2", keep, &opts, &mut progress)
+    let err = kube_converge::isolate::isolate(&client, "demo", "web-2", keep, false, &opts, &mut progress)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("still be selected"), "{err}");
+    // The last ready endpoint of a Service is not isolated without --force: that is an outage.
+    let default = kube_converge::isolate::Relabel::Default;
+    let report = kube_converge::isolate::isolate(&client, "demo", "web-0", default, false, &opts, &mut progress)
+        .await
+        .unwrap();
+    assert!(report.converged);
+    let default = kube_converge::isolate::Relabel::Default;
+    let err = kube_converge::isolate::isolate(&client, "demo", "web-2", default, false, &opts, &mut progress)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("last ready endpoint") && err.to_string().contains("--force"),
+        "{err}"
+    );
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client.clone(), "demo");
+    let labels = pods.get("web-2").await.unwrap().metadata.labels.unwrap_or_default();
+    assert_eq!(
+        labels.get("app").map(String::as_str),
+        Some("web"),
+        "nothing was patched"
+    );
+    let default = kube_converge::isolate::Relabel::Default;
+    let report = kube_converge::isolate::isolate(&client, "demo", "web-2", default, true, &opts, &mut progress)
+        .await
+        .unwrap();
+    assert!(report.converged, "--force isolates it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,4 +363,41 @@ async fn the_binary_works_as_a_kubectl_plugin() {
         text.starts_with("NODE") && text.contains("node-1") && text.contains("iptables"),
         "{text}"
     );
+}
+
+/// Every emulated mode survives a Service losing its last endpoint, and keeps programming
+/// later changes (the iptables emulator failed with CHAIN_DEL EBUSY on every node, and every
+/// later change timed out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_losing_its_last_endpoint_and_getting_it_back_in_every_mode() {
+    for mode in [ProxyMode::Iptables, ProxyMode::IptablesLegacy, ProxyMode::Nftables] {
+        let Some(opts) = common::sim_options(mode, 2, &[]) else {
+            return;
+        };
+        let sim = SimCluster::start(&opts).await.unwrap();
+        let kc = kube::config::Kubeconfig::from_yaml(&sim.api.kubeconfig()).unwrap();
+        let client = kube::Client::try_from(
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        let hold = HoldOptions {
+            timeout: Duration::from_secs(20),
+            ..Default::default()
+        };
+        let mut progress = kube_converge::isolate::Progress::default();
+        for pod in ["web-0", "web-1", "web-2"] {
+            let relabel = kube_converge::isolate::Relabel::Default;
+            let report = kube_converge::isolate::isolate(&client, "demo", pod, relabel, true, &hold, &mut progress)
+                .await
+                .unwrap_or_else(|e| panic!("{mode:?}: isolating {pod}: {e:#}"));
+            assert!(report.converged, "{mode:?}: {pod}: {}", report.table());
+        }
+        // The Service has no endpoint now; bringing one back converges too.
+        let report = kube_converge::isolate::restore(&client, "demo", "web-2", &hold, &mut progress)
+            .await
+            .unwrap_or_else(|e| panic!("{mode:?}: restoring web-2: {e:#}"));
+        assert!(report.converged, "{mode:?}: restore: {}", report.table());
+    }
 }
