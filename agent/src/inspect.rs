@@ -100,6 +100,35 @@ fn report(mode: Mode, backend: &str, snap: DataplaneSnapshot) -> InspectReport {
     }
 }
 
+/// At most this many items of a table cell are listed; the rest are counted.
+const CELL_ITEMS: usize = 8;
+/// And a cell never runs longer than this many characters.
+const CELL_CHARS: usize = 200;
+
+/// `items` joined with commas, cut to a readable cell: a service whose rules hold thousands of
+/// frontends or endpoints (or junk) gets a count, not a 37,000-character row. `-o json` has all.
+fn cell(items: &[String]) -> String {
+    let mut out = String::new();
+    let mut shown = 0;
+    for item in items.iter().take(CELL_ITEMS) {
+        let sep = if shown == 0 { "" } else { "," };
+        if out.chars().count() + sep.len() + item.chars().count() > CELL_CHARS {
+            break;
+        }
+        out.push_str(sep);
+        out.push_str(item);
+        shown += 1;
+    }
+    if shown == 0 && !items.is_empty() {
+        out = items[0].chars().take(CELL_CHARS).collect::<String>() + "…";
+        shown = 1;
+    }
+    if shown < items.len() {
+        out.push_str(&format!(" (+{} more)", items.len() - shown));
+    }
+    out
+}
+
 impl InspectReport {
     pub fn to_table(&self) -> String {
         let mut out = format!("MODE: {}  BACKEND: {}\n", self.mode, self.backend);
@@ -110,7 +139,7 @@ impl InspectReport {
                 let mut eps = if s.endpoints.is_empty() {
                     "<none>".to_string()
                 } else {
-                    s.endpoints.join(",")
+                    cell(&s.endpoints)
                 };
                 if s.uncertain {
                     eps.push_str(" (some rules not understood)");
@@ -118,7 +147,7 @@ impl InspectReport {
                 [
                     s.name.clone().unwrap_or_else(|| "<unnamed>".into()),
                     s.protocol.clone().unwrap_or_else(|| "?".into()),
-                    s.frontends.join(","),
+                    cell(&s.frontends),
                     eps,
                 ]
             })
@@ -154,5 +183,25 @@ impl InspectReport {
             let _ = writeln!(out, "warning: {w}");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_cells_are_cut_with_a_count() {
+        let few: Vec<String> = (1..=3).map(|i| format!("10.0.0.{i}:80")).collect();
+        assert_eq!(cell(&few), "10.0.0.1:80,10.0.0.2:80,10.0.0.3:80");
+        let many: Vec<String> = (0..3000).map(|i| format!("10.{}.{}.1:80", i / 256, i % 256)).collect();
+        let c = cell(&many);
+        assert!(c.chars().count() < CELL_CHARS + 20, "{c}");
+        assert!(c.ends_with("(+2992 more)"), "{c}");
+        let junk = vec!["x".repeat(37_000)];
+        let c = cell(&junk);
+        assert!(c.chars().count() <= CELL_CHARS + 1, "{}", c.len());
+        assert!(c.ends_with('…'));
+        assert_eq!(cell(&[]), "");
     }
 }

@@ -257,6 +257,14 @@ pub fn open_reader(
                 tracing::debug!(mode = %m, ?source, "detected kube-proxy mode");
                 m
             }
+            None if !has_cap_net_admin(&std::fs::read_to_string("/proc/self/status").unwrap_or_default()) => {
+                return Err(ReadError::NotFound {
+                    detail: "this process lacks CAP_NET_ADMIN, which reading nf_tables, iptables and IPVS rules from \
+                             the kernel needs, and kube-proxy's /proxyMode (127.0.0.1:10249) did not answer: run it as \
+                             root or grant CAP_NET_ADMIN"
+                        .into(),
+                })
+            }
             None => {
                 return Err(ReadError::NotFound {
                     detail: "kube-proxy's /proxyMode (127.0.0.1:10249) did not answer, and the kernel has no table \
@@ -285,6 +293,16 @@ pub fn open_reader(
         Mode::Nftables => Ok(Box::new(nftables::NftablesReader::new(netns.clone()))),
         Mode::Ipvs => Ok(Box::new(ipvs::IpvsReader::new(netns.clone()))),
     }
+}
+
+/// Whether the effective capabilities in `/proc/self/status` text include CAP_NET_ADMIN (12).
+/// Unknown (no CapEff line) counts as yes: the kernel's own answer then tells.
+pub fn has_cap_net_admin(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_none_or(|caps| caps & (1 << 12) != 0)
 }
 
 /// How long the kernel may take to answer one netlink request before the read fails (and the
@@ -358,6 +376,18 @@ mod deadline_tests {
             .recv_timeout(Duration::from_secs(5))
             .expect("recv returned within the deadline");
         assert!(matches!(got, Err(std::io::ErrorKind::WouldBlock)), "{got:?}");
+    }
+
+    #[test]
+    fn cap_net_admin_is_read_from_the_effective_set() {
+        assert!(has_cap_net_admin("Name:\tx\nCapEff:\t000001ffffffffff\n"));
+        assert!(!has_cap_net_admin("CapEff:\t0000000000000000\n"));
+        assert!(
+            !has_cap_net_admin("CapEff:\t0000000000000400\n"),
+            "CAP_NET_BIND_SERVICE only"
+        );
+        assert!(has_cap_net_admin("CapEff:\t0000000000001000\n"));
+        assert!(has_cap_net_admin(""), "unknown: let the kernel answer");
     }
 
     #[test]
