@@ -115,7 +115,18 @@ async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
             base: args.delay,
             jitter: args.jitter,
         },
-        slow: crate::config::parse_slow(&args.slow).map_err(anyhow::Error::msg)?,
+        slow: {
+            let nodes = usize::from(args.nodes);
+            let given = args.slow.clone().unwrap_or_else(|| match nodes {
+                1 => vec![],
+                n => vec![format!("node-{n}=1s")],
+            });
+            let slow = crate::config::parse_slow(&given).map_err(anyhow::Error::msg)?;
+            if let Some(bad) = slow.keys().find(|n| !(1..=nodes).any(|i| **n == format!("node-{i}"))) {
+                anyhow::bail!("--slow {bad}: the simulated cluster has node-1 … node-{nodes}");
+            }
+            slow
+        },
         grace: args.grace,
         timeout: args.timeout,
         metrics_port: args.metrics_port,
@@ -129,7 +140,7 @@ async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
     } else {
         tokio::select! {
             r = crate::sim::scenario::run(opts) => r?,
-            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the simulated cluster was removed"),
+            _ = crate::telemetry::stop_signal() => anyhow::bail!("interrupted; the simulated cluster was removed"),
         }
     };
     if !keep {

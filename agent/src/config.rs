@@ -130,14 +130,10 @@ pub struct SimArgs {
     /// Random extra delay per sync, up to this much.
     #[arg(long, env = "KUBE_CONVERGE_SIM_JITTER", value_parser = parse_duration, default_value = "200ms")]
     pub jitter: Duration,
-    /// Make a node slow: NODE=DELAY, added to its base delay (repeatable; `none` for no slow node).
-    #[arg(
-        long,
-        env = "KUBE_CONVERGE_SIM_SLOW",
-        value_delimiter = ',',
-        default_value = "node-3=1s"
-    )]
-    pub slow: Vec<String>,
+    /// Make a node slow: NODE=DELAY, added to its base delay (repeatable; `none` for no slow
+    /// node). Default: the last node, by 1s, when there are several.
+    #[arg(long, env = "KUBE_CONVERGE_SIM_SLOW", value_delimiter = ',')]
+    pub slow: Option<Vec<String>>,
     /// Grace period of the deleted pod.
     #[arg(long, env = "KUBE_CONVERGE_SIM_GRACE", value_parser = parse_duration, default_value = "5s")]
     pub grace: Duration,

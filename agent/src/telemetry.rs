@@ -299,6 +299,21 @@ pub fn release_freed_memory() {
     }
 }
 
+/// Completes on SIGINT or SIGTERM (what an SRE's Ctrl-C and a `kill` or a container stop send).
+pub async fn stop_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,15 @@ pub enum ProxyMode {
 }
 
 impl ProxyMode {
+    /// The mode as `--proxy-mode` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProxyMode::Iptables => "iptables",
+            ProxyMode::IptablesLegacy => "iptables-legacy",
+            ProxyMode::Nftables => "nftables",
+        }
+    }
+
     /// The programs a node in this mode needs.
     pub fn tools(self) -> &'static [&'static str] {
         match self {

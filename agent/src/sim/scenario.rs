@@ -101,15 +101,28 @@ async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
         .ok()
 }
 
-fn pick_port(base: u16, i: usize) -> SocketAddr {
-    let want = if base == 0 { 0 } else { base + i as u16 };
+/// Node `i`'s metrics address: `base + i` (0: any free port). A busy port is an error, not a
+/// silent other port (dashboards and scrapes point at the asked one).
+fn pick_port(base: u16, i: usize) -> anyhow::Result<SocketAddr> {
+    let want = if base == 0 {
+        0
+    } else {
+        u16::try_from(usize::from(base) + i)
+            .map_err(|_| anyhow::anyhow!("--metrics-port {base} + {i} is past 65535; choose a lower port"))?
+    };
     let addr = SocketAddr::from(([127, 0, 0, 1], want));
-    match std::net::TcpListener::bind(addr) {
-        Ok(l) => l.local_addr().unwrap_or(addr),
-        Err(_) => std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap_or(addr),
-    }
+    let l = std::net::TcpListener::bind(addr).map_err(|e| {
+        anyhow::anyhow!(
+            "metrics port {want} for node-{} is not free ({e}); choose another --metrics-port, or 0 for any free ports",
+            i + 1
+        )
+    })?;
+    Ok(l.local_addr().unwrap_or(addr))
+}
+
+/// The number in a node name (`node-10` → 10), for sorting node-2 before node-10.
+pub fn node_number(name: &str) -> u64 {
+    name.rsplit('-').next().and_then(|n| n.parse().ok()).unwrap_or(u64::MAX)
 }
 
 /// What `SimCluster::next_event` yields.
@@ -238,7 +251,7 @@ impl SimCluster {
             sim.nodes.push(SimNode {
                 name,
                 guard,
-                metrics: pick_port(opts.metrics_port, i),
+                metrics: pick_port(opts.metrics_port, i)?,
                 stop: None,
             });
         }
@@ -427,7 +440,9 @@ impl SimCluster {
                 }
             }
         }
-        Ok(rows.into_values().collect())
+        let mut rows: Vec<Row> = rows.into_values().collect();
+        rows.sort_by(|a, b| (node_number(&a.node), &a.key).cmp(&(node_number(&b.node), &b.key)));
+        Ok(rows)
     }
 
     /// The next ground-truth record or agent sample, for benchmarks that follow many changes.
@@ -465,20 +480,24 @@ impl Drop for SimCluster {
 pub async fn run(opts: SimOptions) -> anyhow::Result<SimReport> {
     let mut sim = SimCluster::start(&opts).await?;
     eprintln!(
-        "sim: fake API server on {}; {} nodes in {:?} mode",
+        "sim: fake API server on {}; {} node{} in {} mode",
         sim.api.url(),
         opts.nodes,
-        opts.proxy_mode
+        if opts.nodes == 1 { "" } else { "s" },
+        opts.proxy_mode.name()
     );
     let metrics = sim.metrics_addrs();
+    let mut by_node: Vec<(String, SocketAddr)> = metrics.iter().map(|(n, a)| (n.clone(), *a)).collect();
+    by_node.sort_by_key(|(n, _)| node_number(n));
     eprintln!(
-        "sim: {} agents ready; metrics on {}",
+        "sim: {} agent{} ready; metrics: {}",
         metrics.len(),
-        metrics
-            .values()
-            .map(|a| format!("http://{a}/metrics"))
+        if metrics.len() == 1 { "" } else { "s" },
+        by_node
+            .iter()
+            .map(|(n, a)| format!("{n} http://{a}/metrics"))
             .collect::<Vec<_>>()
-            .join(" ")
+            .join(", ")
     );
     eprintln!("sim: deleting pod demo/web-0 (grace period {:?})", opts.grace);
     sim.cluster()
@@ -493,8 +512,22 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<SimReport> {
     let report = SimReport { rows, metrics };
     if opts.keep {
         print!("{}", report.table());
-        eprintln!("sim: keeping the cluster running for dashboards; Ctrl-C to stop");
-        let _ = tokio::signal::ctrl_c().await;
+        let kc = std::env::temp_dir().join(format!("kube-converge-sim-{}.kubeconfig", std::process::id()));
+        std::fs::write(&kc, sim.api.kubeconfig())?;
+        let exe = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "kube-converge".into());
+        let first = by_node.first().map(|(_, a)| a.to_string()).unwrap_or_default();
+        println!("\nThe simulated cluster stays up. Try, in another shell:");
+        println!("  export KUBECONFIG={}", kc.display());
+        println!("  {exe} status");
+        println!("  {exe} isolate web-2 -n demo");
+        println!("  {exe} restore web-2 -n demo");
+        println!("  curl 'http://{first}/v1/hold?namespace=demo&pod=web-2&timeout=30s'");
+        println!("  kubectl get nodeconvergences");
+        eprintln!("sim: keeping the cluster running for dashboards; Ctrl-C (or SIGTERM) to stop");
+        crate::telemetry::stop_signal().await;
+        let _ = std::fs::remove_file(&kc);
     }
     drop(sim);
     Ok(report)
