@@ -320,3 +320,64 @@ async fn dashboard_and_alert_metrics_are_exported_by_a_real_agent() {
         "used by the dashboard or alerts but not exported: {missing:?}\nexported: {exported:?}"
     );
 }
+
+/// Every alert of the PrometheusRule passes `promtool check rules`, and has a `promtool test
+/// rules` case in which it fires on its condition and one in which it stays silent.
+#[test]
+fn alerts_fire_on_their_condition_and_stay_silent_otherwise() {
+    if !common::require(&["promtool"]) {
+        return;
+    }
+    let rule: Value = documents()
+        .into_iter()
+        .map(|(_, d)| d)
+        .find(|d| d["kind"] == "PrometheusRule")
+        .expect("the monitoring overlay has a PrometheusRule");
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("alerts.rules.json");
+    std::fs::write(&rules, serde_json::to_string_pretty(&rule["spec"]).unwrap()).unwrap();
+    let tests_src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/promtool/alerts.test.yaml");
+    let tests = std::fs::read_to_string(tests_src).unwrap();
+    std::fs::write(dir.path().join("alerts.test.yaml"), &tests).unwrap();
+    for args in [
+        ["check", "rules", "alerts.rules.json"],
+        ["test", "rules", "alerts.test.yaml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Each alert is tested both ways: firing (a non-empty exp_alerts) and silent ([]).
+    let parsed: Value = serde_saphyr::from_str(&tests).unwrap();
+    let cases: Vec<(String, bool)> = parsed["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["alert_rule_test"].as_array().cloned().unwrap_or_default())
+        .map(|c| {
+            let fires = c["exp_alerts"].as_array().is_some_and(|a| !a.is_empty());
+            (c["alertname"].as_str().unwrap_or_default().to_string(), fires)
+        })
+        .collect();
+    for group in rule["spec"]["groups"].as_array().unwrap() {
+        for r in group["rules"].as_array().unwrap() {
+            let Some(name) = r["alert"].as_str() else { continue };
+            for fires in [true, false] {
+                assert!(
+                    cases.iter().any(|(n, f)| n == name && *f == fires),
+                    "{name} has no promtool case where it {}",
+                    if fires { "fires" } else { "stays silent" }
+                );
+            }
+        }
+    }
+}
