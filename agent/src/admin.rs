@@ -319,6 +319,29 @@ mod tests {
         out
     }
 
+    /// More concurrent holds than --max-holds: 429, before any API call.
+    #[tokio::test]
+    async fn holds_past_the_limit_get_429() {
+        let metrics = Metrics::new().unwrap();
+        let health = Arc::new(Health::default());
+        let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:1".parse().unwrap())).unwrap();
+        let (_stop, stopping) = tokio::sync::watch::channel(false);
+        let hold = HoldContext {
+            client,
+            defaults: crate::hold::HoldOptions::default(),
+            slots: Arc::new(tokio::sync::Semaphore::new(0)),
+            stopping,
+        };
+        let (addr, server) = serve("127.0.0.1:0".parse().unwrap(), metrics, health, Some(hold))
+            .await
+            .unwrap();
+        let task = tokio::spawn(server);
+        let reply = get(addr, "/v1/hold?namespace=demo&pod=web-0&timeout=5s").await;
+        assert!(reply.starts_with("HTTP/1.1 429"), "{reply}");
+        assert!(reply.contains("too many holds"), "{reply}");
+        task.abort();
+    }
+
     #[test]
     fn a_loop_quiet_past_its_bound_is_stalled() {
         let h = Health::default();
