@@ -206,6 +206,28 @@ impl Metrics {
         self.info
             .with_label_values(&[mode, backend, env!("CARGO_PKG_VERSION")])
             .set(1.0);
+        // The lag series of this mode exist at zero before the first change: a series that
+        // appears with its first observation already at 1 shows no increase() or rate(), so
+        // the dashboard's lag panels would miss the first removal.
+        use crate::model::{ChangeKind, ChangeReason, TriggerSource};
+        let pairs = [
+            (ChangeKind::Removed, ChangeReason::Deleted),
+            (ChangeKind::Removed, ChangeReason::Isolated),
+            (ChangeKind::Removed, ChangeReason::Unready),
+            (ChangeKind::Removed, ChangeReason::ServiceDeleted),
+            (ChangeKind::Added, ChangeReason::Added),
+        ];
+        for (change, reason) in pairs {
+            let (c, r) = (change.as_str(), reason.as_str());
+            self.lag.with_label_values(&[mode, c, r]);
+            for source in [
+                TriggerSource::LastChangeTriggerTime,
+                TriggerSource::PodDeletion,
+                TriggerSource::ManagedFields,
+            ] {
+                self.end_to_end_lag.with_label_values(&[mode, c, r, source.as_str()]);
+            }
+        }
     }
 
     pub fn record_outcomes(&self, mode: &str, outcomes: &[Outcome]) {
@@ -316,6 +338,20 @@ pub async fn stop_signal() {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn lag_series_exist_at_zero_once_the_mode_is_known() {
+        let m = Metrics::new().unwrap();
+        m.set_info("iptables", "nft");
+        let text = m.encode();
+        for want in [
+            r#"kube_converge_lag_seconds_count{change="removed",mode="iptables",reason="deleted"} 0"#,
+            r#"kube_converge_lag_seconds_count{change="added",mode="iptables",reason="added"} 0"#,
+            r#"kube_converge_end_to_end_lag_seconds_count{change="removed",mode="iptables",reason="isolated",trigger_source="last_change_trigger_time"} 0"#,
+        ] {
+            assert!(text.contains(want), "{want} missing");
+        }
+    }
     use super::*;
 
     /// Issue 17: every metric of the README's table is in the first scrape (counters at zero),

@@ -381,3 +381,136 @@ fn alerts_fire_on_their_condition_and_stay_silent_otherwise() {
         }
     }
 }
+
+/// A query through Prometheus' HTTP API; returns the result vector.
+async fn prom_query(port: u16, expr: &str) -> Vec<Value> {
+    let q: String = expr
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let reply = http_get(addr, &format!("/api/v1/query?query={q}")).await;
+    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{expr}: {e}: {reply}"));
+    assert_eq!(v["status"], "success", "{expr}: {v}");
+    v["data"]["result"].as_array().cloned().unwrap_or_default()
+}
+
+/// The dashboard in a real Prometheus: it scrapes the sim's agents with the `node` label the
+/// ServiceMonitor's relabelling gives, a deletion and an isolation happen, and every panel's
+/// query returns data through Prometheus' HTTP API; the lag panels show the removals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
+    if !common::require(&["prometheus"]) {
+        return;
+    }
+    let Some(opts) = sim_options() else { return };
+    let mut sim = SimCluster::start(&opts).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // As the ServiceMonitor does: job kube-converge-metrics, `node` from the pod's node name.
+    let targets: Vec<String> = sim
+        .metrics_addrs()
+        .iter()
+        .map(|(node, addr)| format!("    - targets: ['{addr}']\n      labels: {{node: {node}}}\n"))
+        .collect();
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n- job_name: kube-converge-metrics\n  static_configs:\n{}",
+        targets.concat()
+    );
+    std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut prom = std::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(std::mem::replace(
+        &mut prom,
+        std::process::Command::new("true").spawn().unwrap(),
+    ));
+    let up_deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let up = if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            prom_query(port, "up == 1").await.len()
+        } else {
+            0
+        };
+        if up == sim.metrics_addrs().len() {
+            break;
+        }
+        assert!(
+            Instant::now() < up_deadline,
+            "Prometheus never scraped every agent: {}",
+            std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // A deletion and an isolation, and a hold, as the demo does.
+    sim.cluster().delete("Pod", "demo", "web-0", Some(5)).unwrap();
+    let relabel = serde_json::json!({"metadata": {"labels": {"app": "web-offline"}}});
+    sim.cluster()
+        .patch(
+            "Pod",
+            "demo",
+            "web-1",
+            false,
+            &relabel,
+            kube_converge::sim::store::Part::Main,
+        )
+        .unwrap();
+    let watched = |k: &kube_converge::model::EndpointKey| {
+        ["10.244.1.10", "10.244.2.11"].contains(&k.endpoint.ip().to_string().as_str())
+    };
+    sim.collect(kube_converge::model::ChangeKind::Removed, watched, 2)
+        .await
+        .unwrap();
+    let addr = sim.metrics_addrs()["node-1"];
+    let _ = http_get(addr, "/v1/hold?namespace=demo&pod=web-0&timeout=5s").await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{DEPLOY}/overlays/monitoring/kube-converge.json")).unwrap(),
+    )
+    .unwrap();
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().unwrap_or_default();
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let Some(expr) = t["expr"].as_str() else { continue };
+            // Grafana's variables: every node; a rate window covering the whole test.
+            let q = expr.replace("$node", ".*").replace("$__rate_interval", "5m");
+            let result = prom_query(port, &q).await;
+            assert!(!result.is_empty(), "panel {title:?}: {q} returned no data");
+            if q.contains("lag_seconds") {
+                let shows = result.iter().any(|r| {
+                    r["value"][1]
+                        .as_str()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .is_some_and(|v| v.is_finite() && v > 0.0)
+                });
+                assert!(shows, "panel {title:?}: {q} shows no lag: {result:?}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "only {checked} panel queries");
+    // The dashboard's node variable lists every node.
+    let nodes = prom_query(port, "count by (node) (kube_converge_info)").await;
+    assert_eq!(nodes.len(), sim.metrics_addrs().len(), "{nodes:?}");
+}
