@@ -314,3 +314,35 @@ fn sim_removes_its_namespaces_on_sigterm() {
         our_namespaces(pid)
     );
 }
+
+/// With --timeout shorter than a slow node, the report still lists that node's changes,
+/// unconverged, and the exit code says so.
+#[test]
+fn sim_reports_unconverged_nodes_at_the_timeout() {
+    if !common::require(&["ip", "iptables-nft-restore"]) {
+        return;
+    }
+    let out = sim_cmd(&[
+        "--nodes",
+        "2",
+        "--slow",
+        "node-2=30s",
+        "--timeout",
+        "5s",
+        "--metrics-port",
+        "0",
+    ])
+    .output()
+    .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{table}{err}");
+    assert!(err.contains("not every node converged"), "{err}");
+    let slow: Vec<&str> = table.lines().filter(|l| l.starts_with("node-2")).collect();
+    assert_eq!(slow.len(), 2, "node-2's two removals listed:\n{table}");
+    assert!(
+        slow.iter().all(|l| l.contains(" - ")),
+        "unconverged rows show '-':\n{table}"
+    );
+    assert_eq!(table.lines().filter(|l| l.starts_with("node-1")).count(), 2, "{table}");
+}

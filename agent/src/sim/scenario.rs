@@ -4,7 +4,7 @@
 //! the agents measured it next to the emulators' ground truth. Everything it creates is removed
 //! when it returns, also when it is interrupted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -258,9 +258,11 @@ impl SimCluster {
         for o in workload() {
             cluster.apply(o);
         }
-        // Each node programs the initial state before its agent starts.
+        // Each node programs the initial state before its agent starts; a slow node takes its
+        // delay for that too, whatever --timeout (which bounds the demo's changes) says.
         let mut initial = std::collections::BTreeSet::new();
-        let deadline = Instant::now() + opts.timeout;
+        let slowest = opts.slow.values().max().copied().unwrap_or_default();
+        let deadline = Instant::now() + opts.timeout + slowest + opts.delay.base + opts.delay.jitter;
         while initial.len() < sim.nodes.len() {
             let t = tokio::time::timeout_at(deadline.into(), sim.truth_rx.recv())
                 .await
@@ -438,6 +440,20 @@ impl SimCluster {
                     eprintln!("sim: timed out after {:?}; unconverged rows show '-'", self.timeout);
                     break;
                 }
+            }
+        }
+        // A node that measured nothing yet (a slow node past --timeout) still gets its rows,
+        // unconverged ('-'), for every change seen on any node.
+        let keys: BTreeSet<EndpointKey> = rows.keys().map(|(_, k)| k.clone()).collect();
+        for node in self.nodes.iter().map(|n| n.name.clone()) {
+            for key in &keys {
+                rows.entry((node.clone(), key.clone())).or_insert_with(|| Row {
+                    node: node.clone(),
+                    key: key.clone(),
+                    kind,
+                    sample: None,
+                    truth: None,
+                });
             }
         }
         let mut rows: Vec<Row> = rows.into_values().collect();
