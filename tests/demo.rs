@@ -5,7 +5,7 @@
 //! next to the kernel's nf_tables commit. `--keep` leaves the cluster up for kubectl,
 //! `isolate` and holds until Ctrl-C; the kubeconfig is printed.
 //!
-//!     sudo cargo run --release -p kc-real-cluster --bin kc-real-demo -- [--keep]
+//!     cargo build --release && sudo cargo run --release -p kc-real-cluster --bin kc-real-demo -- [--keep]
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -326,9 +326,9 @@ fn sim_reports_unconverged_nodes_at_the_timeout() {
         "--nodes",
         "2",
         "--slow",
-        "node-2=30s",
+        "node-2=10s",
         "--timeout",
-        "5s",
+        "3s",
         "--metrics-port",
         "0",
     ])
