@@ -17,6 +17,17 @@ fn options(slow: &[(&str, u64)]) -> Option<SimOptions> {
     common::sim_options(ProxyMode::Iptables, 3, slow)
 }
 
+/// A kube client for the simulated cluster's fake API server.
+async fn client_of(sim: &SimCluster) -> kube::Client {
+    let kc = kube::config::Kubeconfig::from_yaml(&sim.api.kubeconfig()).unwrap();
+    kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap()
+}
+
 async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
@@ -258,13 +269,7 @@ async fn isolate_and_restore_from_the_cli_and_the_timeout_path() {
 async fn isolate_as_a_library_reports_per_node_lags() {
     let Some(opts) = options(&[]) else { return };
     let sim = SimCluster::start(&opts).await.unwrap();
-    let kc = kube::config::Kubeconfig::from_yaml(&sim.api.kubeconfig()).unwrap();
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let client = client_of(&sim).await;
     let mut progress = kube_converge::isolate::Progress::default();
     let opts = HoldOptions {
         timeout: Duration::from_secs(20),
@@ -375,13 +380,7 @@ async fn a_service_losing_its_last_endpoint_and_getting_it_back_in_every_mode() 
             return;
         };
         let sim = SimCluster::start(&opts).await.unwrap();
-        let kc = kube::config::Kubeconfig::from_yaml(&sim.api.kubeconfig()).unwrap();
-        let client = kube::Client::try_from(
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .unwrap(),
-        )
-        .unwrap();
+        let client = client_of(&sim).await;
         let hold = HoldOptions {
             timeout: Duration::from_secs(20),
             ..Default::default()
