@@ -202,8 +202,18 @@ pub async fn run_with_client(
         }
     };
     tasks.abort_all();
+    task_outcome(first)
+}
+
+/// What the first agent task to end means. Every task runs for the agent's life: one that
+/// ends, even without an error, leaves the agent blind. Fail loudly (exit 1) so the kubelet
+/// restarts it, rather than run on half.
+fn task_outcome(first: Option<Result<anyhow::Result<()>, tokio::task::JoinError>>) -> anyhow::Result<()> {
     match first {
-        Some(Ok(Ok(()))) | None => Ok(()),
+        None => Ok(()),
+        Some(Ok(Ok(()))) => Err(anyhow::anyhow!(
+            "an agent task stopped unexpectedly; exiting so that the agent is restarted whole"
+        )),
         Some(Ok(Err(e))) => Err(e),
         Some(Err(e)) => Err(anyhow::anyhow!("agent task panicked: {e}")),
     }
@@ -1080,6 +1090,14 @@ fn note(seen: &mut VecDeque<(u32, Timestamp)>, overrun: &mut bool, n: Notificati
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_task_that_ends_without_error_fails_the_agent_loudly() {
+        let err = task_outcome(Some(Ok(Ok(())))).unwrap_err();
+        assert!(err.to_string().contains("stopped unexpectedly"), "{err}");
+        assert!(task_outcome(Some(Ok(Err(anyhow::anyhow!("watch failed"))))).is_err());
+        assert!(task_outcome(None).is_ok());
+    }
 
     /// Supervision: a notification thread that stops is noticed (the loop polls meanwhile) and
     /// started again after a backoff that doubles up to the resync interval; a failed start too.
