@@ -238,11 +238,17 @@ impl IpvsConn {
                 match kind {
                     NLMSG_DONE => return Ok(out),
                     NLMSG_ERROR => {
-                        let errno = i32::from_ne_bytes(body.get(..4).unwrap_or(&[0; 4]).try_into().unwrap_or_default());
-                        if errno == 0 {
-                            return Ok(out);
-                        }
-                        return Err(io::Error::from_raw_os_error(-errno));
+                        let Some(raw) = body.get(..4) else {
+                            return Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                "truncated netlink error message",
+                            ));
+                        };
+                        let errno = i32::from_ne_bytes(raw.try_into().unwrap_or_default());
+                        return match super::netlink_error(errno) {
+                            None => Ok(out),
+                            Some(e) => Err(e),
+                        };
                     }
                     _ if body.len() >= 4 => out.push(parse_nlas(&body[4..])),
                     _ => {}

@@ -305,6 +305,17 @@ pub fn has_cap_net_admin(status: &str) -> bool {
         .is_none_or(|caps| caps & (1 << 12) != 0)
 }
 
+/// The error an `NLMSG_ERROR` reply carries: `None` for 0 (an ACK), else the negated errno.
+/// A value that is not a negative errno (positive, or `i32::MIN`, whose negation overflows) is
+/// a protocol error, never a panic.
+pub fn netlink_error(raw: i32) -> Option<std::io::Error> {
+    match raw {
+        0 => None,
+        r if r < 0 && r != i32::MIN => Some(std::io::Error::from_raw_os_error(-r)),
+        _ => Some(std::io::Error::from_raw_os_error(libc::EPROTO)),
+    }
+}
+
 /// How long the kernel may take to answer one netlink request before the read fails (and the
 /// affected changes are unknown) instead of stopping the dataplane loop forever.
 pub const KERNEL_REPLY_DEADLINE: Duration = Duration::from_secs(5);
@@ -376,6 +387,15 @@ mod deadline_tests {
             .recv_timeout(Duration::from_secs(5))
             .expect("recv returned within the deadline");
         assert!(matches!(got, Err(std::io::ErrorKind::WouldBlock)), "{got:?}");
+    }
+
+    /// Hostile or broken replies: an errno whose negation overflows is an error, not a panic.
+    #[test]
+    fn netlink_errors_decode_without_overflow() {
+        assert!(netlink_error(0).is_none());
+        assert_eq!(netlink_error(-libc::ENOENT).unwrap().raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(netlink_error(i32::MIN).unwrap().raw_os_error(), Some(libc::EPROTO));
+        assert_eq!(netlink_error(5).unwrap().raw_os_error(), Some(libc::EPROTO));
     }
 
     #[test]

@@ -109,7 +109,9 @@ impl GenerationProbe {
             match parse_generations(&buf[..n]) {
                 Ok(gens) if !gens.is_empty() => return Ok(gens[gens.len() - 1]),
                 Ok(_) => continue,
-                Err(errno) => return Err(io::Error::from_raw_os_error(-errno)),
+                Err(errno) => {
+                    return Err(super::netlink_error(errno).unwrap_or_else(|| io::Error::other("netlink error 0")))
+                }
             }
         }
     }

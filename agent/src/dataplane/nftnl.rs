@@ -221,12 +221,23 @@ impl NftConn {
                             };
                         }
                         NLMSG_ERROR => {
-                            // SAFETY: an error message carries an i32 errno right after the header.
-                            let errno = unsafe { *(hdr.cast::<u8>().add(16).cast::<i32>()) };
-                            return match -errno {
-                                0 => Ok(true),
-                                libc::ENOENT => Ok(false),
-                                e => Err(NftnlError::Io(io::Error::from_raw_os_error(e))),
+                            // An error message carries an i32 errno right after the header: all
+                            // four bytes must be inside the message and the datagram.
+                            if len < 20 || off + 20 > n {
+                                return Err(NftnlError::Io(io::Error::new(
+                                    io::ErrorKind::InvalidData,
+                                    "truncated netlink error message",
+                                )));
+                            }
+                            let at = off + 16;
+                            // SAFETY: the u64 buffer viewed as bytes; `at + 4 <= n <= its size`.
+                            let bytes =
+                                unsafe { std::slice::from_raw_parts(self.buf.as_ptr().cast::<u8>().add(at), 4) };
+                            let errno = i32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                            return match super::netlink_error(errno) {
+                                None => Ok(true),
+                                Some(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+                                Some(e) => Err(NftnlError::Io(e)),
                             };
                         }
                         _ => each(hdr)?,
