@@ -302,6 +302,8 @@ struct Core {
     /// Unattributed routes of the last full read, carried into targeted reads (which cannot
     /// see rules of unknown services).
     last_unattributed: std::collections::HashSet<(crate::model::Protocol, SocketAddr)>,
+    /// The last full read found unattributed rules it could not read.
+    last_unattributed_uncertain: bool,
     status_tx: tokio::sync::watch::Sender<Arc<crate::publish::StatusDraft>>,
     lags: crate::publish::RecentLags,
     /// The highest EndpointSlice resourceVersion processed.
@@ -346,6 +348,7 @@ impl Core {
             samples: config.samples.clone(),
             requests,
             last_unattributed: Default::default(),
+            last_unattributed_uncertain: false,
             status_tx,
             lags: Default::default(),
             observed_rv: 0,
@@ -501,8 +504,12 @@ impl Core {
                         let catalog = &self.catalog.as_ref().expect("built above").1;
                         let mut view = catalog.view(&snap);
                         match &snap.scope {
-                            None => self.last_unattributed = view.unattributed.clone(),
+                            None => {
+                                self.last_unattributed = view.unattributed.clone();
+                                self.last_unattributed_uncertain = view.unattributed_uncertain;
+                            }
                             Some(scope) => {
+                                view.inherit_from_last_full_read(self.last_unattributed_uncertain);
                                 view.scope = Some(match scope {
                                     ReadScope::Frontends(read) => self.tracker.ports_served_only_by(read),
                                     ReadScope::Ports(ports) => ports.iter().cloned().collect(),

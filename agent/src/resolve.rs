@@ -88,6 +88,7 @@ impl ServiceCatalog {
                         // Rules we cannot read and cannot attribute: nothing can be confirmed.
                         view.unreadable_v4 = true;
                         view.unreadable_v6 = true;
+                        view.unattributed_uncertain = true;
                     }
                     let protos: Vec<Protocol> = svc.protocol.map_or(ALL_PROTOCOLS.to_vec(), |p| vec![p]);
                     for e in &svc.endpoints {

@@ -63,6 +63,9 @@ pub struct RoutedView {
     pub absent_v6: bool,
     /// A targeted read covers only these service ports; the others were not read at all.
     pub scope: Option<HashSet<ServicePortName>>,
+    /// Rules outside any service port that could not be read (a stray DNAT through something
+    /// unreadable): they may route anywhere, so nothing can be confirmed while they stand.
+    pub unattributed_uncertain: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +78,16 @@ pub enum Routed {
 }
 
 impl RoutedView {
+    /// A targeted read does not look at the rules outside the pending ports: unattributed
+    /// rules the last full read could not read still stand, and blind this read as they
+    /// blinded that one (found by review: targeted reads dropped that uncertainty).
+    pub fn inherit_from_last_full_read(&mut self, last_full_unattributed_uncertain: bool) {
+        if last_full_unattributed_uncertain {
+            self.unreadable_v4 = true;
+            self.unreadable_v6 = true;
+        }
+    }
+
     /// Every family read and every rule understood.
     pub fn is_clean(&self) -> bool {
         !self.unreadable_v4 && !self.unreadable_v6 && self.uncertain.is_empty()
@@ -1384,6 +1397,30 @@ mod tests {
         };
         assert_eq!(samples(&tr.apply_reading(&r2)).len(), 1);
         assert_eq!(tr.stale_endpoints(), 0, "a targeted read leaves the stale count alone");
+    }
+
+    /// Found by review: a stray DNAT the last full read could not read may route the removed
+    /// endpoint; a targeted read (which does not look there) must not confirm the removal.
+    #[test]
+    fn a_targeted_read_inherits_the_last_full_reads_unreadable_stray_rules() {
+        let (mut tr, r) = steady();
+        let (_, e) = expectation(&[slice("ns1/svc1").endpoint("10.180.0.1").build()]);
+        tr.update_service(&r, e, t(1000));
+        let targeted = |blind: bool| {
+            let mut v = view(&[&key("10.180.0.1")]);
+            v.scope = Some([(*key("10.180.0.1").port_name).clone()].into());
+            v.inherit_from_last_full_read(blind);
+            Reading {
+                outcome: ReadingOutcome::Routed(v),
+                ..reading(1100, 1100, &[])
+            }
+        };
+        assert!(
+            samples(&tr.apply_reading(&targeted(true))).is_empty(),
+            "blind: nothing confirmed"
+        );
+        assert_eq!(tr.pending().next().unwrap().state, PendingState::Unknown);
+        assert_eq!(samples(&tr.apply_reading(&targeted(false))).len(), 1);
     }
 
     #[test]

@@ -184,53 +184,48 @@ pub fn routes_from_table(table: &NftTable, v6: bool) -> (Vec<ServiceRoutes>, Vec
         }
     }
     let mut out: Vec<ServiceRoutes> = groups.into_values().collect();
-    out.extend(stray_dnats(&chains, &reached, &mut warnings));
+    out.extend(stray_dnats(&chains, &sets, &reached, &mut warnings));
     (out, warnings)
 }
 
-/// DNATs outside kube-proxy's graph: in a chain no service map leads to that is not one of
-/// kube-proxy's endpoint chains (a hooked chain, `services` itself, a chain someone added).
-/// Unreferenced endpoint chains are kube-proxy's leftovers and route nothing; anything else
-/// may send traffic to its target, so it counts as routed (unattributed), or unknown when
-/// its target cannot be read.
+/// DNATs outside kube-proxy's graph: reached from a chain no service map leads to that is not
+/// one of kube-proxy's endpoint chains (a hooked chain, `services` itself, a chain someone
+/// added), following its jumps and maps as the service chains are followed, but not into the
+/// chains the service maps already cover. An endpoint chain that nothing refers to is
+/// kube-proxy's leftover and routes nothing; one that a stray chain jumps to is followed.
+/// Whatever such rules may send traffic to counts as routed (unattributed), and a target that
+/// cannot be read makes the group uncertain.
 fn stray_dnats(
     chains: &HashMap<&str, Vec<&nftnl::NftRule>>,
+    sets: &HashMap<&str, &nftnl::NftSet>,
     reached: &HashSet<String>,
     warnings: &mut Vec<String>,
 ) -> Vec<ServiceRoutes> {
     let mut out = Vec::new();
     let mut names: Vec<&str> = chains.keys().copied().collect();
     names.sort_unstable();
+    let mut visited: HashSet<String> = reached.clone();
     for chain in names {
-        if reached.contains(chain) || chain.starts_with("endpoint-") {
+        if visited.contains(chain) || chain.starts_with("endpoint-") {
             continue;
         }
-        for rule in &chains[chain] {
-            let mut regs: HashMap<u32, &[u8]> = HashMap::new();
-            for expr in &rule.exprs {
-                match expr {
-                    Expr::Immediate { dreg, data } => {
-                        regs.insert(*dreg, data);
-                    }
-                    Expr::Nat { kind, .. } if *kind == NFT_NAT_DNAT => {
-                        let mut group = ServiceRoutes::default();
-                        match nftnl::dnat_target(expr, &regs) {
-                            Ok(a) => {
-                                warnings.push(format!(
-                                    "chain {chain}: DNAT to {a} outside kube-proxy's service chains; counted as routing it"
-                                ));
-                                group.endpoints.insert(a);
-                            }
-                            Err(why) => {
-                                warnings.push(format!("chain {chain}: {why} outside kube-proxy's service chains"));
-                                group.uncertain = true;
-                            }
-                        }
-                        out.push(group);
-                    }
-                    _ => {}
-                }
-            }
+        let mut group = ServiceRoutes::default();
+        let mut local = Vec::new();
+        let mut seen = HashSet::new();
+        follow_from(chains, sets, chain, &mut group, &mut local, &mut seen, reached);
+        visited.extend(seen);
+        for a in &group.endpoints {
+            warnings.push(format!(
+                "chain {chain}: DNAT to {a} outside kube-proxy's service chains; counted as routing it"
+            ));
+        }
+        warnings.extend(
+            local
+                .into_iter()
+                .map(|w| format!("{w} (outside kube-proxy's service chains)")),
+        );
+        if !group.endpoints.is_empty() || group.uncertain {
+            out.push(group);
         }
     }
     out
@@ -244,44 +239,112 @@ fn follow(
     warnings: &mut Vec<String>,
     reached: &mut HashSet<String>,
 ) {
-    let mut stack = vec![start.to_string()];
     let mut seen = HashSet::new();
+    follow_from(chains, sets, start, group, warnings, &mut seen, &HashSet::new());
+    reached.extend(seen);
+}
+
+/// Registers as the reader can tell them, in 32-bit units: immediates (by the register number
+/// the rule names) and registers loaded from a data map. Any other write to a register
+/// forgets what overlaps it, so a DNAT never reads a value that was overwritten in between.
+#[derive(Default)]
+struct Regs<'a> {
+    imm: HashMap<u32, &'a [u8]>,
+    mapped: HashMap<u32, &'a str>,
+}
+
+/// The 32-bit units a write of `len` bytes to register `r` covers.
+fn span(r: u32, len: usize) -> std::ops::Range<u32> {
+    let start = reg32(r);
+    start..start + (len.div_ceil(4).max(1) as u32)
+}
+
+/// Expressions that write no register.
+const NO_REGISTER_WRITE: &[&str] = &[
+    "counter",
+    "log",
+    "limit",
+    "quota",
+    "notrack",
+    "objref",
+    "last",
+    "connlimit",
+    "reject",
+    "masq",
+    "dynset",
+    "range",
+];
+
+impl<'a> Regs<'a> {
+    /// Forgets every value overlapping a write of `len` bytes to `r`.
+    fn clobber(&mut self, r: u32, len: usize) {
+        let w = span(r, len);
+        let overlaps = |s: std::ops::Range<u32>| s.start < w.end && w.start < s.end;
+        self.imm.retain(|r2, d| !overlaps(span(*r2, d.len())));
+        // A map value is at most an IPv6 address and a port: 20 bytes.
+        self.mapped.retain(|r2, _| !overlaps(span(*r2, 20)));
+    }
+
+    /// Tracks what `expr` does to the registers.
+    fn apply(&mut self, expr: &'a Expr) {
+        match expr {
+            Expr::Immediate { dreg, data } => {
+                self.clobber(*dreg, data.len());
+                self.imm.insert(*dreg, data);
+            }
+            Expr::Lookup { set, dreg: Some(r), .. } if *r != 0 => {
+                self.clobber(*r, 20);
+                self.mapped.insert(*r, set.as_str());
+            }
+            Expr::Numgen { dreg, .. } => self.clobber(*dreg, 4),
+            Expr::Payload { dreg, len, .. } => self.clobber(*dreg, *len as usize),
+            Expr::Meta { dreg: Some(r), .. } => self.clobber(*r, 16),
+            Expr::Bitwise { dreg, .. } => self.clobber(*dreg, 16),
+            Expr::Other(name) if !NO_REGISTER_WRITE.contains(&name.as_str()) => {
+                // An expression that may load a register (ct, hash, fib, rt, exthdr, socket,
+                // byteorder, anything unknown): nothing loaded before can be trusted.
+                self.imm.clear();
+                self.mapped.clear();
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Follows `start` and what it jumps to, skipping the chains in `skip` (already covered),
+/// recording every chain it walks in `seen`.
+fn follow_from(
+    chains: &HashMap<&str, Vec<&nftnl::NftRule>>,
+    sets: &HashMap<&str, &nftnl::NftSet>,
+    start: &str,
+    group: &mut ServiceRoutes,
+    warnings: &mut Vec<String>,
+    seen: &mut HashSet<String>,
+    skip: &HashSet<String>,
+) {
+    let mut stack = vec![start.to_string()];
     while let Some(chain) = stack.pop() {
-        if !seen.insert(chain.clone()) {
+        if (chain != start && skip.contains(&chain)) || !seen.insert(chain.clone()) {
             continue;
         }
-        reached.insert(chain.clone());
         for rule in chains.get(chain.as_str()).into_iter().flatten() {
-            let mut regs: HashMap<u32, &[u8]> = HashMap::new();
-            // Registers loaded from a data map: kube-proxy ≥ 1.35 DNATs in the service chain
+            // Registers loaded from a data map: kube-proxy v1.37 DNATs in the service chain
             // with `dnat ip addr . port to numgen random mod N map { 0 : a . p, … }`.
-            let mut mapped: HashMap<u32, &str> = HashMap::new();
+            let mut regs = Regs::default();
             for expr in &rule.exprs {
                 match expr {
-                    Expr::Immediate { dreg, data } => {
-                        regs.insert(*dreg, data);
-                        mapped.remove(dreg);
-                    }
                     Expr::Verdict {
                         code,
                         chain: Some(next),
                     } if *code == NFT_GOTO || *code == NFT_JUMP => {
                         stack.push(next.clone());
                     }
-                    Expr::Lookup { set, dreg: Some(r), .. } if *r != 0 => {
-                        regs.remove(r);
-                        mapped.insert(*r, set.as_str());
-                    }
-                    // Any other load overwrites what a map put in the register.
-                    Expr::Numgen { dreg, .. } | Expr::Payload { dreg, .. } | Expr::Bitwise { dreg, .. }
-                        if mapped.remove(dreg).is_some() => {}
-                    Expr::Meta { dreg: Some(dreg), .. } if mapped.remove(dreg).is_some() => {}
                     Expr::Nat {
                         kind,
                         addr_reg: Some(r),
                         ..
-                    } if *kind == NFT_NAT_DNAT && mapped.contains_key(r) => {
-                        match dnat_map_targets(expr, sets.get(mapped[r]).copied()) {
+                    } if *kind == NFT_NAT_DNAT && regs.mapped.contains_key(r) => {
+                        match dnat_map_targets(expr, sets.get(regs.mapped[r]).copied()) {
                             Ok(targets) => group.endpoints.extend(targets),
                             Err(why) => {
                                 group.uncertain = true;
@@ -303,7 +366,7 @@ fn follow(
                         }
                     },
                     Expr::Lookup { .. } => {}
-                    Expr::Nat { kind, .. } if *kind == NFT_NAT_DNAT => match nftnl::dnat_target(expr, &regs) {
+                    Expr::Nat { kind, .. } if *kind == NFT_NAT_DNAT => match nftnl::dnat_target(expr, &regs.imm) {
                         Ok(a) => {
                             group.endpoints.insert(a);
                         }
@@ -313,6 +376,7 @@ fn follow(
                         }
                     },
                     Expr::Nat { .. }
+                    | Expr::Immediate { .. }
                     | Expr::Numgen { .. }
                     | Expr::Payload { .. }
                     | Expr::Meta { .. }
@@ -329,6 +393,8 @@ fn follow(
                         warnings.push(format!("chain {chain}: expression {name:?} not understood"));
                     }
                 }
+                // What the expression wrote, after what it read.
+                regs.apply(expr);
             }
         }
     }
@@ -831,6 +897,136 @@ mod tests {
 
     /// Issue 15 item 11: a DNAT outside kube-proxy's graph (a hooked chain, `services` itself)
     /// routes traffic too; a leftover endpoint chain nothing references does not.
+    fn data_map(name: &str, values: &[([u8; 4], u16)]) -> NftSet {
+        NftSet {
+            name: name.into(),
+            flags: nftnl::NFT_SET_ANONYMOUS | nftnl::NFT_SET_MAP,
+            data_type: None,
+            elems: values
+                .iter()
+                .enumerate()
+                .map(|(i, (ip, port))| {
+                    let mut data = ip.to_vec();
+                    data.extend_from_slice(&port.to_be_bytes());
+                    data.extend_from_slice(&[0, 0]);
+                    NftElem {
+                        key: (i as u32).to_ne_bytes().to_vec(),
+                        verdict: None,
+                        data: Some(data),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// v1.37's `dnat ip addr . port to numgen random mod N map { … }`, with `between` after
+    /// the lookup.
+    fn map_dnat(between: Vec<Expr>) -> Vec<Expr> {
+        let mut e = vec![
+            Expr::Numgen {
+                dreg: 1,
+                modulus: 2,
+                offset: 0,
+            },
+            Expr::Lookup {
+                set: "__map9".into(),
+                sreg: 1,
+                dreg: Some(1),
+            },
+        ];
+        e.extend(between);
+        e.push(Expr::Nat {
+            kind: NFT_NAT_DNAT,
+            addr_reg: Some(1),
+            addr_max_reg: Some(1),
+            proto_reg: Some(9),
+            proto_max_reg: Some(9),
+        });
+        e
+    }
+
+    fn service_with(exprs: Vec<Expr>) -> NftTable {
+        let mut t = table(&[EP1]);
+        t.rules.retain(|r| r.chain != SVC);
+        t.rules.push(rule(SVC, exprs));
+        t.sets
+            .push(data_map("__map9", &[([10, 180, 0, 1], 80), ([10, 180, 0, 2], 80)]));
+        t
+    }
+
+    #[test]
+    fn a_map_dnat_routes_to_every_value() {
+        let (s, w) = routes_from_table(&service_with(map_dnat(vec![])), false);
+        let svc = s.iter().find(|g| g.name.is_some()).unwrap();
+        assert!(!svc.uncertain, "{w:?}");
+        assert_eq!(svc.endpoints.len(), 2);
+    }
+
+    /// Found by review: a write between the map lookup and the DNAT (the port half, reg 9, or
+    /// the address) means the DNAT no longer uses the map's values: uncertain, never the map.
+    #[test]
+    fn a_register_overwritten_after_the_map_lookup_is_not_read_as_the_map() {
+        for between in [
+            vec![Expr::Immediate {
+                dreg: 9,
+                data: 9090u16.to_be_bytes().to_vec(),
+            }],
+            vec![Expr::Payload {
+                base: 1,
+                offset: 16,
+                len: 4,
+                dreg: 1,
+            }],
+            vec![Expr::Meta { key: 3, dreg: Some(8) }],
+            vec![Expr::Other("ct".into())],
+        ] {
+            let (s, _) = routes_from_table(&service_with(map_dnat(between.clone())), false);
+            let svc = s.iter().find(|g| g.name.is_some()).unwrap();
+            assert!(svc.uncertain, "{between:?}: {svc:?}");
+        }
+        // A stale immediate address overwritten by a payload load: uncertain too.
+        let mut stale = dnat([10, 180, 0, 9], 80);
+        stale.insert(
+            3,
+            Expr::Payload {
+                base: 1,
+                offset: 16,
+                len: 4,
+                dreg: 1,
+            },
+        );
+        let (s, _) = routes_from_table(&service_with(stale), false);
+        let svc = s.iter().find(|g| g.name.is_some()).unwrap();
+        assert!(
+            svc.uncertain && !svc.endpoints.contains(&"10.180.0.9:80".parse().unwrap()),
+            "{svc:?}"
+        );
+    }
+
+    /// Found by review: a stray chain's map DNAT, and an endpoint chain a stray chain jumps to,
+    /// both count as routed.
+    #[test]
+    fn stray_chains_are_followed_through_maps_and_jumps() {
+        let mut t = service_with(map_dnat(vec![]));
+        t.rules.push(rule("custom", map_dnat(vec![])));
+        let (s, _) = routes_from_table(&t, false);
+        let stray: Vec<_> = s.iter().filter(|g| g.chain_id.is_none()).collect();
+        assert_eq!(stray.len(), 1, "{s:?}");
+        assert_eq!(stray[0].endpoints.len(), 2);
+        let mut t = table(&[EP1]);
+        t.rules.push(rule("custom", vec![goto("endpoint-ZZZZ-x")]));
+        t.rules.push(rule("endpoint-ZZZZ-x", dnat([10, 180, 0, 7], 80)));
+        // A leftover endpoint chain nothing refers to routes nothing.
+        t.rules.push(rule("endpoint-YYYY-y", dnat([10, 180, 0, 8], 80)));
+        let (s, _) = routes_from_table(&t, false);
+        let stray: Vec<_> = s.iter().filter(|g| g.chain_id.is_none()).collect();
+        assert_eq!(stray.len(), 1, "{s:?}");
+        assert!(stray[0].endpoints.contains(&"10.180.0.7:80".parse().unwrap()));
+        assert!(!s
+            .iter()
+            .any(|g| g.endpoints.contains(&"10.180.0.8:80".parse().unwrap())));
+    }
+
     #[test]
     fn item11_a_dnat_outside_the_service_chains_counts_as_routed() {
         let mut t = table(&[EP1]);
