@@ -32,7 +32,9 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match rt.block_on(demo(keep)) {
+    let result = rt.block_on(demo(keep));
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kc-real-demo: {e:#}");

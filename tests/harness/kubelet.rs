@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube_converge::model::Timestamp;
 
 /// How long a terminating pod's containers take to stop, unless the pod's annotation
@@ -36,7 +36,9 @@ impl Kubelet {
     pub fn spawn(self, client: kube::Client) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let pods: Api<Pod> = Api::all(client.clone());
-            let mut stream = watcher(pods, watcher::Config::default()).boxed();
+            // With backoff: without it, errors (an API server restarting or gone) come back
+            // at once and the loop never yields, which also blocks the runtime's shutdown.
+            let mut stream = watcher(pods, watcher::Config::default()).default_backoff().boxed();
             while let Some(ev) = stream.next().await {
                 let list = match ev {
                     Ok(watcher::Event::Apply(p)) | Ok(watcher::Event::InitApply(p)) => vec![p],

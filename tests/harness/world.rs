@@ -28,6 +28,16 @@ pub struct World {
     /// A kubeconfig with the token of `demo/operator`, bound to the kube-converge-operator role:
     /// the CLI runs as an operator would.
     pub operator: std::path::PathBuf,
+    /// The kubelet stand-in's task, stopped with the world.
+    pub kubelet: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some(k) = self.kubelet.take() {
+            k.abort();
+        }
+    }
 }
 
 impl World {
@@ -101,6 +111,7 @@ pub async fn start() -> anyhow::Result<World> {
         agent,
         token,
         operator,
+        kubelet: None,
     };
     let mut index = BTreeMap::new();
     for (i, mode) in ProxyMode::ALL.into_iter().enumerate() {
@@ -109,7 +120,7 @@ pub async fn start() -> anyhow::Result<World> {
         index.insert(node.name.clone(), i);
         env.nodes.push(node);
     }
-    Kubelet::new(index).spawn(env.cluster.admin.clone());
+    env.kubelet = Some(Kubelet::new(index).spawn(env.cluster.admin.clone()));
     for i in 0..env.nodes.len() {
         let (cluster, token, agent) = (&env.cluster, env.token.clone(), env.agent.clone());
         env.nodes[i].start_agent(cluster, &agent, &token)?;
