@@ -664,7 +664,8 @@ fn check_role(env: &Env, events: &[&serde_json::Value], user: &str, role_name: &
 /// (`kc_real_cluster::agreement`): the real one passes every check; the fake agrees except
 /// where `FAKE_DIFFERS` says why not, and there it must really differ.
 async fn fake_agrees(env: &mut Env) -> anyhow::Result<()> {
-    use kc_real_cluster::agreement::{client, Target, FAKE_DIFFERS};
+    use kc_real_cluster::agreement::{Target, FAKE_DIFFERS};
+    use kc_real_cluster::cluster::client_for as client;
     let c = &env.cluster;
     c.kubectl(&["create", "namespace", "agree"])?;
     c.kubectl(&["create", "serviceaccount", "default", "-n", "agree"])?;

@@ -3,7 +3,6 @@
 //! must pass every check. The fake must agree, except where `FAKE_DIFFERS` documents that it
 //! differs. There the fake must really differ, so the list stays true.
 
-use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -273,9 +272,4 @@ impl Target {
         );
         Ok(())
     }
-}
-
-/// A kube client for the kubeconfig at `path`.
-pub async fn client(path: &Path) -> anyhow::Result<kube::Client> {
-    crate::cluster::client_for(path).await
 }
