@@ -682,7 +682,7 @@ async fn fake_agrees(env: &mut Env) -> anyhow::Result<()> {
         kubectl: c.bin.join("kubectl"),
         kubeconfig: c.admin_kubeconfig(),
     };
-    let fake_server = kube_converge::sim::apiserver::FakeApiServer::start().await?;
+    let fake_server = kc_sim::apiserver::FakeApiServer::start().await?;
     let fake_kc = c.dir.join("fake.kubeconfig");
     std::fs::write(&fake_kc, fake_server.kubeconfig())?;
     let fake_unbound_kc = c.dir.join("fake-nobody.kubeconfig");

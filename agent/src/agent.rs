@@ -39,12 +39,18 @@ pub struct AgentConfig {
     pub resync_interval: Duration,
     pub change_timeout: Duration,
     pub listen: SocketAddr,
-    /// Receives every finished lag measurement (the simulation's table).
-    pub samples: Option<mpsc::UnboundedSender<crate::tracker::LagSample>>,
+    /// Sees every finished lag measurement (the simulation plugs in its table).
+    pub observer: Option<Arc<dyn LagObserver>>,
     /// Publication of the NodeConvergence status; `None` disables it.
     pub status: Option<StatusConfig>,
     /// Concurrent `/v1/hold` requests served at most.
     pub max_holds: usize,
+}
+
+/// Sees every finished lag measurement as the agent records it. The agent itself needs none;
+/// the simulated cluster plugs one in to compare each node's lag with its kernel truth.
+pub trait LagObserver: Send + Sync + std::fmt::Debug {
+    fn lag_measured(&self, sample: &crate::tracker::LagSample);
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -297,7 +303,7 @@ struct Core {
     /// This node's zone label.
     zone: Option<String>,
     semantics: Semantics,
-    samples: Option<mpsc::UnboundedSender<crate::tracker::LagSample>>,
+    observer: Option<Arc<dyn LagObserver>>,
     requests: ReadRequests,
     /// Unattributed routes of the last full read, carried into targeted reads (which cannot
     /// see rules of unknown services).
@@ -345,7 +351,7 @@ impl Core {
             mode_label: "unknown".into(),
             zone: None,
             semantics: Semantics::default(),
-            samples: config.samples.clone(),
+            observer: config.observer.clone(),
             requests,
             last_unattributed: Default::default(),
             last_unattributed_uncertain: false,
@@ -575,8 +581,8 @@ impl Core {
         let outcomes = self.tracker.apply_reading(&reading);
         for o in &outcomes {
             if let crate::tracker::Outcome::Converged(s) = o {
-                if let Some(tx) = &self.samples {
-                    let _ = tx.send(s.clone());
+                if let Some(observer) = &self.observer {
+                    observer.lag_measured(s);
                 }
                 self.lags.push(s);
                 tracing::info!(key = %s.key, change = s.kind.as_str(), reason = s.reason.as_str(), lag_seconds = s.lag,
@@ -1161,7 +1167,7 @@ mod tests {
             resync_interval: Duration::from_secs(30),
             change_timeout: Duration::from_secs(300),
             listen: "127.0.0.1:0".parse().unwrap(),
-            samples: None,
+            observer: None,
             status: None,
             max_holds: 1,
         };

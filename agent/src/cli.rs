@@ -5,7 +5,7 @@ use anyhow::Context;
 use crate::agent::{self, AgentConfig};
 use crate::config::{
     AgentArgs, BackendArg, Cli, Command, DataplaneArgs, InspectArgs, IsolateArgs, ModeArg, OutputFormat, RestoreArgs,
-    SimArgs, StatusArgs, WaitArgs,
+    StatusArgs, WaitArgs,
 };
 use crate::dataplane::{iptables::Backend, Mode};
 use crate::k8s::WatchScope;
@@ -46,7 +46,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => run_agent(args, &cluster).await,
         Command::Inspect(args) => run_inspect(args).await,
-        Command::Sim(args) => run_sim(args).await,
         Command::Crd => {
             print!("{}", crate::crd::crd_yaml());
             Ok(())
@@ -75,7 +74,7 @@ async fn run_agent(args: AgentArgs, cluster: &ClusterArgs) -> anyhow::Result<()>
         resync_interval: args.resync_interval,
         change_timeout: args.change_timeout,
         listen: args.listen,
-        samples: None,
+        observer: None,
         status: args.publish_status.then_some(crate::agent::StatusConfig {
             status_interval: args.status_interval,
             heartbeat_interval: args.heartbeat_interval,
@@ -104,52 +103,6 @@ async fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         OutputFormat::Table => print!("{}", report.to_table()),
     }
-    Ok(())
-}
-
-async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
-    let opts = crate::sim::scenario::SimOptions {
-        nodes: usize::from(args.nodes),
-        proxy_mode: args.proxy_mode,
-        delay: crate::sim::node::Delay {
-            base: args.delay,
-            jitter: args.jitter,
-        },
-        slow: {
-            let nodes = usize::from(args.nodes);
-            let given = args.slow.clone().unwrap_or_else(|| match nodes {
-                1 => vec![],
-                n => vec![format!("node-{n}=1s")],
-            });
-            let slow = crate::config::parse_slow(&given).map_err(anyhow::Error::msg)?;
-            if let Some(bad) = slow.keys().find(|n| !(1..=nodes).any(|i| **n == format!("node-{i}"))) {
-                anyhow::bail!("--slow {bad}: the simulated cluster has node-1 … node-{nodes}");
-            }
-            slow
-        },
-        grace: args.grace,
-        timeout: args.timeout,
-        metrics_port: args.metrics_port,
-        keep: args.keep,
-    };
-    let keep = opts.keep;
-    // Dropping the simulation on Ctrl-C removes its namespaces and stops its tasks. With
-    // --keep, the simulation itself waits for Ctrl-C after printing the table.
-    let report = if keep {
-        crate::sim::scenario::run(opts).await?
-    } else {
-        tokio::select! {
-            r = crate::sim::scenario::run(opts) => r?,
-            _ = crate::telemetry::stop_signal() => anyhow::bail!("interrupted; the simulated cluster was removed"),
-        }
-    };
-    if !keep {
-        println!("{}", report.table());
-    }
-    if !report.all_converged() {
-        anyhow::bail!("not every node converged before the timeout (rows with '-')");
-    }
-    println!("every node converged; the agents' lags are never earlier than the kernel truth (AGENT - TRUTH >= 0)");
     Ok(())
 }
 

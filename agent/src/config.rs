@@ -41,9 +41,6 @@ pub enum Command {
     Agent(AgentArgs),
     /// Show what this node's kube-proxy dataplane routes right now, read from the kernel.
     Inspect(InspectArgs),
-    /// Run a simulated cluster (nodes as network namespaces, kube-proxy emulators, one agent
-    /// per node), delete and isolate a pod, and print each node's measured lag next to the truth.
-    Sim(SimArgs),
     /// Print the NodeConvergence CustomResourceDefinition (YAML).
     Crd,
     /// Relabel a pod out of its Services and wait until every node stopped routing to it.
@@ -114,54 +111,6 @@ pub struct StatusArgs {
     pub pod: Option<String>,
     #[arg(short, long, env = "KUBE_CONVERGE_NAMESPACE")]
     pub namespace: Option<String>,
-}
-
-#[derive(Clone, Debug, Args)]
-pub struct SimArgs {
-    /// Number of nodes.
-    #[arg(long, env = "KUBE_CONVERGE_SIM_NODES", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub nodes: u16,
-    /// kube-proxy mode of the simulated nodes.
-    #[arg(long, env = "KUBE_CONVERGE_SIM_PROXY_MODE", value_enum, default_value = "iptables")]
-    pub proxy_mode: crate::sim::node::ProxyMode,
-    /// Base delay of every node's kube-proxy before it programs a change.
-    #[arg(long, env = "KUBE_CONVERGE_SIM_DELAY", value_parser = parse_duration, default_value = "100ms")]
-    pub delay: Duration,
-    /// Random extra delay per sync, up to this much.
-    #[arg(long, env = "KUBE_CONVERGE_SIM_JITTER", value_parser = parse_duration, default_value = "200ms")]
-    pub jitter: Duration,
-    /// Make a node slow: NODE=DELAY, added to its base delay (repeatable; `none` for no slow
-    /// node). Default: the last node, by 1s, when there are several.
-    #[arg(long, env = "KUBE_CONVERGE_SIM_SLOW", value_delimiter = ',')]
-    pub slow: Option<Vec<String>>,
-    /// Grace period of the deleted pod.
-    #[arg(long, env = "KUBE_CONVERGE_SIM_GRACE", value_parser = parse_duration, default_value = "5s")]
-    pub grace: Duration,
-    /// Give up waiting for convergence after this long.
-    #[arg(long, env = "KUBE_CONVERGE_SIM_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
-    pub timeout: Duration,
-    /// First port of the agents' /metrics on 127.0.0.1 (node-1 gets this one, node-2 the next…).
-    #[arg(long, env = "KUBE_CONVERGE_SIM_METRICS_PORT", default_value_t = 9108)]
-    pub metrics_port: u16,
-    /// Keep the cluster running after the table (for dashboards), until Ctrl-C.
-    #[arg(long, env = "KUBE_CONVERGE_SIM_KEEP")]
-    pub keep: bool,
-}
-
-/// Parses `NODE=DELAY` entries of `--slow`.
-pub fn parse_slow(entries: &[String]) -> Result<std::collections::BTreeMap<String, Duration>, String> {
-    let mut out = std::collections::BTreeMap::new();
-    for e in entries
-        .iter()
-        .map(|e| e.trim())
-        .filter(|e| !e.is_empty() && *e != "none")
-    {
-        let (node, d) = e
-            .split_once('=')
-            .ok_or_else(|| format!("--slow {e:?}: expected NODE=DELAY, e.g. node-3=1s"))?;
-        out.insert(node.to_string(), parse_duration(d)?);
-    }
-    Ok(out)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

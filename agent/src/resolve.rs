@@ -6,9 +6,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::dataplane::iptables::port_proto_hash;
 use crate::dataplane::DataplaneSnapshot;
 use crate::expected::ServiceExpectation;
+use crate::kube_proxy_names::port_proto_hash;
 use crate::model::{Protocol, ServicePortName, ServiceRef};
 use crate::tracker::RoutedView;
 

@@ -9,9 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{require, Netns};
-use kube_converge::emulate::{nft_endpoint_chain, render_nat, render_nft, sep_chain, EmulatedServicePort};
+use kc_sim::apiserver::FakeApiServer;
+use kc_sim::emulate::{nft_endpoint_chain, render_nat, render_nft, sep_chain, EmulatedServicePort};
 use kube_converge::model::{Protocol, ServicePortName, Timestamp};
-use kube_converge::sim::apiserver::FakeApiServer;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

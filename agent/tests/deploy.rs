@@ -12,8 +12,8 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube_converge::sim::node::ProxyMode;
-use kube_converge::sim::scenario::{SimCluster, SimOptions};
+use kc_sim::node::ProxyMode;
+use kc_sim::scenario::{SimCluster, SimOptions};
 use serde_json::Value;
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
@@ -466,14 +466,7 @@ async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
     sim.cluster().delete("Pod", "demo", "web-0", Some(5)).unwrap();
     let relabel = serde_json::json!({"metadata": {"labels": {"app": "web-offline"}}});
     sim.cluster()
-        .patch(
-            "Pod",
-            "demo",
-            "web-1",
-            false,
-            &relabel,
-            kube_converge::sim::store::Part::Main,
-        )
+        .patch("Pod", "demo", "web-1", false, &relabel, kc_sim::store::Part::Main)
         .unwrap();
     let watched = |k: &kube_converge::model::EndpointKey| {
         ["10.244.1.10", "10.244.2.11"].contains(&k.endpoint.ip().to_string().as_str())

@@ -6,10 +6,10 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use kc_sim::node::ProxyMode;
+use kc_sim::scenario::{SimCluster, SimOptions};
 use kube_converge::hold::HoldOptions;
 use kube_converge::model::{ChangeKind, EndpointKey, Timestamp};
-use kube_converge::sim::node::ProxyMode;
-use kube_converge::sim::scenario::{SimCluster, SimOptions};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 
 use common::{inspect_json, pair, require, routed, Netns};
-use kube_converge::emulate::{render_nat, sep_chain, EmulatedServicePort};
+use kc_sim::emulate::{render_nat, sep_chain, EmulatedServicePort};
 use kube_converge::model::{Protocol, ServicePortName};
 use serde_json::Value;
 
@@ -442,7 +442,7 @@ fn kernel_reads_agree_with_iptables_save_and_targeted_reads_with_full_ones() {
     for v6 in [false, true] {
         let all = ports(v6, None);
         let svc3 = &all[3];
-        let hash = kube_converge::dataplane::iptables::port_proto_hash(&svc3.name, svc3.protocol);
+        let hash = kube_converge::kube_proxy_names::port_proto_hash(&svc3.name, svc3.protocol);
         let mut dead = vec![format!("KUBE-SVC-{hash}"), format!("KUBE-EXT-{hash}")];
         dead.extend(svc3.endpoints.iter().map(|e| sep_chain(&svc3.name, svc3.protocol, *e)));
         restore(&ns, "nft", v6, &render_nat(&ports(v6, Some(3)), !v6, &dead));

@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 
 use common::{inspect_json, pair, require, routed, Netns};
-use kube_converge::emulate::{nft_endpoint_chain, render_nft, EmulatedServicePort};
+use kc_sim::emulate::{nft_endpoint_chain, render_nft, EmulatedServicePort};
 use kube_converge::model::{Protocol, ServicePortName};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kube-proxy");
@@ -379,7 +379,7 @@ fn real_v1_37_dnat_through_a_numgen_data_map() {
 /// in both families, with one and with several endpoints.
 #[test]
 fn emulated_v1_37_service_dnat_reads_back_in_both_families() {
-    use kube_converge::emulate::{render_nft_as, NftStyle};
+    use kc_sim::emulate::{render_nft_as, NftStyle};
     if !require(&["ip", "nft"]) {
         return;
     }

@@ -14,10 +14,9 @@ mod nft;
 mod save;
 pub mod xt;
 
+use crate::kube_proxy_names::port_proto_hash;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-
-use sha2::{Digest, Sha256};
 
 use super::{ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError, ReadScope, ReadTargets, ServiceRoutes};
 use crate::model::{Protocol, ServicePortName};
@@ -42,28 +41,6 @@ impl Backend {
     pub fn save_program(self, ipv6: bool) -> String {
         format!("{}-{}-save", if ipv6 { "ip6tables" } else { "iptables" }, self.as_str())
     }
-}
-
-/// kube-proxy's `portProtoHash`: base32(sha256(spn + proto))[:16], shared by the SVC, SVL, EXT
-/// and FW chains of one service port.
-pub fn port_proto_hash(spn: &ServicePortName, protocol: Protocol) -> String {
-    let digest = Sha256::digest(format!("{spn}{protocol}").as_bytes());
-    base32_16(&digest[..10])
-}
-
-pub(crate) fn base32_16(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let mut out = String::with_capacity(16);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for &b in bytes {
-        acc = (acc << 8) | u32::from(b);
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(ALPHABET[((acc >> bits) & 31) as usize] as char);
-        }
-    }
-    out
 }
 
 /// Where a rule sends the packets it matches, as far as reaching endpoints goes.

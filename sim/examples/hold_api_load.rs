@@ -7,8 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use kube_converge::sim::node::{Delay, ProxyMode};
-use kube_converge::sim::scenario::{SimCluster, SimOptions};
+use kc_sim::node::{Delay, ProxyMode};
+use kc_sim::scenario::{SimCluster, SimOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::main(flavor = "multi_thread")]

@@ -1,4 +1,4 @@
-//! `kube-converge sim`: a whole cluster on one machine. It starts the fake API server, N nodes
+//! `kube-converge-sim`: a whole cluster on one machine. It starts the fake API server, N nodes
 //! as network namespaces with kube-proxy emulators, and one real agent per node; deletes one
 //! pod and isolates another by relabelling it, as operators do; and prints each node's lag as
 //! the agents measured it next to the emulators' ground truth. Everything it creates is removed
@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -14,12 +15,12 @@ use tokio::sync::{mpsc, watch};
 
 use super::apiserver::FakeApiServer;
 use super::node::{Delay, GroundTruth, KubeProxyEmulator, NetnsGuard, ProxyMode};
-use crate::agent::{self, AgentConfig};
-use crate::k8s::WatchScope;
-use crate::model::{ChangeKind, EndpointKey};
-use crate::netns::NetNs;
-use crate::telemetry::Metrics;
-use crate::tracker::LagSample;
+use kube_converge::agent::{self, AgentConfig};
+use kube_converge::k8s::WatchScope;
+use kube_converge::model::{ChangeKind, EndpointKey};
+use kube_converge::netns::NetNs;
+use kube_converge::telemetry::Metrics;
+use kube_converge::tracker::LagSample;
 
 #[derive(Clone, Debug)]
 pub struct SimOptions {
@@ -186,7 +187,7 @@ impl SimReport {
                 diff.map_or("-".into(), |d| format!("{d:+.3}s")),
             ]);
         }
-        crate::table::render(&rows)
+        kube_converge::table::render(&rows)
     }
 }
 
@@ -305,14 +306,9 @@ impl SimCluster {
         let client =
             kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?)?;
         let node = &mut self.nodes[i];
-        let (tx, mut rx) = mpsc::unbounded_channel::<LagSample>();
-        let forward = self.sample_tx.clone();
-        let name = node.name.clone();
-        self.tasks.spawn(async move {
-            while let Some(s) = rx.recv().await {
-                let _ = forward.send((name.clone(), s));
-            }
-            Ok(())
+        let observer = Arc::new(NodeSamples {
+            node: node.name.clone(),
+            tx: self.sample_tx.clone(),
         });
         let config = AgentConfig {
             node_name: node.name.clone(),
@@ -324,8 +320,8 @@ impl SimCluster {
             resync_interval: Duration::from_secs(30),
             change_timeout: Duration::from_secs(300),
             listen: node.metrics,
-            samples: Some(tx),
-            status: Some(crate::agent::StatusConfig {
+            observer: Some(observer),
+            status: Some(kube_converge::agent::StatusConfig {
                 status_interval: Duration::from_secs(1),
                 heartbeat_interval: Duration::from_secs(30),
                 budget_interval: Duration::from_secs(10),
@@ -530,9 +526,13 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<SimReport> {
         print!("{}", report.table());
         let kc = std::env::temp_dir().join(format!("kube-converge-sim-{}.kubeconfig", std::process::id()));
         std::fs::write(&kc, sim.api.kubeconfig())?;
+        // The agent's CLI, built beside this binary by the same cargo (or `cargo run` it).
         let exe = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("kube-converge")))
+            .filter(|p| p.is_file())
             .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| "kube-converge".into());
+            .unwrap_or_else(|| "cargo run --release -p kube-converge --".into());
         let first = by_node.first().map(|(_, a)| a.to_string()).unwrap_or_default();
         println!("\nThe simulated cluster stays up. Try, in another shell:");
         println!("  export KUBECONFIG={}", kc.display());
@@ -542,9 +542,23 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<SimReport> {
         println!("  curl 'http://{first}/v1/hold?namespace=demo&pod=web-2&timeout=30s'");
         println!("  kubectl get nodeconvergences");
         eprintln!("sim: keeping the cluster running for dashboards; Ctrl-C (or SIGTERM) to stop");
-        crate::telemetry::stop_signal().await;
+        kube_converge::telemetry::stop_signal().await;
         let _ = std::fs::remove_file(&kc);
     }
     drop(sim);
     Ok(report)
+}
+
+/// The agent observer of one simulated node: its lag measurements, tagged with the node, go to
+/// the simulation's table.
+#[derive(Debug)]
+struct NodeSamples {
+    node: String,
+    tx: mpsc::UnboundedSender<(String, LagSample)>,
+}
+
+impl kube_converge::agent::LagObserver for NodeSamples {
+    fn lag_measured(&self, sample: &LagSample) {
+        let _ = self.tx.send((self.node.clone(), sample.clone()));
+    }
 }

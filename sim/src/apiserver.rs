@@ -18,7 +18,7 @@ use futures::SinkExt;
 use serde_json::{json, Value};
 
 use super::store::{resource_by_plural, Cluster, Part, StoreError, StoredEvent, RESOURCES};
-use crate::selector::LabelSelector;
+use kube_converge::selector::LabelSelector;
 
 /// One kind of request a client made: (user, verb, API group, resource[/subresource]), the
 /// user being the bearer token. Used to check RBAC rules against what the code really calls.

@@ -16,10 +16,10 @@ use crate::emulate::{
     nft_endpoint_chain, nft_service_chains, render_nat, render_nft_as, sep_chain, service_chains, EmulatedServicePort,
     NftStyle,
 };
-use crate::expected::{expect_service, SliceRecord};
-use crate::k8s;
-use crate::model::{ChangeKind, EndpointKey, ServiceRef, Timestamp};
-use crate::netns::NetNs;
+use kube_converge::expected::{expect_service, SliceRecord};
+use kube_converge::k8s;
+use kube_converge::model::{ChangeKind, EndpointKey, ServiceRef, Timestamp};
+use kube_converge::netns::NetNs;
 
 /// The kube-proxy mode a simulated node runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -182,7 +182,7 @@ pub fn desired_ports(cluster: &Cluster, node: &str) -> Vec<EmulatedServicePort> 
             continue;
         };
         for port in &spec.ports {
-            let spn = crate::model::ServicePortName::new(&r.namespace, &r.name, &port.name);
+            let spn = kube_converge::model::ServicePortName::new(&r.namespace, &r.name, &port.name);
             let endpoints = exp
                 .expected
                 .iter()

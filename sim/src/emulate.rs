@@ -5,10 +5,8 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
-use sha2::{Digest, Sha256};
-
-use crate::dataplane::iptables::port_proto_hash;
-use crate::model::{Protocol, ServicePortName};
+use kube_converge::kube_proxy_names::{endpoint_hash, nft_hash_and_truncate, port_proto_hash};
+use kube_converge::model::{Protocol, ServicePortName};
 
 /// One service port as kube-proxy would program it.
 #[derive(Clone, Debug)]
@@ -23,8 +21,7 @@ pub struct EmulatedServicePort {
 
 /// `KUBE-SEP-` hash: base32(sha256(spn + proto + endpoint))[:16].
 pub fn sep_chain(spn: &ServicePortName, protocol: Protocol, endpoint: SocketAddr) -> String {
-    let digest = Sha256::digest(format!("{spn}{protocol}{endpoint}").as_bytes());
-    format!("KUBE-SEP-{}", crate::dataplane::iptables::base32_16(&digest[..10]))
+    format!("KUBE-SEP-{}", endpoint_hash(spn, protocol, endpoint))
 }
 
 fn host_cidr(ip: IpAddr) -> String {
@@ -136,7 +133,7 @@ pub fn render_nat(services: &[EmulatedServicePort], comments: bool, deleted_chai
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::iptables::routes_from_save;
+    use kube_converge::dataplane::iptables::routes_from_save;
 
     #[test]
     fn sep_names_match_kube_proxy() {
@@ -176,9 +173,7 @@ mod tests {
 
 /// kube-proxy's nftables `hashAndTruncate`: base32(sha256(name))[:8] + "-" + name.
 pub fn nft_chain_base(name: &str) -> String {
-    let digest = Sha256::digest(name.as_bytes());
-    let h = crate::dataplane::iptables::base32_16(&digest[..10]);
-    format!("{}-{name}", &h[..8])
+    nft_hash_and_truncate(name)
 }
 
 fn nft_port_base(svc: &EmulatedServicePort) -> String {
@@ -374,7 +369,12 @@ pub fn nft_load_transactions(rendered: &str, per_tx: usize) -> Vec<String> {
 /// Loads a whole benchmark ruleset into `netns` with `program` (`nft`, `iptables-*-restore`,
 /// `ipvsadm`) reading `rules` on stdin; nftables rulesets go in several transactions
 /// ([`nft_load_transactions`]), with the same result.
-pub fn load_ruleset(netns: &crate::netns::NetNs, program: &str, args: &[&str], rules: String) -> anyhow::Result<()> {
+pub fn load_ruleset(
+    netns: &kube_converge::netns::NetNs,
+    program: &str,
+    args: &[&str],
+    rules: String,
+) -> anyhow::Result<()> {
     use std::io::Write as _;
     let transactions = if program == "nft" {
         nft_load_transactions(&rules, 20_000)

@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 
 use super::controller;
 use super::patch;
-use crate::model::Timestamp;
+use kube_converge::model::Timestamp;
 
 /// (plural, group/version, kind, namespaced, has a status subresource)
 pub type ResourceInfo = (&'static str, &'static str, &'static str, bool, bool);

@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use kube_converge::sim::node::{Delay, ProxyMode};
-use kube_converge::sim::scenario::{SimCluster, SimOptions};
+use kc_sim::node::{Delay, ProxyMode};
+use kc_sim::scenario::{SimCluster, SimOptions};
 use serde_json::json;
 
 async fn count_writes(sim: &SimCluster, window: Duration, mut during: impl FnMut(u64)) -> u64 {
@@ -69,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
                 "web-2",
                 false,
                 &json!({"metadata": {"labels": {"app": app}}}),
-                kube_converge::sim::store::Part::Main,
+                kc_sim::store::Part::Main,
             );
         }
     })
