@@ -2,8 +2,11 @@
 //! simulator's (`sim/tests` includes this file by path).
 #![allow(dead_code)] // each test binary uses a different subset
 
-/// Returns false (the test should return early, reported on stderr) when a prerequisite is
-/// missing; under `CI=true` a missing prerequisite fails the test instead.
+/// Checks a test's prerequisites: root and `tools` on PATH. Every test that calls it is marked
+/// `#[ignore = "needs …"]`, so a plain `cargo test` without them reports it ignored, never
+/// passed; when it runs anyway (`--include-ignored`, as scripts/test.sh does as root and
+/// under CI), a missing prerequisite fails it with what to install. Returns true so callers
+/// read as a guard.
 pub fn require(tools: &[&str]) -> bool {
     let mut missing = Vec::new();
     if unsafe { libc_geteuid() } != 0 {
@@ -14,18 +17,15 @@ pub fn require(tools: &[&str]) -> bool {
             .map(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()))
             .unwrap_or(false);
         if !found {
-            missing.push(format!("{t} (apt-get install iptables iproute2)"));
+            missing.push(format!("{t} (.ci/run installs it)"));
         }
     }
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("real-kernel test prerequisites missing: {}", missing.join(", "));
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{msg}");
-    }
-    eprintln!("SKIPPED: {msg}");
-    false
+    assert!(
+        missing.is_empty(),
+        "prerequisites missing: {} (run the tests as root with scripts/test.sh, after .ci/run's installs)",
+        missing.join(", ")
+    );
+    true
 }
 
 extern "C" {
