@@ -5,6 +5,7 @@
 
 pub mod apiserver;
 pub mod controller;
+pub mod desired;
 pub mod emulate;
 pub mod node;
 pub mod patch;
