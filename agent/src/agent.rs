@@ -18,13 +18,13 @@ use tokio::sync::{mpsc, Notify};
 use crate::admin::{self, Health};
 use crate::dataplane::nfnotify::{self, GenerationProbe, Notification};
 use crate::dataplane::{
-    self, iptables::Backend, ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError, ReadScope, ReadTargets,
+    self, iptables::Backend, ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError, ReadTargets,
 };
 use crate::expected::{expect_service_with, Semantics, ServiceSpec, SliceRecord};
 use crate::k8s::{self, SliceError, SliceProblem, WatchMsg, WatchScope};
 use crate::model::{ServiceRef, Timestamp};
 use crate::netns::NetNs;
-use crate::resolve::ServiceCatalog;
+use crate::resolve::Resolver;
 use crate::telemetry::Metrics;
 use crate::tracker::{ReadTrigger, Reading, ReadingMeta, ReadingOutcome, Tracker, TrackerConfig};
 
@@ -305,19 +305,14 @@ struct Core {
     semantics: Semantics,
     observer: Option<Arc<dyn LagObserver>>,
     requests: ReadRequests,
-    /// Unattributed routes of the last full read, carried into targeted reads (which cannot
-    /// see rules of unknown services).
-    last_unattributed: std::collections::HashSet<(crate::model::Protocol, SocketAddr)>,
-    /// The last full read found unattributed rules it could not read.
-    last_unattributed_uncertain: bool,
+    /// Names the routes of each dataplane snapshot.
+    resolver: Resolver,
     status_tx: tokio::sync::watch::Sender<Arc<crate::publish::StatusDraft>>,
     lags: crate::publish::RecentLags,
     /// The highest EndpointSlice resourceVersion processed.
     observed_rv: u64,
     /// The highest Service resourceVersion processed (a policy change moves what is expected).
     observed_service_rv: u64,
-    /// The catalog that names dataplane rules, with the frontends generation it was built at.
-    catalog: Option<(u64, ServiceCatalog)>,
     backend: String,
     /// The cause of each resource's last watch failure, logged once per change.
     watch_causes: HashMap<&'static str, &'static str>,
@@ -353,13 +348,11 @@ impl Core {
             semantics: Semantics::default(),
             observer: config.observer.clone(),
             requests,
-            last_unattributed: Default::default(),
-            last_unattributed_uncertain: false,
+            resolver: Resolver::default(),
             status_tx,
             lags: Default::default(),
             observed_rv: 0,
             observed_service_rv: 0,
-            catalog: None,
             backend: "unknown".into(),
             last_read: None,
             watch_causes: HashMap::new(),
@@ -501,28 +494,7 @@ impl Core {
                             self.metrics.dataplane_read_errors.with_label_values(&["partial"]).inc();
                         }
                         self.health.dataplane_read.store(true, Ordering::Relaxed);
-                        let generation = self.tracker.frontends_generation();
-                        if self.catalog.as_ref().is_none_or(|(g, _)| *g != generation) {
-                            // Rebuilt only when some Service's frontends changed: building it
-                            // hashes every port, far too often to do per reading under churn.
-                            self.catalog = Some((generation, ServiceCatalog::build(self.tracker.services())));
-                        }
-                        let catalog = &self.catalog.as_ref().expect("built above").1;
-                        let mut view = catalog.view(&snap);
-                        match &snap.scope {
-                            None => {
-                                self.last_unattributed = view.unattributed.clone();
-                                self.last_unattributed_uncertain = view.unattributed_uncertain;
-                            }
-                            Some(scope) => {
-                                view.inherit_from_last_full_read(self.last_unattributed_uncertain);
-                                view.scope = Some(match scope {
-                                    ReadScope::Frontends(read) => self.tracker.ports_served_only_by(read),
-                                    ReadScope::Ports(ports) => ports.iter().cloned().collect(),
-                                });
-                                view.unattributed.extend(self.last_unattributed.iter().copied());
-                            }
-                        }
+                        let view = self.resolver.resolve(&self.tracker, &snap);
                         ReadingOutcome::Routed(view)
                     }
                     Err(e) => {

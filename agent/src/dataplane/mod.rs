@@ -111,20 +111,7 @@ pub struct DataplaneSnapshot {
     pub warnings: Vec<String>,
 }
 
-/// What a targeted read is asked to cover: the service ports with pending changes.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ReadTargets {
-    /// Their frontends (`ip:port`, `*:nodePort`).
-    pub frontends: BTreeSet<String>,
-    /// The service ports themselves.
-    pub ports: BTreeSet<(ServicePortName, Protocol)>,
-}
-
-impl ReadTargets {
-    pub fn is_empty(&self) -> bool {
-        self.frontends.is_empty() && self.ports.is_empty()
-    }
-}
+pub use crate::model::ReadTargets;
 
 /// What a targeted read covered.
 #[derive(Clone, Debug, PartialEq, Eq)]
