@@ -106,15 +106,37 @@ impl GenerationProbe {
         let mut buf = vec![0u8; 8192];
         loop {
             let n = self.sock.recv(&mut &mut buf[..], 0)?;
-            match parse_generations(&buf[..n]) {
-                Ok(gens) if !gens.is_empty() => return Ok(gens[gens.len() - 1]),
-                Ok(_) => continue,
+            match probe_reply(&buf[..n], self.seq) {
+                Ok(Some(generation)) => return Ok(generation),
+                Ok(None) => continue,
                 Err(errno) => {
                     return Err(super::netlink_error(errno).unwrap_or_else(|| io::Error::other("netlink error 0")))
                 }
             }
         }
     }
+}
+
+/// The generation in the answer to request `seq` within one datagram, or its negative errno.
+/// A message of another request (a reply that came after an earlier request's deadline) is
+/// skipped: its generation is stale.
+fn probe_reply(buf: &[u8], seq: u32) -> Result<Option<u32>, i32> {
+    let mut off = 0;
+    let mut last = None;
+    while off + NLMSG_HDRLEN <= buf.len() {
+        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or_default()) as usize;
+        let msg_seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().unwrap_or_default());
+        if len < NLMSG_HDRLEN || off + len > buf.len() {
+            break;
+        }
+        if msg_seq == seq {
+            if let Some(g) = parse_generations(&buf[off..off + len])?.pop() {
+                last = Some(g);
+            }
+        }
+        off += (len + 3) & !3;
+    }
+    Ok(last)
 }
 
 /// What the notification thread reports.
@@ -200,6 +222,22 @@ mod tests {
             Ok(vec![]),
             "a truncated header is ignored"
         );
+    }
+
+    /// Found while unifying the netlink layer: the probe took any generation message as its
+    /// answer, so a reply that came late for an earlier request (after its deadline) was read
+    /// as the current generation.
+    #[test]
+    fn the_probe_takes_only_the_answer_to_its_own_request() {
+        let with_seq = |gen: u32, seq: u32| {
+            let mut m = newgen(gen);
+            m[8..12].copy_from_slice(&seq.to_ne_bytes());
+            m
+        };
+        assert_eq!(probe_reply(&with_seq(41, 6), 7), Ok(None), "a stale reply");
+        let mut both = with_seq(41, 6);
+        both.extend(with_seq(42, 7));
+        assert_eq!(probe_reply(&both, 7), Ok(Some(42)));
     }
 
     #[test]
