@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
+use super::netlink::{LazyConnection, NetlinkError};
 use super::nftnl::{
     self, Expr, NftConn, NftElem, NftTable, NftnlError, NFT_DATA_VERDICT, NFT_GOTO, NFT_JUMP, NFT_NAT_DNAT,
 };
@@ -471,13 +472,14 @@ fn lacks_kube_proxy_rules(table: Option<&NftTable>) -> bool {
 }
 
 pub struct NftablesReader {
-    netns: NetNs,
-    conn: Option<NftConn>,
+    conn: LazyConnection<NftConn>,
 }
 
 impl NftablesReader {
     pub fn new(netns: NetNs) -> Self {
-        Self { netns, conn: None }
+        Self {
+            conn: LazyConnection::new(netns),
+        }
     }
 
     /// Whether a kube-proxy table exists in either family (for mode detection).
@@ -492,109 +494,101 @@ impl NftablesReader {
     }
 
     fn dump(&mut self, family: u16) -> Result<Option<NftTable>, ReadError> {
-        let conn = match &mut self.conn {
-            Some(c) => c,
-            None => self
-                .conn
-                .insert(NftConn::open(&self.netns).map_err(|e| ReadError::Netlink {
-                    what: "opening an nf_tables netlink socket".into(),
-                    source: e,
-                })?),
-        };
-        let mut last = None;
-        // A dump that overlaps a ruleset commit is retried, as nft does.
-        for _ in 0..5 {
-            match conn.table(family, TABLE) {
-                Ok(t) => return Ok(t),
-                Err(NftnlError::Interrupted) => last = Some(NftnlError::Interrupted),
-                Err(e) => {
-                    self.conn = None;
-                    return Err(ReadError::Unparseable {
-                        program: "nf_tables netlink dump".into(),
-                        reason: e.to_string(),
-                    });
+        let dump = |conn: &mut NftConn| {
+            let mut last = None;
+            // A dump that overlaps a ruleset commit is retried, as nft does.
+            for _ in 0..5 {
+                match conn.table(family, TABLE) {
+                    Ok(t) => return Ok(t),
+                    Err(NftnlError::Interrupted) => last = Some(NftnlError::Interrupted),
+                    Err(e) => return Err((e, false)),
                 }
             }
-        }
-        Err(ReadError::Unparseable {
-            program: "nf_tables netlink dump".into(),
-            reason: format!(
-                "{} five times in a row",
-                last.map_or("failed".into(), |e| e.to_string())
-            ),
+            Err((last.unwrap_or(NftnlError::Interrupted), true))
+        };
+        let open = |netns: &NetNs| NftConn::open(netns).map_err(|e| (e, false));
+        self.conn.with(open, dump).map_err(|(e, repeated)| match e {
+            NftnlError::Netlink(source @ NetlinkError::OpenFailed(_) | source @ NetlinkError::EnterNetnsFailed(_)) => {
+                ReadError::Netlink {
+                    what: "opening an nf_tables netlink socket".into(),
+                    source: source.into(),
+                }
+            }
+            e if repeated => ReadError::Unparseable {
+                program: "nf_tables netlink dump".into(),
+                reason: format!("{e} five times in a row"),
+            },
+            e => ReadError::Unparseable {
+                program: "nf_tables netlink dump".into(),
+                reason: e.to_string(),
+            },
         })
     }
 }
 
-impl NftablesReader {
-    /// Reads only what serves `frontends`: the two dispatch maps, then the chains and verdict
-    /// maps reachable from their matching elements. A handful of requests instead of one per
-    /// service (the kernel looks sets up by name, so a full read grows with the square of the
-    /// number of services).
-    fn targeted(
-        &mut self,
-        family: u16,
-        v6: bool,
-        frontends: &BTreeSet<String>,
-    ) -> Result<Option<NftTable>, NftnlError> {
-        let conn = match &mut self.conn {
-            Some(c) => c,
-            None => self.conn.insert(NftConn::open(&self.netns).map_err(NftnlError::Io)?),
-        };
-        if !conn.table_exists(family, TABLE)? {
-            return Ok(None);
-        }
-        let mut table = NftTable::default();
-        let mut pending: Vec<String> = Vec::new();
-        for map in ENTRY_MAPS {
-            let Some(mut set) = conn.set_header(family, TABLE, map)? else {
-                if map == ENTRY_MAPS[0] {
-                    return Ok(None);
-                }
-                continue;
-            };
-            // Ask the kernel for the frontends' elements one by one: dumping a map of 10k
-            // Services to keep a few of them cost ~20 ms a read. Kernels that cannot look up
-            // one element get the dump.
-            set.elems = match frontend_elems(conn, family, map, frontends, v6) {
-                Ok(elems) => elems,
-                Err(NftnlError::Io(_)) => match conn.set(family, TABLE, map)? {
-                    Some(full) => full
-                        .elems
-                        .into_iter()
-                        .filter(|e| frontend(map, &e.key, v6).is_some_and(|(f, _)| frontends.contains(&f)))
-                        .collect(),
-                    None => continue,
-                },
-                Err(e) => return Err(e),
-            };
-            pending.extend(set.elems.iter().filter_map(|e| e.verdict.as_ref()?.1.clone()));
-            table.sets.push(set);
-        }
-        let mut seen = HashSet::new();
-        while let Some(chain) = pending.pop() {
-            if !seen.insert(chain.clone()) {
-                continue;
-            }
-            for rule in conn.chain_rules(family, TABLE, &chain)? {
-                for expr in &rule.exprs {
-                    match expr {
-                        Expr::Verdict { chain: Some(next), .. } => pending.push(next.clone()),
-                        // Verdict maps and data maps (DNAT targets) alike.
-                        Expr::Lookup { set, dreg: Some(_), .. } if seen.insert(format!("set:{set}")) => {
-                            if let Some(s) = conn.set(family, TABLE, set)? {
-                                pending.extend(s.elems.iter().filter_map(|e| e.verdict.as_ref()?.1.clone()));
-                                table.sets.push(s);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                table.rules.push(rule);
-            }
-        }
-        Ok(Some(table))
+/// Reads only what serves `frontends`: the two dispatch maps, then the chains and verdict
+/// maps reachable from their matching elements. A handful of requests instead of one per
+/// service (the kernel looks sets up by name, so a full read grows with the square of the
+/// number of services).
+fn targeted(
+    conn: &mut NftConn,
+    family: u16,
+    v6: bool,
+    frontends: &BTreeSet<String>,
+) -> Result<Option<NftTable>, NftnlError> {
+    if !conn.table_exists(family, TABLE)? {
+        return Ok(None);
     }
+    let mut table = NftTable::default();
+    let mut pending: Vec<String> = Vec::new();
+    for map in ENTRY_MAPS {
+        let Some(mut set) = conn.set_header(family, TABLE, map)? else {
+            if map == ENTRY_MAPS[0] {
+                return Ok(None);
+            }
+            continue;
+        };
+        // Ask the kernel for the frontends' elements one by one: dumping a map of 10k
+        // Services to keep a few of them cost ~20 ms a read. Kernels that cannot look up
+        // one element get the dump.
+        set.elems = match frontend_elems(conn, family, map, frontends, v6) {
+            Ok(elems) => elems,
+            Err(NftnlError::Netlink(e)) if e.is_transport() => match conn.set(family, TABLE, map)? {
+                Some(full) => full
+                    .elems
+                    .into_iter()
+                    .filter(|e| frontend(map, &e.key, v6).is_some_and(|(f, _)| frontends.contains(&f)))
+                    .collect(),
+                None => continue,
+            },
+            Err(e) => return Err(e),
+        };
+        pending.extend(set.elems.iter().filter_map(|e| e.verdict.as_ref()?.1.clone()));
+        table.sets.push(set);
+    }
+    let mut seen = HashSet::new();
+    while let Some(chain) = pending.pop() {
+        if !seen.insert(chain.clone()) {
+            continue;
+        }
+        for rule in conn.chain_rules(family, TABLE, &chain)? {
+            for expr in &rule.exprs {
+                match expr {
+                    Expr::Verdict { chain: Some(next), .. } => pending.push(next.clone()),
+                    // Verdict maps and data maps (DNAT targets) alike.
+                    Expr::Lookup { set, dreg: Some(_), .. } if seen.insert(format!("set:{set}")) => {
+                        if let Some(s) = conn.set(family, TABLE, set)? {
+                            pending.extend(s.elems.iter().filter_map(|e| e.verdict.as_ref()?.1.clone()));
+                            table.sets.push(s);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            table.rules.push(rule);
+        }
+    }
+    Ok(Some(table))
 }
 
 impl DataplaneReader for NftablesReader {
@@ -621,7 +615,10 @@ impl DataplaneReader for NftablesReader {
             ..Default::default()
         };
         for (family, v6) in [(nftnl::NFPROTO_IPV4, false), (nftnl::NFPROTO_IPV6, true)] {
-            match self.targeted(family, v6, frontends) {
+            match self
+                .conn
+                .with(NftConn::open, |conn| targeted(conn, family, v6, frontends))
+            {
                 Ok(Some(table)) => {
                     let (services, warnings) = routes_from_table(&table, v6);
                     snap.services.extend(services);
@@ -637,7 +634,6 @@ impl DataplaneReader for NftablesReader {
                     }
                 }
                 Err(e) => {
-                    self.conn = None;
                     snap.warnings.push(format!("targeted nf_tables read: {e}"));
                     if v6 {
                         snap.unreadable_v6 = true;

@@ -7,8 +7,10 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::os::raw::c_char;
 
-use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
+use netlink_sys::protocols::NETLINK_NETFILTER;
 use nftnl_sys as sys;
+
+use super::netlink::{Ending, NetlinkError, NetlinkSocket, NLM_F_ACK, NLM_F_DUMP};
 
 use crate::netns::NetNs;
 
@@ -19,11 +21,6 @@ const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_GETSET: u16 = 10;
 const NFT_MSG_GETSETELEM: u16 = 13;
-const NLM_F_DUMP: u16 = 0x300;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP_INTR: u16 = 0x10;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 /// The data type of a verdict map's values.
 pub const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 pub const NFT_SET_ANONYMOUS: u32 = 0x1;
@@ -111,8 +108,8 @@ pub struct NftTable {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftnlError {
-    #[error("netlink: {0}")]
-    Io(#[from] io::Error),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
     #[error("the ruleset changed during the dump")]
     Interrupted,
     #[error("libnftnl could not allocate or parse a message")]
@@ -135,33 +132,19 @@ fn bytes(p: *const std::ffi::c_void, len: u32) -> Vec<u8> {
 
 /// A netlink socket speaking nf_tables, opened in a given network namespace.
 pub struct NftConn {
-    sock: Socket,
-    seq: u32,
-    buf: Vec<u64>,
+    sock: NetlinkSocket,
 }
 
 impl NftConn {
-    pub fn open(netns: &NetNs) -> io::Result<Self> {
-        let sock = netns
-            .run(|| -> io::Result<Socket> {
-                let mut s = Socket::new(NETLINK_NETFILTER)?;
-                s.bind_auto()?;
-                Ok(s)
-            })
-            .map_err(io::Error::other)??;
-        sock.connect(&netlink_sys::SocketAddr::new(0, 0))?;
-        let _ = sock.set_rx_buf_sz(8 * 1024 * 1024);
-        super::set_recv_deadline(&sock, super::KERNEL_REPLY_DEADLINE)?;
-        Ok(Self {
-            sock,
-            seq: 0,
-            buf: vec![0u64; 64 * 1024],
-        })
+    pub fn open(netns: &NetNs) -> Result<Self, NftnlError> {
+        let sock = NetlinkSocket::open(netns, NETLINK_NETFILTER, 512 * 1024)?;
+        sock.grow_kernel_buffer(8 * 1024 * 1024);
+        Ok(Self { sock })
     }
 
     /// The receive deadline of this connection's socket.
     pub fn recv_deadline(&self) -> io::Result<Option<std::time::Duration>> {
-        super::recv_deadline(&self.sock)
+        self.sock.recv_deadline()
     }
 
     /// Sends one dump request built by `build` and hands every reply message to `each`.
@@ -174,77 +157,20 @@ impl NftConn {
         build: impl FnOnce(*mut libc::nlmsghdr),
         mut each: impl FnMut(*const libc::nlmsghdr) -> Result<(), NftnlError>,
     ) -> Result<bool, NftnlError> {
-        self.seq = self.seq.wrapping_add(1);
+        let seq = self.sock.next_seq();
         let mut req = vec![0u64; 1024];
         // SAFETY: `req` is 8 KiB, aligned, and outlives the header libnftnl writes into it.
-        let nlh = unsafe { sys::nftnl_nlmsg_build_hdr(req.as_mut_ptr().cast(), cmd, family, flags, self.seq) };
+        let nlh = unsafe { sys::nftnl_nlmsg_build_hdr(req.as_mut_ptr().cast(), cmd, family, flags, seq) };
         build(nlh);
         // SAFETY: nlh points into `req`; nlmsg_len was set by the builders.
         let len = unsafe { (*nlh).nlmsg_len } as usize;
         // SAFETY: `req` holds at least `len` initialised bytes written by libnftnl.
         let bytes = unsafe { std::slice::from_raw_parts(req.as_ptr().cast::<u8>(), len) };
-        self.sock.send(bytes, 0)?;
-        let mut interrupted = false;
-        loop {
-            let cap = self.buf.len() * 8;
-            // SAFETY: the u64 buffer viewed as bytes, for recv to fill.
-            let raw = unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr().cast::<u8>(), cap) };
-            let n = self.sock.recv(&mut &mut raw[..], 0)?;
-            let mut off = 0;
-            while off + 16 <= n {
-                let hdr = self
-                    .buf
-                    .as_ptr()
-                    .cast::<u8>()
-                    .wrapping_add(off)
-                    .cast::<libc::nlmsghdr>();
-                // SAFETY: off is 4-byte aligned within a u64 buffer and at least 16 bytes remain.
-                let (len, kind, flags, seq) = unsafe {
-                    (
-                        (*hdr).nlmsg_len as usize,
-                        (*hdr).nlmsg_type,
-                        (*hdr).nlmsg_flags,
-                        (*hdr).nlmsg_seq,
-                    )
-                };
-                if len < 16 || off + len > n {
-                    return Err(NftnlError::Parse);
-                }
-                if seq == self.seq {
-                    interrupted |= flags & NLM_F_DUMP_INTR != 0;
-                    match kind {
-                        NLMSG_DONE => {
-                            return if interrupted {
-                                Err(NftnlError::Interrupted)
-                            } else {
-                                Ok(true)
-                            };
-                        }
-                        NLMSG_ERROR => {
-                            // An error message carries an i32 errno right after the header: all
-                            // four bytes must be inside the message and the datagram.
-                            if len < 20 || off + 20 > n {
-                                return Err(NftnlError::Io(io::Error::new(
-                                    io::ErrorKind::InvalidData,
-                                    "truncated netlink error message",
-                                )));
-                            }
-                            let at = off + 16;
-                            // SAFETY: the u64 buffer viewed as bytes; `at + 4 <= n <= its size`.
-                            let bytes =
-                                unsafe { std::slice::from_raw_parts(self.buf.as_ptr().cast::<u8>().add(at), 4) };
-                            let errno = i32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-                            return match super::netlink_error(errno) {
-                                None => Ok(true),
-                                Some(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-                                Some(e) => Err(NftnlError::Io(e)),
-                            };
-                        }
-                        _ => each(hdr)?,
-                    }
-                }
-                off += (len + 3) & !3;
-            }
+        match self.sock.request(bytes, |msg| each(msg.bytes().as_ptr().cast())) {
+            Ok(Ending::Done | Ending::Ack) => Ok(true),
+            Err(NftnlError::Netlink(e)) if e.refused_with() == Some(libc::ENOENT) => Ok(false),
+            Err(NftnlError::Netlink(NetlinkError::DumpInterrupted)) => Err(NftnlError::Interrupted),
+            Err(e) => Err(e),
         }
     }
 

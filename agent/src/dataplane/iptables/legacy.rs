@@ -321,7 +321,7 @@ pub(super) fn table(netns: &NetNs, v6: bool) -> Result<Option<NatTable>, ReadErr
             what: format!(
                 "reading the {family}-legacy nat table (getsockopt on a raw socket: the agent needs CAP_NET_ADMIN and CAP_NET_RAW in the host network namespace)"
             ),
-            source,
+            source: source.into(),
         })?;
     Ok(blob.map(|(bytes, hooks)| decode(&bytes, &hooks, v6)))
 }

@@ -11,6 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use super::xt::{self, Dnat};
 use super::{NatTable, Rule, Verdict, ENTRY_CHAINS, GROUP_PREFIXES};
+use crate::dataplane::netlink::LazyConnection;
 use crate::dataplane::nftnl::{
     self, Expr, NftConn, NftRule, NftnlError, NFT_CMP_EQ, NFT_GOTO, NFT_JUMP, NFT_META_L4PROTO, NFT_NAT_DNAT,
     NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER,
@@ -159,19 +160,13 @@ fn add_rules(table: &mut NatTable, rules: &[NftRule], v6: bool) {
 
 /// One nf_tables connection for the reads of iptables-nft's nat tables.
 pub(super) struct NatReader {
-    netns: NetNs,
-    conn: Option<NftConn>,
+    conn: LazyConnection<NftConn>,
 }
 
 impl NatReader {
     pub(super) fn new(netns: NetNs) -> Self {
-        Self { netns, conn: None }
-    }
-
-    fn conn(&mut self) -> Result<&mut NftConn, NftnlError> {
-        match self.conn {
-            Some(ref mut c) => Ok(c),
-            None => Ok(self.conn.insert(NftConn::open(&self.netns)?)),
+        Self {
+            conn: LazyConnection::new(netns),
         }
     }
 
@@ -181,22 +176,18 @@ impl NatReader {
     /// for every message it fills (quadratic: 9.3 s at 10,000 Services against 1.8 s).
     pub(super) fn table(&mut self, v6: bool) -> Result<Option<NatTable>, ReadError> {
         let name = if v6 { "ip6 nat" } else { "ip nat" };
-        let result = self
-            .conn()
-            .and_then(|c| c.table_exists(family(v6), TABLE))
-            .and_then(|exists| {
-                if !exists {
-                    return Ok(None);
-                }
-                self.reachable(v6, ENTRY_CHAINS.iter().map(|c| c.to_string()).collect())
-                    .map(Some)
-            });
+        let result = self.conn.with(NftConn::open, |conn| {
+            if !conn.table_exists(family(v6), TABLE)? {
+                return Ok(None);
+            }
+            reachable(conn, v6, ENTRY_CHAINS.iter().map(|c| c.to_string()).collect()).map(Some)
+        });
         result.map_err(|e| match e {
-            NftnlError::Io(source) => ReadError::Netlink {
+            NftnlError::Netlink(source) if source.is_transport() => ReadError::Netlink {
                 what: format!(
                     "reading table {name} over nf_tables netlink (the agent needs CAP_NET_ADMIN and the host network namespace)"
                 ),
-                source,
+                source: source.into(),
             },
             other => ReadError::Unparseable {
                 program: format!("nf_tables netlink dump of table {name}"),
@@ -207,13 +198,11 @@ impl NatReader {
 
     /// Whether kube-proxy's `KUBE-SERVICES` chain exists in this family's nat table.
     pub(super) fn has_kube_services(&mut self, v6: bool) -> bool {
-        let found = self
-            .conn()
-            .and_then(|c| c.chain_exists(family(v6), TABLE, ENTRY_CHAINS[0]));
-        if found.is_err() {
-            self.conn = None;
-        }
-        found.unwrap_or(false)
+        self.conn
+            .with(NftConn::open, |conn| {
+                conn.chain_exists(family(v6), TABLE, ENTRY_CHAINS[0])
+            })
+            .unwrap_or(false)
     }
 
     /// The per-port chains of the service ports with these hashes, and every chain they jump to
@@ -223,37 +212,30 @@ impl NatReader {
             .iter()
             .flat_map(|id| GROUP_PREFIXES.iter().map(move |p| format!("{p}{id}")))
             .collect();
-        self.reachable(v6, roots)
+        self.conn.with(NftConn::open, |conn| reachable(conn, v6, roots))
     }
+}
 
-    /// Dumps `roots` and every chain reachable from them (entry chains only as roots), one
-    /// chain dump each.
-    fn reachable(&mut self, v6: bool, mut pending: Vec<String>) -> Result<NatTable, NftnlError> {
-        let mut table = NatTable::default();
-        let mut fetched = std::collections::HashSet::new();
-        let result = (|| {
-            let conn = self.conn()?;
-            while let Some(chain) = pending.pop() {
-                if !fetched.insert(chain.clone()) {
-                    continue;
-                }
-                let rules = conn.chain_rules(family(v6), TABLE, &chain)?;
-                add_rules(&mut table, &rules, v6);
-                for rule in table.chains.get(&chain).into_iter().flatten() {
-                    if let Verdict::Jump(t) = &rule.verdict {
-                        if !ENTRY_CHAINS.contains(&t.as_str()) && !fetched.contains(t) {
-                            pending.push(t.clone());
-                        }
-                    }
+/// Dumps `roots` and every chain reachable from them (entry chains only as roots), one chain
+/// dump each.
+fn reachable(conn: &mut NftConn, v6: bool, mut pending: Vec<String>) -> Result<NatTable, NftnlError> {
+    let mut table = NatTable::default();
+    let mut fetched = std::collections::HashSet::new();
+    while let Some(chain) = pending.pop() {
+        if !fetched.insert(chain.clone()) {
+            continue;
+        }
+        let rules = conn.chain_rules(family(v6), TABLE, &chain)?;
+        add_rules(&mut table, &rules, v6);
+        for rule in table.chains.get(&chain).into_iter().flatten() {
+            if let Verdict::Jump(t) = &rule.verdict {
+                if !ENTRY_CHAINS.contains(&t.as_str()) && !fetched.contains(t) {
+                    pending.push(t.clone());
                 }
             }
-            Ok(())
-        })();
-        if result.is_err() {
-            self.conn = None;
         }
-        result.map(|()| table)
     }
+    Ok(table)
 }
 
 #[cfg(test)]
