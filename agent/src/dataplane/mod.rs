@@ -5,9 +5,12 @@
 pub mod iptables;
 pub mod ipvs;
 pub mod netlink;
+pub mod nf_tables_ffi;
 pub mod nfnotify;
 pub mod nftables;
-pub mod nftnl;
+
+/// The old name of [`nf_tables_ffi`], kept for `agent/tests/nftables_kernel.rs`.
+pub use nf_tables_ffi as nftnl;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -326,7 +329,7 @@ mod deadline_tests {
     #[test]
     fn readers_connections_have_the_deadline() {
         let ns = crate::netns::NetNs::current();
-        let conn = nftnl::NftConn::open(&ns).unwrap();
+        let conn = nf_tables_ffi::NftConn::open(&ns).unwrap();
         assert_eq!(conn.recv_deadline().unwrap(), Some(netlink::KERNEL_REPLY_DEADLINE));
         let probe = nfnotify::GenerationProbe::open(&ns).unwrap();
         assert_eq!(probe.recv_deadline().unwrap(), Some(netlink::KERNEL_REPLY_DEADLINE));

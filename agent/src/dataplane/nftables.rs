@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use super::netlink::{LazyConnection, NetlinkError};
-use super::nftnl::{
+use super::nf_tables_ffi::{
     self, Expr, NftConn, NftElem, NftTable, NftnlError, NFT_DATA_VERDICT, NFT_GOTO, NFT_JUMP, NFT_NAT_DNAT,
 };
 use super::{ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError, ReadScope, ReadTargets, ServiceRoutes};
@@ -88,7 +88,7 @@ fn frontend(map: &str, key: &[u8], v6: bool) -> Option<(String, Option<Protocol>
     let alen = if v6 { 16 } else { 4 };
     match map {
         "service-ips" if key.len() >= alen + 8 => {
-            let ip = nftnl::ip_from(&key[..alen])?;
+            let ip = nf_tables_ffi::ip_from(&key[..alen])?;
             let proto = protocol_from_number(key[alen]);
             let port = port_from(&key[alen + 4..])?;
             Some((SocketAddr::new(ip, port).to_string(), proto))
@@ -149,11 +149,11 @@ fn frontend_key(map: &str, frontend: &str, proto: Protocol, v6: bool) -> Option<
 
 /// Follows the graph of one table and returns the routed service ports.
 pub fn routes_from_table(table: &NftTable, v6: bool) -> (Vec<ServiceRoutes>, Vec<String>) {
-    let mut chains: HashMap<&str, Vec<&nftnl::NftRule>> = HashMap::new();
+    let mut chains: HashMap<&str, Vec<&nf_tables_ffi::NftRule>> = HashMap::new();
     for r in &table.rules {
         chains.entry(r.chain.as_str()).or_default().push(r);
     }
-    let sets: HashMap<&str, &nftnl::NftSet> = table.sets.iter().map(|s| (s.name.as_str(), s)).collect();
+    let sets: HashMap<&str, &nf_tables_ffi::NftSet> = table.sets.iter().map(|s| (s.name.as_str(), s)).collect();
     let mut groups: BTreeMap<String, ServiceRoutes> = BTreeMap::new();
     let mut warnings = Vec::new();
     let mut reached = HashSet::new();
@@ -197,8 +197,8 @@ pub fn routes_from_table(table: &NftTable, v6: bool) -> (Vec<ServiceRoutes>, Vec
 /// Whatever such rules may send traffic to counts as routed (unattributed), and a target that
 /// cannot be read makes the group uncertain.
 fn stray_dnats(
-    chains: &HashMap<&str, Vec<&nftnl::NftRule>>,
-    sets: &HashMap<&str, &nftnl::NftSet>,
+    chains: &HashMap<&str, Vec<&nf_tables_ffi::NftRule>>,
+    sets: &HashMap<&str, &nf_tables_ffi::NftSet>,
     reached: &HashSet<String>,
     warnings: &mut Vec<String>,
 ) -> Vec<ServiceRoutes> {
@@ -233,8 +233,8 @@ fn stray_dnats(
 }
 
 fn follow(
-    chains: &HashMap<&str, Vec<&nftnl::NftRule>>,
-    sets: &HashMap<&str, &nftnl::NftSet>,
+    chains: &HashMap<&str, Vec<&nf_tables_ffi::NftRule>>,
+    sets: &HashMap<&str, &nf_tables_ffi::NftSet>,
     start: &str,
     group: &mut ServiceRoutes,
     warnings: &mut Vec<String>,
@@ -315,8 +315,8 @@ impl<'a> Regs<'a> {
 /// Follows `start` and what it jumps to, skipping the chains in `skip` (already covered),
 /// recording every chain it walks in `seen`.
 fn follow_from(
-    chains: &HashMap<&str, Vec<&nftnl::NftRule>>,
-    sets: &HashMap<&str, &nftnl::NftSet>,
+    chains: &HashMap<&str, Vec<&nf_tables_ffi::NftRule>>,
+    sets: &HashMap<&str, &nf_tables_ffi::NftSet>,
     start: &str,
     group: &mut ServiceRoutes,
     warnings: &mut Vec<String>,
@@ -367,15 +367,17 @@ fn follow_from(
                         }
                     },
                     Expr::Lookup { .. } => {}
-                    Expr::Nat { kind, .. } if *kind == NFT_NAT_DNAT => match nftnl::dnat_target(expr, &regs.imm) {
-                        Ok(a) => {
-                            group.endpoints.insert(a);
+                    Expr::Nat { kind, .. } if *kind == NFT_NAT_DNAT => {
+                        match nf_tables_ffi::dnat_target(expr, &regs.imm) {
+                            Ok(a) => {
+                                group.endpoints.insert(a);
+                            }
+                            Err(why) => {
+                                group.uncertain = true;
+                                warnings.push(format!("chain {chain}: {why}"));
+                            }
                         }
-                        Err(why) => {
-                            group.uncertain = true;
-                            warnings.push(format!("chain {chain}: {why}"));
-                        }
-                    },
+                    }
                     Expr::Nat { .. }
                     | Expr::Immediate { .. }
                     | Expr::Numgen { .. }
@@ -415,7 +417,7 @@ fn reg32(r: u32) -> u32 {
 /// element's value is `address . port` (4 or 16 bytes, then the port in the next 32-bit
 /// register). Anything else (no such map, a range, an address without a port, a value of
 /// another layout) cannot be justified and is an error.
-fn dnat_map_targets(expr: &Expr, set: Option<&nftnl::NftSet>) -> Result<Vec<std::net::SocketAddr>, String> {
+fn dnat_map_targets(expr: &Expr, set: Option<&nf_tables_ffi::NftSet>) -> Result<Vec<std::net::SocketAddr>, String> {
     let Expr::Nat {
         addr_reg: Some(addr),
         addr_max_reg,
@@ -455,7 +457,7 @@ fn dnat_map_targets(expr: &Expr, set: Option<&nftnl::NftSet>) -> Result<Vec<std:
                 set.name
             ));
         }
-        let ip = nftnl::ip_from(&data[..alen]).ok_or_else(|| format!("map {}: bad address", set.name))?;
+        let ip = nf_tables_ffi::ip_from(&data[..alen]).ok_or_else(|| format!("map {}: bad address", set.name))?;
         let port = u16::from_be_bytes([data[alen], data[alen + 1]]);
         out.push(std::net::SocketAddr::new(ip, port));
     }
@@ -487,7 +489,7 @@ impl NftablesReader {
         let Ok(mut conn) = NftConn::open(netns) else {
             return false;
         };
-        [nftnl::NFPROTO_IPV4, nftnl::NFPROTO_IPV6]
+        [nf_tables_ffi::NFPROTO_IPV4, nf_tables_ffi::NFPROTO_IPV6]
             .into_iter()
             // One GETTABLE per family: detection runs on every resync and must stay cheap.
             .any(|f| matches!(conn.table_exists(f, TABLE), Ok(true)))
@@ -614,7 +616,10 @@ impl DataplaneReader for NftablesReader {
             scope: Some(ReadScope::Frontends(frontends.clone())),
             ..Default::default()
         };
-        for (family, v6) in [(nftnl::NFPROTO_IPV4, false), (nftnl::NFPROTO_IPV6, true)] {
+        for (family, v6) in [
+            (nf_tables_ffi::NFPROTO_IPV4, false),
+            (nf_tables_ffi::NFPROTO_IPV6, true),
+        ] {
             match self
                 .conn
                 .with(NftConn::open, |conn| targeted(conn, family, v6, frontends))
@@ -650,7 +655,10 @@ impl DataplaneReader for NftablesReader {
         let mut snap = DataplaneSnapshot::default();
         let mut found = false;
         let mut first_error = None;
-        for (family, v6) in [(nftnl::NFPROTO_IPV4, false), (nftnl::NFPROTO_IPV6, true)] {
+        for (family, v6) in [
+            (nf_tables_ffi::NFPROTO_IPV4, false),
+            (nf_tables_ffi::NFPROTO_IPV6, true),
+        ] {
             match self.dump(family) {
                 Ok(Some(table)) if !lacks_kube_proxy_rules(Some(&table)) => {
                     found = true;
@@ -724,7 +732,7 @@ mod tests {
             [10, 0, 0, 1, 17, 0, 0, 0, 0, 80, 0, 0]
         );
     }
-    use nftnl::{NftElem, NftRule, NftSet};
+    use nf_tables_ffi::{NftElem, NftRule, NftSet};
 
     fn rule(chain: &str, exprs: Vec<Expr>) -> NftRule {
         NftRule {
@@ -896,7 +904,7 @@ mod tests {
     fn data_map(name: &str, values: &[([u8; 4], u16)]) -> NftSet {
         NftSet {
             name: name.into(),
-            flags: nftnl::NFT_SET_ANONYMOUS | nftnl::NFT_SET_MAP,
+            flags: nf_tables_ffi::NFT_SET_ANONYMOUS | nf_tables_ffi::NFT_SET_MAP,
             data_type: None,
             elems: values
                 .iter()

@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashMap};
 use super::xt::{self, Dnat};
 use super::{NatTable, Rule, Verdict, ENTRY_CHAINS, GROUP_PREFIXES};
 use crate::dataplane::netlink::LazyConnection;
-use crate::dataplane::nftnl::{
+use crate::dataplane::nf_tables_ffi::{
     self, Expr, NftConn, NftRule, NftnlError, NFT_CMP_EQ, NFT_GOTO, NFT_JUMP, NFT_META_L4PROTO, NFT_NAT_DNAT,
     NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER,
 };
@@ -35,9 +35,9 @@ enum Loaded {
 
 fn family(v6: bool) -> u16 {
     if v6 {
-        nftnl::NFPROTO_IPV6
+        nf_tables_ffi::NFPROTO_IPV6
     } else {
-        nftnl::NFPROTO_IPV4
+        nf_tables_ffi::NFPROTO_IPV4
     }
 }
 
@@ -93,7 +93,7 @@ fn rule_from_nft(r: &NftRule, v6: bool) -> Rule {
                 regs.insert(*dreg, Loaded::Other);
             }
             Expr::Cmp { sreg, op, data } if *op == NFT_CMP_EQ => match regs.get(sreg) {
-                Some(Loaded::DestinationAddress) => rule.destination = nftnl::ip_from(data),
+                Some(Loaded::DestinationAddress) => rule.destination = nf_tables_ffi::ip_from(data),
                 Some(Loaded::L4Protocol) => rule.protocol = data.first().and_then(|p| protocol_from_number(*p)),
                 Some(Loaded::DestinationPort) if data.len() == 2 => {
                     rule.dport = Some(u16::from_be_bytes([data[0], data[1]]));
@@ -117,7 +117,7 @@ fn rule_from_nft(r: &NftRule, v6: bool) -> Rule {
             } if *code == NFT_JUMP || *code == NFT_GOTO => rule.verdict = Verdict::Jump(chain.clone()),
             // A native DNAT (as nft writes it): address and port from immediates.
             Expr::Nat { kind, .. } if *kind == NFT_NAT_DNAT => {
-                rule.verdict = Verdict::Dnat(match nftnl::dnat_target(expr, &immediates) {
+                rule.verdict = Verdict::Dnat(match nf_tables_ffi::dnat_target(expr, &immediates) {
                     Ok(a) => Dnat::To(a),
                     Err(why) => Dnat::NotUnderstood(format!("native {why}")),
                 });
