@@ -1,6 +1,10 @@
 //! A thin, safe layer over libnftnl (nftnl-sys): dumps one nf_tables table's rules, sets and
 //! set elements over netlink and decodes them into plain Rust values. It interprets nothing;
-//! the nftables reader decides what the values mean.
+//! the nftables and iptables-nft readers decide what the values mean.
+//!
+//! Every libnftnl object is owned by a guard that frees it when dropped; a request buffer is
+//! sized from what the request carries before libnftnl (which checks no bounds) writes into
+//! it; an allocation that fails is an error, never a request without its filter.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
@@ -10,7 +14,7 @@ use std::os::raw::c_char;
 use netlink_sys::protocols::NETLINK_NETFILTER;
 use nftnl_sys as sys;
 
-use super::netlink::{Ending, NetlinkError, NetlinkSocket, NLM_F_ACK, NLM_F_DUMP};
+use super::netlink::{Ending, Message, NetlinkError, NetlinkSocket, NLM_F_ACK, NLM_F_DUMP};
 
 use crate::netns::NetNs;
 
@@ -107,27 +111,359 @@ pub struct NftTable {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum NftnlError {
+pub enum NfTablesError {
     #[error(transparent)]
-    Netlink(#[from] NetlinkError),
+    RequestFailed(#[from] NetlinkError),
     #[error("the ruleset changed during the dump")]
-    Interrupted,
-    #[error("libnftnl could not allocate or parse a message")]
-    Parse,
+    DumpInterrupted,
+    #[error("libnftnl could not allocate a {0} object")]
+    AllocFailed(&'static str),
+    #[error("building an nf_tables request: {0}")]
+    BuildFailed(String),
+    #[error("libnftnl could not parse a {0} message")]
+    DecodeFailed(&'static str),
 }
 
-fn cstr(p: *const c_char) -> Option<String> {
-    // SAFETY: libnftnl returns NUL-terminated strings it owns, valid while the object lives.
+/// Defines the owner of one libnftnl object: allocated by `$alloc`, freed by `$free` when the
+/// owner is dropped, on every path.
+macro_rules! owned {
+    ($(#[$doc:meta])* $owner:ident, $object:ty, $alloc:path, $free:path) => {
+        $(#[$doc])*
+        struct $owner(std::ptr::NonNull<$object>);
+
+        impl $owner {
+            fn new() -> Result<Self, NfTablesError> {
+                // SAFETY: the allocator takes no arguments; a NULL (out of memory) is an error.
+                let object = unsafe { $alloc() };
+                std::ptr::NonNull::new(object)
+                    .map(Self)
+                    .ok_or(NfTablesError::AllocFailed(stringify!($object)))
+            }
+
+            fn as_ptr(&self) -> *mut $object {
+                self.0.as_ptr()
+            }
+        }
+
+        impl Drop for $owner {
+            fn drop(&mut self) {
+                // SAFETY: the object came from the matching allocator, this owner is its only
+                // one, and it is freed exactly once, here.
+                unsafe { $free(self.0.as_ptr()) }
+            }
+        }
+    };
+}
+
+owned!(Table, sys::nftnl_table, sys::nftnl_table_alloc, sys::nftnl_table_free);
+owned!(Chain, sys::nftnl_chain, sys::nftnl_chain_alloc, sys::nftnl_chain_free);
+owned!(Rule, sys::nftnl_rule, sys::nftnl_rule_alloc, sys::nftnl_rule_free);
+owned!(
+    /// A set; it also owns (and frees) the elements added to it.
+    Set,
+    sys::nftnl_set,
+    sys::nftnl_set_alloc,
+    sys::nftnl_set_free
+);
+owned!(
+    /// An element not yet handed to a set.
+    SetElem,
+    sys::nftnl_set_elem,
+    sys::nftnl_set_elem_alloc,
+    sys::nftnl_set_elem_free
+);
+
+impl SetElem {
+    /// Hands the element to `set`, which frees it with itself.
+    fn add_to(self, set: &Set) {
+        let elem = std::mem::ManuallyDrop::new(self);
+        // SAFETY: both objects are live; the set takes ownership of the element, and the
+        // ManuallyDrop keeps this guard from freeing it too.
+        unsafe { sys::nftnl_set_elem_add(set.as_ptr(), elem.as_ptr()) }
+    }
+}
+
+/// The expressions of a rule, in order; they live as long as the rule.
+struct Exprs<'r> {
+    iter: std::ptr::NonNull<sys::nftnl_expr_iter>,
+    _rule: std::marker::PhantomData<&'r Rule>,
+}
+
+impl<'r> Exprs<'r> {
+    fn of(rule: &'r Rule) -> Result<Self, NfTablesError> {
+        // SAFETY: the rule is live for 'r, which this iterator cannot outlive.
+        let iter = unsafe { sys::nftnl_expr_iter_create(rule.as_ptr()) };
+        std::ptr::NonNull::new(iter)
+            .map(|iter| Self {
+                iter,
+                _rule: std::marker::PhantomData,
+            })
+            .ok_or(NfTablesError::AllocFailed("nftnl_expr_iter"))
+    }
+}
+
+impl Iterator for Exprs<'_> {
+    type Item = std::ptr::NonNull<sys::nftnl_expr>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        // SAFETY: a live iterator of a live rule; it yields each expression, then NULL.
+        std::ptr::NonNull::new(unsafe { sys::nftnl_expr_iter_next(self.iter.as_ptr()) })
+    }
+}
+
+impl Drop for Exprs<'_> {
+    fn drop(&mut self) {
+        // SAFETY: created by nftnl_expr_iter_create, destroyed once, here.
+        unsafe { sys::nftnl_expr_iter_destroy(self.iter.as_ptr()) }
+    }
+}
+
+/// The elements of a set, in order; they live as long as the set.
+struct Elems<'s> {
+    iter: std::ptr::NonNull<sys::nftnl_set_elems_iter>,
+    _set: std::marker::PhantomData<&'s Set>,
+}
+
+impl<'s> Elems<'s> {
+    fn of(set: &'s Set) -> Result<Self, NfTablesError> {
+        // SAFETY: the set is live for 's, which this iterator cannot outlive.
+        let iter = unsafe { sys::nftnl_set_elems_iter_create(set.as_ptr()) };
+        std::ptr::NonNull::new(iter)
+            .map(|iter| Self {
+                iter,
+                _set: std::marker::PhantomData,
+            })
+            .ok_or(NfTablesError::AllocFailed("nftnl_set_elems_iter"))
+    }
+}
+
+impl Iterator for Elems<'_> {
+    type Item = std::ptr::NonNull<sys::nftnl_set_elem>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        // SAFETY: a live iterator of a live set; like nft itself, it yields each element in
+        // turn, then NULL.
+        std::ptr::NonNull::new(unsafe { sys::nftnl_set_elems_iter_next(self.iter.as_ptr()) })
+    }
+}
+
+impl Drop for Elems<'_> {
+    fn drop(&mut self) {
+        // SAFETY: created by nftnl_set_elems_iter_create, destroyed once, here.
+        unsafe { sys::nftnl_set_elems_iter_destroy(self.iter.as_ptr()) }
+    }
+}
+
+/// Copies a string libnftnl owns (`None` for NULL).
+///
+/// # Safety
+/// `p` is NULL or a NUL-terminated string that stays valid during the call.
+unsafe fn cstr(p: *const c_char) -> Option<String> {
+    // SAFETY: the caller's contract.
     (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
 }
 
 /// Copies `len` bytes libnftnl owns (empty for NULL).
-fn bytes(p: *const std::ffi::c_void, len: u32) -> Vec<u8> {
+///
+/// # Safety
+/// `p` is NULL or points to `len` readable bytes that stay valid during the call.
+unsafe fn bytes(p: *const std::ffi::c_void, len: u32) -> Vec<u8> {
     if p.is_null() {
         return Vec::new();
     }
-    // SAFETY: libnftnl guarantees `len` readable bytes at `p` while the object lives.
+    // SAFETY: the caller's contract.
     unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len as usize) }.to_vec()
+}
+
+fn c_string(what: &str, s: &str) -> Result<CString, NfTablesError> {
+    CString::new(s).map_err(|_| NfTablesError::BuildFailed(format!("{what} {s:?} contains a NUL byte")))
+}
+
+/// The header and fixed payload of a request, before its attributes.
+const REQUEST_HEADER: usize = 16 + 4;
+/// Room for one string attribute besides its bytes: its header, NUL and padding.
+const STRING_ATTR: usize = 8;
+/// Room for one set element besides its key: nests, headers and padding (libnftnl writes
+/// a list entry, a key nest and the key's data: 12 bytes and at most 3 of padding).
+const ELEM_ATTR: usize = 32;
+
+/// A request libnftnl builds: the buffer is sized before libnftnl writes into it (its
+/// builders do not check bounds), from what the request will carry.
+struct Request {
+    buf: Vec<u64>,
+}
+
+impl Request {
+    /// A request with room for `strings` and set element `keys` besides its header.
+    fn new<'a>(strings: Vec<&CStr>, keys: impl IntoIterator<Item = &'a [u8]>) -> Self {
+        let room = REQUEST_HEADER
+            + 64
+            + strings
+                .into_iter()
+                .map(|s| s.to_bytes().len() + STRING_ATTR)
+                .sum::<usize>()
+            + keys.into_iter().map(|k| k.len() + ELEM_ATTR).sum::<usize>();
+        Self {
+            buf: vec![0u64; room.div_ceil(8)],
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        self.buf.len() * 8
+    }
+
+    /// Writes the header and lets `build` add the payload; returns the message's bytes.
+    fn build(
+        &mut self,
+        cmd: u16,
+        family: u16,
+        flags: u16,
+        seq: u32,
+        build: impl FnOnce(*mut libc::nlmsghdr) -> Result<(), NfTablesError>,
+    ) -> Result<&[u8], NfTablesError> {
+        // SAFETY: the buffer is 8-byte aligned and larger than a header with its nfgenmsg,
+        // which is all this call writes.
+        let nlh = unsafe { sys::nftnl_nlmsg_build_hdr(self.buf.as_mut_ptr().cast(), cmd, family, flags, seq) };
+        build(nlh)?;
+        // SAFETY: nlh points to the header just written at the start of the buffer.
+        let len = unsafe { (*nlh).nlmsg_len } as usize;
+        if len > self.capacity() {
+            // The room is reckoned from what the builders add; reaching here means that
+            // reckoning is wrong, and the message must not be sent.
+            return Err(NfTablesError::BuildFailed(format!(
+                "the request grew to {len} bytes, past the {} reckoned",
+                self.capacity()
+            )));
+        }
+        // SAFETY: the buffer holds at least `len` bytes, all initialised (zeroed, then
+        // written by libnftnl); the slice borrows the buffer.
+        Ok(unsafe { std::slice::from_raw_parts(self.buf.as_ptr().cast::<u8>(), len) })
+    }
+}
+
+/// What a request asks for; the kind of object decides the request's command.
+enum Filter<'a> {
+    Table(&'a CStr),
+    Chain {
+        table: &'a CStr,
+        chain: &'a CStr,
+    },
+    /// Rules of a table, of one chain when given (the kernel filters by table only).
+    Rules {
+        table: &'a CStr,
+        chain: Option<&'a CStr>,
+    },
+    /// A set's header, or every set header of the table.
+    Sets {
+        table: &'a CStr,
+        set: Option<&'a CStr>,
+    },
+    /// Elements of a set: all of them (no keys), or those with these keys.
+    Elems {
+        table: &'a CStr,
+        set: &'a CStr,
+        keys: &'a [Vec<u8>],
+    },
+}
+
+impl Filter<'_> {
+    fn command(&self) -> u16 {
+        match self {
+            Filter::Table(_) => NFT_MSG_GETTABLE,
+            Filter::Chain { .. } => NFT_MSG_GETCHAIN,
+            Filter::Rules { .. } => NFT_MSG_GETRULE,
+            Filter::Sets { .. } => NFT_MSG_GETSET,
+            Filter::Elems { .. } => NFT_MSG_GETSETELEM,
+        }
+    }
+
+    /// A request with room for this filter.
+    fn request(&self) -> Request {
+        let strings: Vec<&CStr> = match *self {
+            Filter::Table(t) => vec![t],
+            Filter::Chain { table, chain } => vec![table, chain],
+            Filter::Rules { table, chain } => [Some(table), chain].into_iter().flatten().collect(),
+            Filter::Sets { table, set } => [Some(table), set].into_iter().flatten().collect(),
+            Filter::Elems { table, set, .. } => vec![table, set],
+        };
+        let keys: &[Vec<u8>] = match self {
+            Filter::Elems { keys, .. } => keys,
+            _ => &[],
+        };
+        Request::new(strings, keys.iter().map(Vec::as_slice))
+    }
+
+    /// Serialises the filter as the payload of the request at `nlh`.
+    ///
+    /// # Safety
+    /// `nlh` is the header libnftnl wrote at the start of the buffer of `self.request()`,
+    /// which has room for what this writes.
+    unsafe fn write(&self, nlh: *mut libc::nlmsghdr) -> Result<(), NfTablesError> {
+        match *self {
+            Filter::Table(name) => {
+                let t = Table::new()?;
+                // SAFETY: a live table; libnftnl copies the string; the caller guarantees room.
+                unsafe {
+                    sys::nftnl_table_set_str(t.as_ptr(), sys::NFTNL_TABLE_NAME as u16, name.as_ptr());
+                    sys::nftnl_table_nlmsg_build_payload(nlh, t.as_ptr());
+                }
+            }
+            Filter::Chain { table, chain } => {
+                let c = Chain::new()?;
+                // SAFETY: a live chain; libnftnl copies the strings; the caller guarantees room.
+                unsafe {
+                    sys::nftnl_chain_set_str(c.as_ptr(), sys::NFTNL_CHAIN_TABLE as u16, table.as_ptr());
+                    sys::nftnl_chain_set_str(c.as_ptr(), sys::NFTNL_CHAIN_NAME as u16, chain.as_ptr());
+                    sys::nftnl_chain_nlmsg_build_payload(nlh, c.as_ptr());
+                }
+            }
+            Filter::Rules { table, chain } => {
+                let r = Rule::new()?;
+                // SAFETY: a live rule; libnftnl copies the strings; the caller guarantees room.
+                unsafe {
+                    sys::nftnl_rule_set_str(r.as_ptr(), sys::NFTNL_RULE_TABLE as u16, table.as_ptr());
+                    if let Some(c) = chain {
+                        sys::nftnl_rule_set_str(r.as_ptr(), sys::NFTNL_RULE_CHAIN as u16, c.as_ptr());
+                    }
+                    sys::nftnl_rule_nlmsg_build_payload(nlh, r.as_ptr());
+                }
+            }
+            Filter::Sets { table, set } => {
+                let s = named_set(table, set)?;
+                // SAFETY: a live set; the caller guarantees room.
+                unsafe { sys::nftnl_set_nlmsg_build_payload(nlh, s.as_ptr()) };
+            }
+            Filter::Elems { table, set, keys } => {
+                let s = named_set(table, Some(set))?;
+                for key in keys {
+                    let len = u32::try_from(key.len())
+                        .map_err(|_| NfTablesError::BuildFailed("a set element key is too long".into()))?;
+                    let e = SetElem::new()?;
+                    // SAFETY: a live element; libnftnl copies the `len` bytes of the key.
+                    unsafe {
+                        sys::nftnl_set_elem_set(e.as_ptr(), sys::NFTNL_SET_ELEM_KEY as u16, key.as_ptr().cast(), len)
+                    };
+                    e.add_to(&s);
+                }
+                // SAFETY: a live set with its elements; the caller guarantees room.
+                unsafe { sys::nftnl_set_elems_nlmsg_build_payload(nlh, s.as_ptr()) };
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A set object naming table `table` and, when given, set `name`.
+fn named_set(table: &CStr, name: Option<&CStr>) -> Result<Set, NfTablesError> {
+    let s = Set::new()?;
+    // SAFETY: a live set; libnftnl copies the strings.
+    unsafe {
+        sys::nftnl_set_set_str(s.as_ptr(), sys::NFTNL_SET_TABLE as u16, table.as_ptr());
+        if let Some(n) = name {
+            sys::nftnl_set_set_str(s.as_ptr(), sys::NFTNL_SET_NAME as u16, n.as_ptr());
+        }
+    }
+    Ok(s)
 }
 
 /// A netlink socket speaking nf_tables, opened in a given network namespace.
@@ -136,7 +472,7 @@ pub struct NftConn {
 }
 
 impl NftConn {
-    pub fn open(netns: &NetNs) -> Result<Self, NftnlError> {
+    pub fn open(netns: &NetNs) -> Result<Self, NfTablesError> {
         let sock = NetlinkSocket::open(netns, NETLINK_NETFILTER, 512 * 1024)?;
         sock.grow_kernel_buffer(8 * 1024 * 1024);
         Ok(Self { sock })
@@ -147,116 +483,85 @@ impl NftConn {
         self.sock.recv_deadline()
     }
 
-    /// Sends one dump request built by `build` and hands every reply message to `each`.
-    /// Returns Ok(false) when the kernel answered ENOENT (no such table or set).
+    /// Sends one request for `filter` and hands every reply message to `each`. Returns
+    /// Ok(false) when the kernel answered ENOENT (no such table, chain or set).
     fn dump(
         &mut self,
-        cmd: u16,
         family: u16,
         flags: u16,
-        build: impl FnOnce(*mut libc::nlmsghdr),
-        mut each: impl FnMut(*const libc::nlmsghdr) -> Result<(), NftnlError>,
-    ) -> Result<bool, NftnlError> {
+        filter: Filter<'_>,
+        each: impl FnMut(Message<'_>) -> Result<(), NfTablesError>,
+    ) -> Result<bool, NfTablesError> {
+        let mut request = filter.request();
         let seq = self.sock.next_seq();
-        let mut req = vec![0u64; 1024];
-        // SAFETY: `req` is 8 KiB, aligned, and outlives the header libnftnl writes into it.
-        let nlh = unsafe { sys::nftnl_nlmsg_build_hdr(req.as_mut_ptr().cast(), cmd, family, flags, seq) };
-        build(nlh);
-        // SAFETY: nlh points into `req`; nlmsg_len was set by the builders.
-        let len = unsafe { (*nlh).nlmsg_len } as usize;
-        // SAFETY: `req` holds at least `len` initialised bytes written by libnftnl.
-        let bytes = unsafe { std::slice::from_raw_parts(req.as_ptr().cast::<u8>(), len) };
-        match self.sock.request(bytes, |msg| each(msg.bytes().as_ptr().cast())) {
+        // SAFETY: the header is the one `build` wrote into the request made for this filter.
+        let msg = request.build(filter.command(), family, flags, seq, |nlh| unsafe { filter.write(nlh) })?;
+        match self.sock.request(msg, each) {
             Ok(Ending::Done | Ending::Ack) => Ok(true),
-            Err(NftnlError::Netlink(e)) if e.refused_with() == Some(libc::ENOENT) => Ok(false),
-            Err(NftnlError::Netlink(NetlinkError::DumpInterrupted)) => Err(NftnlError::Interrupted),
+            Err(NfTablesError::RequestFailed(e)) if e.refused_with() == Some(libc::ENOENT) => Ok(false),
+            Err(NfTablesError::RequestFailed(NetlinkError::DumpInterrupted)) => Err(NfTablesError::DumpInterrupted),
             Err(e) => Err(e),
         }
     }
 
     /// Whether table `name` exists in `family`.
-    pub fn table_exists(&mut self, family: u16, name: &str) -> Result<bool, NftnlError> {
-        let cname = CString::new(name).map_err(|_| NftnlError::Parse)?;
-        self.dump(
-            NFT_MSG_GETTABLE,
-            family,
-            NLM_F_ACK,
-            |nlh| with_table(nlh, &cname),
-            |_| Ok(()),
-        )
+    pub fn table_exists(&mut self, family: u16, name: &str) -> Result<bool, NfTablesError> {
+        let table = c_string("table", name)?;
+        self.dump(family, NLM_F_ACK, Filter::Table(&table), |_| Ok(()))
     }
 
     /// Whether chain `chain` exists in table `table` of `family` (one small request).
-    pub fn chain_exists(&mut self, family: u16, table: &str, chain: &str) -> Result<bool, NftnlError> {
-        let ct = CString::new(table).map_err(|_| NftnlError::Parse)?;
-        let cc = CString::new(chain).map_err(|_| NftnlError::Parse)?;
-        self.dump(
-            NFT_MSG_GETCHAIN,
-            family,
-            NLM_F_ACK,
-            // SAFETY: the chain object is freed right after it is serialised into nlh.
-            |nlh| unsafe {
-                let c = sys::nftnl_chain_alloc();
-                if c.is_null() {
-                    return;
-                }
-                sys::nftnl_chain_set_str(c, sys::NFTNL_CHAIN_TABLE as u16, ct.as_ptr());
-                sys::nftnl_chain_set_str(c, sys::NFTNL_CHAIN_NAME as u16, cc.as_ptr());
-                sys::nftnl_chain_nlmsg_build_payload(nlh, c);
-                sys::nftnl_chain_free(c);
-            },
-            |_| Ok(()),
-        )
+    pub fn chain_exists(&mut self, family: u16, table: &str, chain: &str) -> Result<bool, NfTablesError> {
+        let (table, chain) = (c_string("table", table)?, c_string("chain", chain)?);
+        let filter = Filter::Chain {
+            table: &table,
+            chain: &chain,
+        };
+        self.dump(family, NLM_F_ACK, filter, |_| Ok(()))
     }
 
     /// The rules of one chain; empty when the chain does not exist.
-    pub fn chain_rules(&mut self, family: u16, table: &str, chain: &str) -> Result<Vec<NftRule>, NftnlError> {
-        let ct = CString::new(table).map_err(|_| NftnlError::Parse)?;
-        let cc = CString::new(chain).map_err(|_| NftnlError::Parse)?;
+    pub fn chain_rules(&mut self, family: u16, table: &str, chain: &str) -> Result<Vec<NftRule>, NfTablesError> {
+        let (ct, cc) = (c_string("table", table)?, c_string("chain", chain)?);
         let mut rules = Vec::new();
-        self.dump(
-            NFT_MSG_GETRULE,
-            family,
-            NLM_F_DUMP,
-            |nlh| with_rule_filter_chain(nlh, &ct, Some(&cc)),
-            |nlh| {
-                rules.push(decode_rule(nlh)?);
-                Ok(())
-            },
-        )?;
+        let filter = Filter::Rules {
+            table: &ct,
+            chain: Some(&cc),
+        };
+        self.dump(family, NLM_F_DUMP, filter, |msg| {
+            rules.push(decode_rule(msg)?);
+            Ok(())
+        })?;
         // The kernel filters dumps by table; keep only the chain asked for.
         rules.retain(|r| r.chain == chain);
         Ok(rules)
     }
 
-    /// The elements of one set; `None` when the set does not exist.
-    fn elems(&mut self, family: u16, table: &CStr, set: &CStr) -> Result<Option<Vec<NftElem>>, NftnlError> {
+    /// The elements of one set with `keys` (all of them without keys); `None` when the set
+    /// does not exist.
+    fn elems(
+        &mut self,
+        family: u16,
+        table: &CStr,
+        set: &CStr,
+        keys: &[Vec<u8>],
+        flags: u16,
+    ) -> Result<Option<Vec<NftElem>>, NfTablesError> {
         let mut elems = Vec::new();
-        let found = self.dump(
-            NFT_MSG_GETSETELEM,
-            family,
-            NLM_F_DUMP,
-            |nlh| {
-                with_set(nlh, table, Some(set), |s, nlh| unsafe {
-                    sys::nftnl_set_elems_nlmsg_build_payload(nlh, s)
-                })
-            },
-            |nlh| {
-                elems.extend(decode_elems(nlh)?);
-                Ok(())
-            },
-        )?;
+        let found = self.dump(family, flags, Filter::Elems { table, set, keys }, |msg| {
+            elems.extend(decode_elems(msg)?);
+            Ok(())
+        })?;
         Ok(found.then_some(elems))
     }
 
     /// One set with its elements; `None` when it does not exist.
-    pub fn set(&mut self, family: u16, table: &str, name: &str) -> Result<Option<NftSet>, NftnlError> {
-        let ct = CString::new(table).map_err(|_| NftnlError::Parse)?;
-        let cs = CString::new(name).map_err(|_| NftnlError::Parse)?;
+    pub fn set(&mut self, family: u16, table: &str, name: &str) -> Result<Option<NftSet>, NfTablesError> {
+        let (ct, cs) = (c_string("table", table)?, c_string("set", name)?);
         let Some(mut set) = self.set_header_c(family, &ct, &cs)? else {
             return Ok(None);
         };
-        let Some(elems) = self.elems(family, &ct, &cs)? else {
+        let Some(elems) = self.elems(family, &ct, &cs, &[], NLM_F_DUMP)? else {
             return Ok(None);
         };
         set.elems = elems;
@@ -264,9 +569,8 @@ impl NftConn {
     }
 
     /// One set without its elements; `None` when it does not exist.
-    pub fn set_header(&mut self, family: u16, table: &str, name: &str) -> Result<Option<NftSet>, NftnlError> {
-        let ct = CString::new(table).map_err(|_| NftnlError::Parse)?;
-        let cs = CString::new(name).map_err(|_| NftnlError::Parse)?;
+    pub fn set_header(&mut self, family: u16, table: &str, name: &str) -> Result<Option<NftSet>, NfTablesError> {
+        let (ct, cs) = (c_string("table", table)?, c_string("set", name)?);
         self.set_header_c(family, &ct, &cs)
     }
 
@@ -280,39 +584,12 @@ impl NftConn {
         table: &CStr,
         set: &CStr,
         keys: &[Vec<u8>],
-    ) -> Result<Option<Vec<NftElem>>, NftnlError> {
+    ) -> Result<Option<Vec<NftElem>>, NfTablesError> {
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(KEYS_PER_REQUEST) {
-            let found = self.dump(
-                NFT_MSG_GETSETELEM,
-                family,
-                NLM_F_ACK,
-                |nlh| {
-                    with_set(nlh, table, Some(set), |s, nlh| unsafe {
-                        for key in chunk {
-                            let e = sys::nftnl_set_elem_alloc();
-                            if e.is_null() {
-                                return;
-                            }
-                            sys::nftnl_set_elem_set(
-                                e,
-                                sys::NFTNL_SET_ELEM_KEY as u16,
-                                key.as_ptr().cast(),
-                                key.len() as u32,
-                            );
-                            // The set owns the element from here and frees it with itself.
-                            sys::nftnl_set_elem_add(s, e);
-                        }
-                        sys::nftnl_set_elems_nlmsg_build_payload(nlh, s)
-                    })
-                },
-                |nlh| {
-                    out.extend(decode_elems(nlh)?);
-                    Ok(())
-                },
-            )?;
-            if !found {
-                return Ok(None);
+            match self.elems(family, table, set, chunk, NLM_F_ACK)? {
+                Some(elems) => out.extend(elems),
+                None => return Ok(None),
             }
         }
         // Safety: an element missing from the answer would read as "not routed". Anything but
@@ -329,73 +606,54 @@ impl NftConn {
         table: &str,
         name: &str,
         keys: &[Vec<u8>],
-    ) -> Result<Option<Vec<NftElem>>, NftnlError> {
-        let ct = CString::new(table).map_err(|_| NftnlError::Parse)?;
-        let cs = CString::new(name).map_err(|_| NftnlError::Parse)?;
+    ) -> Result<Option<Vec<NftElem>>, NfTablesError> {
+        let (ct, cs) = (c_string("table", table)?, c_string("set", name)?);
         self.elems_by_keys(family, &ct, &cs, keys)
     }
 
     /// The element of set `name` with exactly `key` (the kernel looks it up: no dump of the
     /// set); `None` when the set has no such element.
-    pub fn elem(&mut self, family: u16, table: &str, name: &str, key: &[u8]) -> Result<Option<NftElem>, NftnlError> {
+    pub fn elem(&mut self, family: u16, table: &str, name: &str, key: &[u8]) -> Result<Option<NftElem>, NfTablesError> {
         let found = self.elems_by_key(family, table, name, &[key.to_vec()])?;
         Ok(found.into_iter().flatten().find(|e| e.key == key))
     }
 
-    fn set_header_c(&mut self, family: u16, ct: &CStr, cs: &CStr) -> Result<Option<NftSet>, NftnlError> {
+    fn set_header_c(&mut self, family: u16, table: &CStr, set: &CStr) -> Result<Option<NftSet>, NfTablesError> {
         let mut header = None;
-        let found = self.dump(
-            NFT_MSG_GETSET,
-            family,
-            NLM_F_ACK,
-            |nlh| {
-                with_set(nlh, ct, Some(cs), |s, nlh| unsafe {
-                    sys::nftnl_set_nlmsg_build_payload(nlh, s)
-                })
-            },
-            |nlh| {
-                header = Some(decode_set_header(nlh)?);
-                Ok(())
-            },
-        )?;
+        let filter = Filter::Sets { table, set: Some(set) };
+        let found = self.dump(family, NLM_F_ACK, filter, |msg| {
+            header = Some(decode_set_header(msg)?);
+            Ok(())
+        })?;
         Ok(header.filter(|_| found))
     }
 
     /// Every rule of table `name` of `family`, in chain order; `None` when the table does not
     /// exist.
-    pub fn rules(&mut self, family: u16, name: &str) -> Result<Option<Vec<NftRule>>, NftnlError> {
-        let cname = CString::new(name).map_err(|_| NftnlError::Parse)?;
+    pub fn rules(&mut self, family: u16, name: &str) -> Result<Option<Vec<NftRule>>, NfTablesError> {
+        let table = c_string("table", name)?;
         // Dumps filtered by a missing table are simply empty: ask for the table itself first.
-        let exists = self.dump(
-            NFT_MSG_GETTABLE,
-            family,
-            NLM_F_ACK,
-            |nlh| with_table(nlh, &cname),
-            |_| Ok(()),
-        )?;
-        if !exists {
+        if !self.dump(family, NLM_F_ACK, Filter::Table(&table), |_| Ok(()))? {
             return Ok(None);
         }
         let mut rules = Vec::new();
-        let found = self.dump(
-            NFT_MSG_GETRULE,
-            family,
-            NLM_F_DUMP,
-            |nlh| with_rule_filter_chain(nlh, &cname, None),
-            |nlh| {
-                rules.push(decode_rule(nlh)?);
-                Ok(())
-            },
-        )?;
+        let filter = Filter::Rules {
+            table: &table,
+            chain: None,
+        };
+        let found = self.dump(family, NLM_F_DUMP, filter, |msg| {
+            rules.push(decode_rule(msg)?);
+            Ok(())
+        })?;
         if !found {
-            return Err(NftnlError::Interrupted); // the table went away between requests
+            return Err(NfTablesError::DumpInterrupted); // the table went away between requests
         }
         Ok(Some(rules))
     }
 
     /// Dumps table `name` of `family`; `None` when the table does not exist.
-    pub fn table(&mut self, family: u16, name: &str) -> Result<Option<NftTable>, NftnlError> {
-        let cname = CString::new(name).map_err(|_| NftnlError::Parse)?;
+    pub fn table(&mut self, family: u16, name: &str) -> Result<Option<NftTable>, NfTablesError> {
+        let cname = c_string("table", name)?;
         let Some(rules) = self.rules(family, name)? else {
             return Ok(None);
         };
@@ -404,22 +662,16 @@ impl NftConn {
             ..Default::default()
         };
         let mut names = Vec::new();
-        let sets_found = self.dump(
-            NFT_MSG_GETSET,
-            family,
-            NLM_F_DUMP,
-            |nlh| {
-                with_set(nlh, &cname, None, |s, nlh| unsafe {
-                    sys::nftnl_set_nlmsg_build_payload(nlh, s)
-                })
-            },
-            |nlh| {
-                names.push(decode_set_header(nlh)?);
-                Ok(())
-            },
-        )?;
+        let filter = Filter::Sets {
+            table: &cname,
+            set: None,
+        };
+        let sets_found = self.dump(family, NLM_F_DUMP, filter, |msg| {
+            names.push(decode_set_header(msg)?);
+            Ok(())
+        })?;
         if !sets_found {
-            return Err(NftnlError::Interrupted); // the table went away between requests
+            return Err(NfTablesError::DumpInterrupted); // the table went away between requests
         }
         let keyed = numgen_keys(&table.rules);
         for mut set in names {
@@ -428,7 +680,7 @@ impl NftConn {
                 table.sets.push(set);
                 continue;
             }
-            let cset = CString::new(set.name.clone()).map_err(|_| NftnlError::Parse)?;
+            let cset = c_string("set", &set.name)?;
             // kube-proxy's per-service vmaps are anonymous and chosen from by numgen: asking for
             // the keys numgen can produce costs the kernel one set lookup instead of three, and
             // a full read needs one such request per Service. A missing key (or anything else
@@ -443,7 +695,9 @@ impl NftConn {
             // A set vanishing between the two dumps means the table is changing under us.
             let elems = match by_key {
                 Some(elems) => elems,
-                None => self.elems(family, &cname, &cset)?.ok_or(NftnlError::Interrupted)?,
+                None => self
+                    .elems(family, &cname, &cset, &[], NLM_F_DUMP)?
+                    .ok_or(NfTablesError::DumpInterrupted)?,
             };
             set.elems = elems;
             table.sets.push(set);
@@ -461,7 +715,7 @@ fn answers_every_key(keys: &[Vec<u8>], elems: &[NftElem]) -> bool {
     got == asked
 }
 
-/// Keys per keyed element request: each key takes about 20 bytes of the 8 KiB request buffer.
+/// Keys per keyed element request (each takes about 20 bytes of the request).
 const KEYS_PER_REQUEST: usize = 128;
 
 /// The largest numgen modulus whose vmap is read by key rather than dumped.
@@ -512,107 +766,61 @@ pub fn numgen_keys(rules: &[NftRule]) -> HashMap<&str, Vec<Vec<u8>>> {
     out
 }
 
-fn with_table(nlh: *mut libc::nlmsghdr, table: &CStr) {
-    // SAFETY: the table object is freed right after it is serialised into nlh.
-    unsafe {
-        let t = sys::nftnl_table_alloc();
-        if t.is_null() {
-            return;
-        }
-        sys::nftnl_table_set_str(t, sys::NFTNL_TABLE_NAME as u16, table.as_ptr());
-        sys::nftnl_table_nlmsg_build_payload(nlh, t);
-        sys::nftnl_table_free(t);
+/// The header of `msg` as libnftnl reads it: a `struct nlmsghdr *`, so it must be aligned.
+fn header_of(msg: &Message<'_>, what: &'static str) -> Result<*const libc::nlmsghdr, NfTablesError> {
+    let p = msg.bytes().as_ptr();
+    if p.align_offset(std::mem::align_of::<libc::nlmsghdr>()) != 0 {
+        return Err(NfTablesError::DecodeFailed(what));
     }
+    Ok(p.cast())
 }
 
-fn with_rule_filter_chain(nlh: *mut libc::nlmsghdr, table: &CStr, chain: Option<&CStr>) {
-    // SAFETY: the rule object is freed right after it is serialised into nlh.
-    unsafe {
-        let r = sys::nftnl_rule_alloc();
-        if r.is_null() {
-            return;
-        }
-        sys::nftnl_rule_set_str(r, sys::NFTNL_RULE_TABLE as u16, table.as_ptr());
-        if let Some(c) = chain {
-            sys::nftnl_rule_set_str(r, sys::NFTNL_RULE_CHAIN as u16, c.as_ptr());
-        }
-        sys::nftnl_rule_nlmsg_build_payload(nlh, r);
-        sys::nftnl_rule_free(r);
+fn decode_rule(msg: Message<'_>) -> Result<NftRule, NfTablesError> {
+    let nlh = header_of(&msg, "rule")?;
+    let r = Rule::new()?;
+    // SAFETY: nlh is an aligned, complete message (its bytes are exactly its nlmsg_len),
+    // borrowed for the call; the rule is live and copies what it keeps.
+    if unsafe { sys::nftnl_rule_nlmsg_parse(nlh, r.as_ptr()) } < 0 {
+        return Err(NfTablesError::DecodeFailed("rule"));
     }
+    // SAFETY: the string belongs to the live rule and is copied at once.
+    let chain = unsafe { cstr(sys::nftnl_rule_get_str(r.as_ptr(), sys::NFTNL_RULE_CHAIN as u16)) }.unwrap_or_default();
+    // SAFETY: the rule is live.
+    let userdata = unsafe { sys::nftnl_rule_is_set(r.as_ptr(), sys::NFTNL_RULE_USERDATA as u16) }.then(|| {
+        let mut len = 0u32;
+        // SAFETY: libnftnl returns `len` bytes the live rule owns, or NULL; copied at once.
+        unsafe {
+            bytes(
+                sys::nftnl_rule_get_data(r.as_ptr(), sys::NFTNL_RULE_USERDATA as u16, &mut len),
+                len,
+            )
+        }
+    });
+    // SAFETY: each expression belongs to the rule, which outlives the iterator.
+    let exprs = Exprs::of(&r)?.map(|e| unsafe { decode_expr(e) }).collect();
+    Ok(NftRule { chain, exprs, userdata })
 }
 
-fn with_set(
-    nlh: *mut libc::nlmsghdr,
-    table: &CStr,
-    name: Option<&CStr>,
-    build: impl FnOnce(*mut sys::nftnl_set, *mut libc::nlmsghdr),
-) {
-    // SAFETY: the set object is freed right after it is serialised into nlh.
-    unsafe {
-        let s = sys::nftnl_set_alloc();
-        if s.is_null() {
-            return;
-        }
-        sys::nftnl_set_set_str(s, sys::NFTNL_SET_TABLE as u16, table.as_ptr());
-        if let Some(n) = name {
-            sys::nftnl_set_set_str(s, sys::NFTNL_SET_NAME as u16, n.as_ptr());
-        }
-        build(s, nlh);
-        sys::nftnl_set_free(s);
-    }
-}
-
-fn decode_rule(nlh: *const libc::nlmsghdr) -> Result<NftRule, NftnlError> {
-    // SAFETY: nlh is a complete nf_tables rule message; every object is freed before return.
-    unsafe {
-        let r = sys::nftnl_rule_alloc();
-        if r.is_null() {
-            return Err(NftnlError::Parse);
-        }
-        if sys::nftnl_rule_nlmsg_parse(nlh, r) < 0 {
-            sys::nftnl_rule_free(r);
-            return Err(NftnlError::Parse);
-        }
-        let chain = cstr(sys::nftnl_rule_get_str(r, sys::NFTNL_RULE_CHAIN as u16)).unwrap_or_default();
-        let userdata = sys::nftnl_rule_is_set(r, sys::NFTNL_RULE_USERDATA as u16).then(|| {
-            let mut len = 0u32;
-            let p = sys::nftnl_rule_get_data(r, sys::NFTNL_RULE_USERDATA as u16, &mut len);
-            bytes(p, len)
-        });
-        let mut exprs = Vec::new();
-        let it = sys::nftnl_expr_iter_create(r);
-        if !it.is_null() {
-            let mut e = sys::nftnl_expr_iter_next(it);
-            while !e.is_null() {
-                exprs.push(decode_expr(e));
-                e = sys::nftnl_expr_iter_next(it);
-            }
-            sys::nftnl_expr_iter_destroy(it);
-        }
-        sys::nftnl_rule_free(r);
-        Ok(NftRule { chain, exprs, userdata })
-    }
-}
-
-/// SAFETY: `e` must be a live expression of a live rule.
-unsafe fn decode_expr(e: *mut sys::nftnl_expr) -> Expr {
+/// Decodes one expression.
+///
+/// # Safety
+/// `e` is a live expression of a live rule.
+unsafe fn decode_expr(e: std::ptr::NonNull<sys::nftnl_expr>) -> Expr {
+    let e = e.as_ptr();
+    // SAFETY (these four accessors): `e` is live (the caller's contract); strings and data
+    // are copied before this function returns.
     let is = |a: u32| unsafe { sys::nftnl_expr_is_set(e, a as u16) };
     let u32_of = |a: u32| unsafe { sys::nftnl_expr_get_u32(e, a as u16) };
-    let str_of = |a: u32| cstr(unsafe { sys::nftnl_expr_get_str(e, a as u16) }).unwrap_or_default();
+    let str_of = |a: u32| unsafe { cstr(sys::nftnl_expr_get_str(e, a as u16)) }.unwrap_or_default();
     let data_of = |a: u32| {
         let mut len = 0u32;
-        // SAFETY: libnftnl returns a pointer to `len` bytes it owns, or NULL.
-        bytes(unsafe { sys::nftnl_expr_get(e, a as u16, &mut len) }, len)
+        unsafe { bytes(sys::nftnl_expr_get(e, a as u16, &mut len), len) }
     };
     let name = str_of(sys::NFTNL_EXPR_NAME);
     match name.as_str() {
         "immediate" => {
             if is(sys::NFTNL_EXPR_IMM_VERDICT) {
-                let chain = if is(sys::NFTNL_EXPR_IMM_CHAIN) {
-                    cstr(unsafe { sys::nftnl_expr_get_str(e, sys::NFTNL_EXPR_IMM_CHAIN as u16) })
-                } else {
-                    None
-                };
+                let chain = is(sys::NFTNL_EXPR_IMM_CHAIN).then(|| str_of(sys::NFTNL_EXPR_IMM_CHAIN));
                 return Expr::Verdict {
                     code: u32_of(sys::NFTNL_EXPR_IMM_VERDICT) as i32,
                     chain,
@@ -658,7 +866,7 @@ unsafe fn decode_expr(e: *mut sys::nftnl_expr) -> Expr {
             info: data_of(sys::NFTNL_EXPR_TG_INFO),
         },
         "lookup" => Expr::Lookup {
-            set: cstr(unsafe { sys::nftnl_expr_get_str(e, sys::NFTNL_EXPR_LOOKUP_SET as u16) }).unwrap_or_default(),
+            set: str_of(sys::NFTNL_EXPR_LOOKUP_SET),
             sreg: u32_of(sys::NFTNL_EXPR_LOOKUP_SREG),
             dreg: is(sys::NFTNL_EXPR_LOOKUP_DREG).then(|| u32_of(sys::NFTNL_EXPR_LOOKUP_DREG)),
         },
@@ -683,74 +891,65 @@ unsafe fn decode_expr(e: *mut sys::nftnl_expr) -> Expr {
     }
 }
 
-fn decode_set_header(nlh: *const libc::nlmsghdr) -> Result<NftSet, NftnlError> {
-    // SAFETY: nlh is a complete nf_tables set message; the set is freed before return.
-    unsafe {
-        let s = sys::nftnl_set_alloc();
-        if s.is_null() || sys::nftnl_set_nlmsg_parse(nlh, s) < 0 {
-            if !s.is_null() {
-                sys::nftnl_set_free(s);
-            }
-            return Err(NftnlError::Parse);
-        }
-        let set = NftSet {
-            name: cstr(sys::nftnl_set_get_str(s, sys::NFTNL_SET_NAME as u16)).unwrap_or_default(),
-            flags: sys::nftnl_set_get_u32(s, sys::NFTNL_SET_FLAGS as u16),
-            data_type: sys::nftnl_set_is_set(s, sys::NFTNL_SET_DATA_TYPE as u16)
-                .then(|| sys::nftnl_set_get_u32(s, sys::NFTNL_SET_DATA_TYPE as u16)),
-            elems: Vec::new(),
-        };
-        sys::nftnl_set_free(s);
-        Ok(set)
+fn decode_set_header(msg: Message<'_>) -> Result<NftSet, NfTablesError> {
+    let nlh = header_of(&msg, "set")?;
+    let s = Set::new()?;
+    // SAFETY: nlh is an aligned, complete message borrowed for the call; the set is live.
+    if unsafe { sys::nftnl_set_nlmsg_parse(nlh, s.as_ptr()) } < 0 {
+        return Err(NfTablesError::DecodeFailed("set"));
     }
+    let s = s.as_ptr();
+    // SAFETY (the accessors below): the set is live until the end of this function, and its
+    // name is copied at once.
+    Ok(NftSet {
+        name: unsafe { cstr(sys::nftnl_set_get_str(s, sys::NFTNL_SET_NAME as u16)) }.unwrap_or_default(),
+        flags: unsafe { sys::nftnl_set_get_u32(s, sys::NFTNL_SET_FLAGS as u16) },
+        data_type: unsafe { sys::nftnl_set_is_set(s, sys::NFTNL_SET_DATA_TYPE as u16) }
+            .then(|| unsafe { sys::nftnl_set_get_u32(s, sys::NFTNL_SET_DATA_TYPE as u16) }),
+        elems: Vec::new(),
+    })
 }
 
-fn decode_elems(nlh: *const libc::nlmsghdr) -> Result<Vec<NftElem>, NftnlError> {
-    // SAFETY: nlh is a complete set-element message; the set owns the elements and is freed last.
-    unsafe {
-        let s = sys::nftnl_set_alloc();
-        if s.is_null() || sys::nftnl_set_elems_nlmsg_parse(nlh, s) < 0 {
-            if !s.is_null() {
-                sys::nftnl_set_free(s);
-            }
-            return Err(NftnlError::Parse);
-        }
-        let mut out = Vec::new();
-        let it = sys::nftnl_set_elems_iter_create(s);
-        if !it.is_null() {
-            // Like nft itself: iter_next yields each element in turn, then NULL.
-            let mut e = sys::nftnl_set_elems_iter_next(it);
-            while !e.is_null() {
-                let mut len = 0u32;
-                let p = sys::nftnl_set_elem_get(e, sys::NFTNL_SET_ELEM_KEY as u16, &mut len);
-                let key = if p.is_null() {
-                    Vec::new()
-                } else {
-                    std::slice::from_raw_parts(p.cast::<u8>(), len as usize).to_vec()
-                };
-                let verdict = sys::nftnl_set_elem_is_set(e, sys::NFTNL_SET_ELEM_VERDICT as u16).then(|| {
-                    let code = sys::nftnl_set_elem_get_u32(e, sys::NFTNL_SET_ELEM_VERDICT as u16) as i32;
-                    let chain = if sys::nftnl_set_elem_is_set(e, sys::NFTNL_SET_ELEM_CHAIN as u16) {
-                        cstr(sys::nftnl_set_elem_get_str(e, sys::NFTNL_SET_ELEM_CHAIN as u16))
-                    } else {
-                        None
-                    };
-                    (code, chain)
-                });
-                let data = sys::nftnl_set_elem_is_set(e, sys::NFTNL_SET_ELEM_DATA as u16)
-                    .then(|| {
-                        let mut len = 0u32;
-                        let p = sys::nftnl_set_elem_get(e, sys::NFTNL_SET_ELEM_DATA as u16, &mut len);
-                        (!p.is_null()).then(|| std::slice::from_raw_parts(p.cast::<u8>(), len as usize).to_vec())
-                    })
-                    .flatten();
-                out.push(NftElem { key, verdict, data });
-                e = sys::nftnl_set_elems_iter_next(it);
-            }
-            sys::nftnl_set_elems_iter_destroy(it);
-        }
-        sys::nftnl_set_free(s);
-        Ok(out)
+fn decode_elems(msg: Message<'_>) -> Result<Vec<NftElem>, NfTablesError> {
+    let nlh = header_of(&msg, "set element")?;
+    let s = Set::new()?;
+    // SAFETY: nlh is an aligned, complete message borrowed for the call; the set is live and
+    // owns the elements it parses.
+    if unsafe { sys::nftnl_set_elems_nlmsg_parse(nlh, s.as_ptr()) } < 0 {
+        return Err(NfTablesError::DecodeFailed("set element"));
+    }
+    // SAFETY: each element belongs to the set, which outlives the iterator.
+    let out = Elems::of(&s)?.map(|e| unsafe { decode_elem(e) }).collect();
+    Ok(out)
+}
+
+/// Decodes one set element.
+///
+/// # Safety
+/// `e` is a live element of a live set.
+unsafe fn decode_elem(e: std::ptr::NonNull<sys::nftnl_set_elem>) -> NftElem {
+    let e = e.as_ptr();
+    // SAFETY (these accessors): `e` is live (the caller's contract); strings and data are
+    // copied before this function returns.
+    let is = |a: u32| unsafe { sys::nftnl_set_elem_is_set(e, a as u16) };
+    let data_of = |a: u32| {
+        let mut len = 0u32;
+        let p = unsafe { sys::nftnl_set_elem_get(e, a as u16, &mut len) };
+        (!p.is_null()).then(|| unsafe { bytes(p, len) })
+    };
+    let verdict = is(sys::NFTNL_SET_ELEM_VERDICT).then(|| {
+        let code = unsafe { sys::nftnl_set_elem_get_u32(e, sys::NFTNL_SET_ELEM_VERDICT as u16) } as i32;
+        let chain = is(sys::NFTNL_SET_ELEM_CHAIN)
+            .then(|| unsafe { cstr(sys::nftnl_set_elem_get_str(e, sys::NFTNL_SET_ELEM_CHAIN as u16)) })
+            .flatten();
+        (code, chain)
+    });
+    NftElem {
+        key: data_of(sys::NFTNL_SET_ELEM_KEY).unwrap_or_default(),
+        verdict,
+        data: is(sys::NFTNL_SET_ELEM_DATA)
+            .then(|| data_of(sys::NFTNL_SET_ELEM_DATA))
+            .flatten(),
     }
 }
 
@@ -836,6 +1035,54 @@ mod tests {
         let offset = numgen_keys(&rules);
         let want: Vec<Vec<u8>> = (5u32..7).map(|k| k.to_ne_bytes().to_vec()).collect();
         assert_eq!(offset.get("__map1"), Some(&want));
+    }
+
+    /// libnftnl writes without bounds: the request is sized from what it carries, whatever
+    /// the names and keys.
+    #[test]
+    fn requests_have_room_for_what_they_carry() {
+        let table = c_string("table", "kube-proxy").unwrap();
+        let long = c_string("set", &"s".repeat(20_000)).unwrap();
+        let keys: Vec<Vec<u8>> = (0..KEYS_PER_REQUEST * 4).map(|k| vec![k as u8; 24]).collect();
+        for filter in [
+            Filter::Table(&long),
+            Filter::Chain {
+                table: &table,
+                chain: &long,
+            },
+            Filter::Rules {
+                table: &long,
+                chain: Some(&long),
+            },
+            Filter::Sets {
+                table: &table,
+                set: Some(&long),
+            },
+            Filter::Elems {
+                table: &table,
+                set: &long,
+                keys: &keys,
+            },
+        ] {
+            let mut request = filter.request();
+            let capacity = request.capacity();
+            // SAFETY: the header is the one `build` wrote into the request made for this filter.
+            let msg = request
+                .build(filter.command(), NFPROTO_IPV4, NLM_F_ACK, 1, |nlh| unsafe {
+                    filter.write(nlh)
+                })
+                .unwrap();
+            assert!(msg.len() <= capacity);
+            let header = crate::dataplane::netlink::messages(msg).next().unwrap().unwrap();
+            assert_eq!(header.bytes().len(), msg.len());
+            assert!(msg.len() > 20_000, "the long name is in the request");
+        }
+    }
+
+    #[test]
+    fn names_with_nul_bytes_are_refused_not_truncated() {
+        let err = c_string("chain", "KUBE-SVC-X\0KUBE-SEP-Y").unwrap_err();
+        assert!(matches!(err, NfTablesError::BuildFailed(_)), "{err}");
     }
 
     #[test]

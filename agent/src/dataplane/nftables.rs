@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use super::netlink::{LazyConnection, NetlinkError};
 use super::nf_tables_ffi::{
-    self, Expr, NftConn, NftElem, NftTable, NftnlError, NFT_DATA_VERDICT, NFT_GOTO, NFT_JUMP, NFT_NAT_DNAT,
+    self, Expr, NfTablesError, NftConn, NftElem, NftTable, NFT_DATA_VERDICT, NFT_GOTO, NFT_JUMP, NFT_NAT_DNAT,
 };
 use super::{ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError, ReadScope, ReadTargets, ServiceRoutes};
 use crate::model::{Protocol, ServicePortName};
@@ -108,7 +108,7 @@ fn frontend_elems(
     map: &str,
     frontends: &BTreeSet<String>,
     v6: bool,
-) -> Result<Vec<NftElem>, NftnlError> {
+) -> Result<Vec<NftElem>, NfTablesError> {
     let mut out = Vec::new();
     for f in frontends {
         for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
@@ -502,20 +502,20 @@ impl NftablesReader {
             for _ in 0..5 {
                 match conn.table(family, TABLE) {
                     Ok(t) => return Ok(t),
-                    Err(NftnlError::Interrupted) => last = Some(NftnlError::Interrupted),
+                    Err(NfTablesError::DumpInterrupted) => last = Some(NfTablesError::DumpInterrupted),
                     Err(e) => return Err((e, false)),
                 }
             }
-            Err((last.unwrap_or(NftnlError::Interrupted), true))
+            Err((last.unwrap_or(NfTablesError::DumpInterrupted), true))
         };
         let open = |netns: &NetNs| NftConn::open(netns).map_err(|e| (e, false));
         self.conn.with(open, dump).map_err(|(e, repeated)| match e {
-            NftnlError::Netlink(source @ NetlinkError::OpenFailed(_) | source @ NetlinkError::EnterNetnsFailed(_)) => {
-                ReadError::Netlink {
-                    what: "opening an nf_tables netlink socket".into(),
-                    source: source.into(),
-                }
-            }
+            NfTablesError::RequestFailed(
+                source @ NetlinkError::OpenFailed(_) | source @ NetlinkError::EnterNetnsFailed(_),
+            ) => ReadError::Netlink {
+                what: "opening an nf_tables netlink socket".into(),
+                source: source.into(),
+            },
             e if repeated => ReadError::Unparseable {
                 program: "nf_tables netlink dump".into(),
                 reason: format!("{e} five times in a row"),
@@ -537,7 +537,7 @@ fn targeted(
     family: u16,
     v6: bool,
     frontends: &BTreeSet<String>,
-) -> Result<Option<NftTable>, NftnlError> {
+) -> Result<Option<NftTable>, NfTablesError> {
     if !conn.table_exists(family, TABLE)? {
         return Ok(None);
     }
@@ -555,7 +555,7 @@ fn targeted(
         // one element get the dump.
         set.elems = match frontend_elems(conn, family, map, frontends, v6) {
             Ok(elems) => elems,
-            Err(NftnlError::Netlink(e)) if e.is_transport() => match conn.set(family, TABLE, map)? {
+            Err(NfTablesError::RequestFailed(e)) if e.is_transport() => match conn.set(family, TABLE, map)? {
                 Some(full) => full
                     .elems
                     .into_iter()

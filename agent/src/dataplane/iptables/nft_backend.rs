@@ -13,7 +13,7 @@ use super::xt::{self, Dnat};
 use super::{NatTable, Rule, Verdict, ENTRY_CHAINS, GROUP_PREFIXES};
 use crate::dataplane::netlink::LazyConnection;
 use crate::dataplane::nf_tables_ffi::{
-    self, Expr, NftConn, NftRule, NftnlError, NFT_CMP_EQ, NFT_GOTO, NFT_JUMP, NFT_META_L4PROTO, NFT_NAT_DNAT,
+    self, Expr, NfTablesError, NftConn, NftRule, NFT_CMP_EQ, NFT_GOTO, NFT_JUMP, NFT_META_L4PROTO, NFT_NAT_DNAT,
     NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER,
 };
 use crate::dataplane::ReadError;
@@ -183,7 +183,7 @@ impl NatReader {
             reachable(conn, v6, ENTRY_CHAINS.iter().map(|c| c.to_string()).collect()).map(Some)
         });
         result.map_err(|e| match e {
-            NftnlError::Netlink(source) if source.is_transport() => ReadError::Netlink {
+            NfTablesError::RequestFailed(source) if source.is_transport() => ReadError::Netlink {
                 what: format!(
                     "reading table {name} over nf_tables netlink (the agent needs CAP_NET_ADMIN and the host network namespace)"
                 ),
@@ -207,7 +207,7 @@ impl NatReader {
 
     /// The per-port chains of the service ports with these hashes, and every chain they jump to
     /// (except the entry chains).
-    pub(super) fn chains_of(&mut self, v6: bool, ids: &BTreeSet<String>) -> Result<NatTable, NftnlError> {
+    pub(super) fn chains_of(&mut self, v6: bool, ids: &BTreeSet<String>) -> Result<NatTable, NfTablesError> {
         let roots = ids
             .iter()
             .flat_map(|id| GROUP_PREFIXES.iter().map(move |p| format!("{p}{id}")))
@@ -218,7 +218,7 @@ impl NatReader {
 
 /// Dumps `roots` and every chain reachable from them (entry chains only as roots), one chain
 /// dump each.
-fn reachable(conn: &mut NftConn, v6: bool, mut pending: Vec<String>) -> Result<NatTable, NftnlError> {
+fn reachable(conn: &mut NftConn, v6: bool, mut pending: Vec<String>) -> Result<NatTable, NfTablesError> {
     let mut table = NatTable::default();
     let mut fetched = std::collections::HashSet::new();
     while let Some(chain) = pending.pop() {
