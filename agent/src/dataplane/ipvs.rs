@@ -6,17 +6,17 @@
 //! encoded here by hand on a netlink-sys socket: the family needs four attributes each way.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use netlink_sys::protocols::NETLINK_GENERIC;
 
 use super::netlink::{
     self, put_attribute as encode_nla, LazyConnection, NetlinkError, NetlinkSocket, NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP,
 };
+use super::wire::{be16_at, ip_from, protocol_from_number, protocol_number, u16_at, u32_at, PROTOCOLS};
 use super::{
     ChangeSource, DataplaneReader, DataplaneSnapshot, Draining, Mode, ReadError, ReadScope, ReadTargets, ServiceRoutes,
 };
-use crate::model::Protocol;
 use crate::netns::NetNs;
 
 const GENL_ID_CTRL: u16 = 0x10;
@@ -60,27 +60,22 @@ fn attr(nlas: &[Nla], kind: u16) -> Option<&[u8]> {
 }
 
 fn u16_ne(b: Option<&[u8]>) -> Option<u16> {
-    Some(u16::from_ne_bytes(b?.get(..2)?.try_into().ok()?))
+    u16_at(b?, 0)
 }
 
 fn u32_ne(b: Option<&[u8]>) -> Option<u32> {
-    Some(u32::from_ne_bytes(b?.get(..4)?.try_into().ok()?))
+    u32_at(b?, 0)
 }
 
 fn port_be(b: Option<&[u8]>) -> Option<u16> {
-    Some(u16::from_be_bytes(b?.get(..2)?.try_into().ok()?))
+    be16_at(b?, 0)
 }
 
+/// An address of family `af`: IPVS pads IPv4 addresses to 16 bytes.
 fn addr(af: u16, b: Option<&[u8]>) -> Option<IpAddr> {
-    let b = b?;
-    match af as i32 {
-        libc::AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
-            *b.first()?,
-            *b.get(1)?,
-            *b.get(2)?,
-            *b.get(3)?,
-        ))),
-        libc::AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(b.get(..16)?).ok()?))),
+    match i32::from(af) {
+        libc::AF_INET => ip_from(b?.get(..4)?),
+        libc::AF_INET6 => ip_from(b?.get(..16)?),
         _ => None,
     }
 }
@@ -289,15 +284,6 @@ fn service_key(frontend: SocketAddr, protocol: u16) -> Vec<u8> {
     key
 }
 
-fn protocol(n: u16) -> Option<Protocol> {
-    match n {
-        6 => Some(Protocol::Tcp),
-        17 => Some(Protocol::Udp),
-        132 => Some(Protocol::Sctp),
-        _ => None,
-    }
-}
-
 /// Turns virtual servers and their destinations into routed service ports (names come from
 /// the agent's catalog by frontend; the kernel does not know them).
 pub fn routes(servers: &[(VirtualServer, Vec<Destination>)]) -> (Vec<ServiceRoutes>, Draining) {
@@ -317,7 +303,7 @@ pub fn routes(servers: &[(VirtualServer, Vec<Destination>)]) -> (Vec<ServiceRout
             ServiceRoutes {
                 name: None,
                 chain_id: None,
-                protocol: protocol(vs.protocol),
+                protocol: protocol_from_number(vs.protocol),
                 frontends: BTreeSet::from([frontend]),
                 endpoints: dests.iter().filter(|d| d.weight > 0).map(|d| d.addr).collect(),
                 uncertain: false,
@@ -401,8 +387,8 @@ impl IpvsReader {
                 Some(Some(addrs)) => {
                     let mut found = Vec::new();
                     for a in addrs {
-                        for p in [libc::IPPROTO_TCP, libc::IPPROTO_UDP, libc::IPPROTO_SCTP] {
-                            found.extend(conn.service(a, p as u16)?);
+                        for p in PROTOCOLS {
+                            found.extend(conn.service(a, u16::from(protocol_number(p)))?);
                         }
                     }
                     if found.is_empty() {

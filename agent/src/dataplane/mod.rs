@@ -5,9 +5,11 @@
 pub mod iptables;
 pub mod ipvs;
 pub mod netlink;
+pub mod nf_dnat;
 pub mod nf_tables_ffi;
 pub mod nfnotify;
 pub mod nftables;
+pub mod wire;
 
 /// The old name of [`nf_tables_ffi`], kept for `agent/tests/nftables_kernel.rs`.
 pub use nf_tables_ffi as nftnl;

@@ -953,45 +953,6 @@ unsafe fn decode_elem(e: std::ptr::NonNull<sys::nftnl_set_elem>) -> NftElem {
     }
 }
 
-/// The one `ip:port` a native DNAT (`dnat to IP:PORT`, as nft and kube-proxy write it) sends
-/// to, from the registers the rule's immediates loaded. Anything else is an error saying why:
-/// a range (`dnat to A-B:P` picks among several endpoints), a missing port, a register not
-/// loaded by an immediate. The one decoder for both the nftables and the iptables-nft readers.
-pub fn dnat_target(expr: &Expr, regs: &std::collections::HashMap<u32, &[u8]>) -> Result<std::net::SocketAddr, String> {
-    let Expr::Nat {
-        addr_reg,
-        addr_max_reg,
-        proto_reg,
-        proto_max_reg,
-        ..
-    } = expr
-    else {
-        return Err("not a NAT expression".into());
-    };
-    let load = |reg: Option<u32>| reg.and_then(|r| regs.get(&r).copied());
-    let ranged = |min: Option<u32>, max: Option<u32>| max.is_some_and(|m| Some(m) != min && load(Some(m)) != load(min));
-    if ranged(*addr_reg, *addr_max_reg) || ranged(*proto_reg, *proto_max_reg) {
-        return Err("DNAT to a range of addresses or ports: which endpoint gets a connection is not known".into());
-    }
-    let addr = load(*addr_reg).and_then(ip_from);
-    let port = load(*proto_reg)
-        .filter(|b| b.len() >= 2)
-        .map(|b| u16::from_be_bytes([b[0], b[1]]));
-    match (addr, port) {
-        (Some(a), Some(p)) => Ok(std::net::SocketAddr::new(a, p)),
-        _ => Err("DNAT without an immediate address and port".into()),
-    }
-}
-
-/// An address as nf_tables carries it: 4 bytes (IPv4) or 16 (IPv6).
-pub fn ip_from(b: &[u8]) -> Option<std::net::IpAddr> {
-    match b.len() {
-        4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(b).ok()?)),
-        16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(b).ok()?)),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

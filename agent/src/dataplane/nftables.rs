@@ -12,9 +12,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use super::netlink::{LazyConnection, NetlinkError};
+use super::nf_dnat::{dnat_targets, Registers};
 use super::nf_tables_ffi::{
     self, Expr, NfTablesError, NftConn, NftElem, NftTable, NFT_DATA_VERDICT, NFT_GOTO, NFT_JUMP, NFT_NAT_DNAT,
 };
+use super::wire::{be16_at, ip_from, protocol_from_number, protocol_number, PROTOCOLS};
 use super::{ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError, ReadScope, ReadTargets, ServiceRoutes};
 use crate::model::{Protocol, ServicePortName};
 use crate::netns::NetNs;
@@ -61,41 +63,21 @@ fn parse_chain(chain: &str) -> Option<(String, ServicePortName, Protocol)> {
     Some((base.to_string(), spn, protocol))
 }
 
-fn protocol_from_number(n: u8) -> Option<Protocol> {
-    match n {
-        6 => Some(Protocol::Tcp),
-        17 => Some(Protocol::Udp),
-        132 => Some(Protocol::Sctp),
-        _ => None,
-    }
-}
-
-fn protocol_number(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => 6,
-        Protocol::Udp => 17,
-        Protocol::Sctp => 132,
-    }
-}
-
-fn port_from(bytes: &[u8]) -> Option<u16> {
-    (bytes.len() >= 2).then(|| u16::from_be_bytes([bytes[0], bytes[1]]))
-}
-
 /// Decodes a map key: `addr . proto . port` (service-ips) or `proto . port` (service-nodeports),
 /// each field padded to 4 bytes.
 fn frontend(map: &str, key: &[u8], v6: bool) -> Option<(String, Option<Protocol>)> {
     let alen = if v6 { 16 } else { 4 };
     match map {
         "service-ips" if key.len() >= alen + 8 => {
-            let ip = nf_tables_ffi::ip_from(&key[..alen])?;
-            let proto = protocol_from_number(key[alen]);
-            let port = port_from(&key[alen + 4..])?;
+            let ip = ip_from(&key[..alen])?;
+            let proto = protocol_from_number(u16::from(key[alen]));
+            let port = be16_at(key, alen + 4)?;
             Some((SocketAddr::new(ip, port).to_string(), proto))
         }
-        "service-nodeports" if key.len() >= 8 => {
-            Some((format!("*:{}", port_from(&key[4..])?), protocol_from_number(key[0])))
-        }
+        "service-nodeports" if key.len() >= 8 => Some((
+            format!("*:{}", be16_at(key, 4)?),
+            protocol_from_number(u16::from(key[0])),
+        )),
         _ => None,
     }
 }
@@ -111,7 +93,7 @@ fn frontend_elems(
 ) -> Result<Vec<NftElem>, NfTablesError> {
     let mut out = Vec::new();
     for f in frontends {
-        for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+        for proto in PROTOCOLS {
             let Some(key) = frontend_key(map, f, proto, v6) else {
                 continue;
             };
@@ -245,73 +227,6 @@ fn follow(
     reached.extend(seen);
 }
 
-/// Registers as the reader can tell them, in 32-bit units: immediates (by the register number
-/// the rule names) and registers loaded from a data map. Any other write to a register
-/// forgets what overlaps it, so a DNAT never reads a value that was overwritten in between.
-#[derive(Default)]
-struct Regs<'a> {
-    imm: HashMap<u32, &'a [u8]>,
-    mapped: HashMap<u32, &'a str>,
-}
-
-/// The 32-bit units a write of `len` bytes to register `r` covers.
-fn span(r: u32, len: usize) -> std::ops::Range<u32> {
-    let start = reg32(r);
-    start..start + (len.div_ceil(4).max(1) as u32)
-}
-
-/// Expressions that write no register.
-const NO_REGISTER_WRITE: &[&str] = &[
-    "counter",
-    "log",
-    "limit",
-    "quota",
-    "notrack",
-    "objref",
-    "last",
-    "connlimit",
-    "reject",
-    "masq",
-    "dynset",
-    "range",
-];
-
-impl<'a> Regs<'a> {
-    /// Forgets every value overlapping a write of `len` bytes to `r`.
-    fn clobber(&mut self, r: u32, len: usize) {
-        let w = span(r, len);
-        let overlaps = |s: std::ops::Range<u32>| s.start < w.end && w.start < s.end;
-        self.imm.retain(|r2, d| !overlaps(span(*r2, d.len())));
-        // A map value is at most an IPv6 address and a port: 20 bytes.
-        self.mapped.retain(|r2, _| !overlaps(span(*r2, 20)));
-    }
-
-    /// Tracks what `expr` does to the registers.
-    fn apply(&mut self, expr: &'a Expr) {
-        match expr {
-            Expr::Immediate { dreg, data } => {
-                self.clobber(*dreg, data.len());
-                self.imm.insert(*dreg, data);
-            }
-            Expr::Lookup { set, dreg: Some(r), .. } if *r != 0 => {
-                self.clobber(*r, 20);
-                self.mapped.insert(*r, set.as_str());
-            }
-            Expr::Numgen { dreg, .. } => self.clobber(*dreg, 4),
-            Expr::Payload { dreg, len, .. } => self.clobber(*dreg, *len as usize),
-            Expr::Meta { dreg: Some(r), .. } => self.clobber(*r, 16),
-            Expr::Bitwise { dreg, .. } => self.clobber(*dreg, 16),
-            Expr::Other(name) if !NO_REGISTER_WRITE.contains(&name.as_str()) => {
-                // An expression that may load a register (ct, hash, fib, rt, exthdr, socket,
-                // byteorder, anything unknown): nothing loaded before can be trusted.
-                self.imm.clear();
-                self.mapped.clear();
-            }
-            _ => {}
-        }
-    }
-}
-
 /// Follows `start` and what it jumps to, skipping the chains in `skip` (already covered),
 /// recording every chain it walks in `seen`.
 fn follow_from(
@@ -331,7 +246,7 @@ fn follow_from(
         for rule in chains.get(chain.as_str()).into_iter().flatten() {
             // Registers loaded from a data map: kube-proxy v1.37 DNATs in the service chain
             // with `dnat ip addr . port to numgen random mod N map { 0 : a . p, … }`.
-            let mut regs = Regs::default();
+            let mut regs = Registers::default();
             for expr in &rule.exprs {
                 match expr {
                     Expr::Verdict {
@@ -340,12 +255,8 @@ fn follow_from(
                     } if *code == NFT_GOTO || *code == NFT_JUMP => {
                         stack.push(next.clone());
                     }
-                    Expr::Nat {
-                        kind,
-                        addr_reg: Some(r),
-                        ..
-                    } if *kind == NFT_NAT_DNAT && regs.mapped.contains_key(r) => {
-                        match dnat_map_targets(expr, sets.get(regs.mapped[r]).copied()) {
+                    Expr::Nat { kind, .. } if *kind == NFT_NAT_DNAT => {
+                        match dnat_targets(expr, &regs, |name| sets.get(name).copied()) {
                             Ok(targets) => group.endpoints.extend(targets),
                             Err(why) => {
                                 group.uncertain = true;
@@ -367,17 +278,6 @@ fn follow_from(
                         }
                     },
                     Expr::Lookup { .. } => {}
-                    Expr::Nat { kind, .. } if *kind == NFT_NAT_DNAT => {
-                        match nf_tables_ffi::dnat_target(expr, &regs.imm) {
-                            Ok(a) => {
-                                group.endpoints.insert(a);
-                            }
-                            Err(why) => {
-                                group.uncertain = true;
-                                warnings.push(format!("chain {chain}: {why}"));
-                            }
-                        }
-                    }
                     Expr::Nat { .. }
                     | Expr::Immediate { .. }
                     | Expr::Numgen { .. }
@@ -401,70 +301,6 @@ fn follow_from(
             }
         }
     }
-}
-
-/// A register as a 32-bit register number: nf_tables' 16-byte registers 1..=4 start at the
-/// 32-bit registers 8, 12, 16 and 20 (`NFT_REG32_00` = 8); nft loads a map's concatenated
-/// value into `reg 1` and names the port's part `reg 9`.
-fn reg32(r: u32) -> u32 {
-    match r {
-        1..=4 => 8 + (r - 1) * 4,
-        _ => r,
-    }
-}
-
-/// Every endpoint a DNAT whose address and port come from a data map can choose: each
-/// element's value is `address . port` (4 or 16 bytes, then the port in the next 32-bit
-/// register). Anything else (no such map, a range, an address without a port, a value of
-/// another layout) cannot be justified and is an error.
-fn dnat_map_targets(expr: &Expr, set: Option<&nf_tables_ffi::NftSet>) -> Result<Vec<std::net::SocketAddr>, String> {
-    let Expr::Nat {
-        addr_reg: Some(addr),
-        addr_max_reg,
-        proto_reg,
-        proto_max_reg,
-        ..
-    } = expr
-    else {
-        return Err("not a DNAT from registers".into());
-    };
-    let Some(set) = set else {
-        return Err("DNAT through a map that is not in the table".into());
-    };
-    if addr_max_reg.is_some_and(|m| m != *addr) || proto_max_reg.is_some_and(|m| Some(m) != *proto_reg) {
-        return Err(format!(
-            "DNAT through map {} to a range: which endpoint is chosen is not known",
-            set.name
-        ));
-    }
-    let Some(proto) = proto_reg else {
-        return Err(format!("DNAT through map {} without a port", set.name));
-    };
-    let mut out = Vec::new();
-    for e in &set.elems {
-        let Some(data) = e.data.as_deref() else {
-            return Err(format!("map {}: an element without a value", set.name));
-        };
-        let alen = match data.len() {
-            8 => 4,
-            20 => 16,
-            n => return Err(format!("map {}: a {n}-byte value is not address . port", set.name)),
-        };
-        // The port is loaded into the 32-bit register right after the address's.
-        if reg32(*proto) != reg32(*addr) + (alen as u32 / 4) {
-            return Err(format!(
-                "map {}: the port register does not follow the address",
-                set.name
-            ));
-        }
-        let ip = nf_tables_ffi::ip_from(&data[..alen]).ok_or_else(|| format!("map {}: bad address", set.name))?;
-        let port = u16::from_be_bytes([data[alen], data[alen + 1]]);
-        out.push(std::net::SocketAddr::new(ip, port));
-    }
-    if out.is_empty() {
-        return Err(format!("DNAT through map {} with no elements", set.name));
-    }
-    Ok(out)
 }
 
 /// A family without kube-proxy's table, or whose table has no `service-ips` map (kube-proxy
@@ -716,7 +552,7 @@ mod tests {
             ("service-nodeports", "*:30080", false),
             ("service-nodeports", "*:30080", true),
         ] {
-            for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+            for proto in PROTOCOLS {
                 let key = frontend_key(map, f, proto, v6).unwrap();
                 assert_eq!(frontend(map, &key, v6), Some((f.to_string(), Some(proto))), "{map} {f}");
             }

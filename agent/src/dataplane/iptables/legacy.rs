@@ -15,8 +15,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::xt;
 use super::{NatTable, Rule, Verdict};
+use crate::dataplane::wire::{protocol_from_number, u16_at, u32_at};
 use crate::dataplane::ReadError;
-use crate::model::Protocol;
 use crate::netns::NetNs;
 
 const SO_GET_INFO: libc::c_int = 64;
@@ -69,28 +69,11 @@ const IPV6: EntryLayout = EntryLayout {
     size: 168,
 };
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
 /// A NUL-terminated name in a fixed-size field.
 fn name_at(b: &[u8], at: usize, len: usize) -> Option<&str> {
     let field = b.get(at..at + len)?;
     let end = field.iter().position(|&c| c == 0).unwrap_or(len);
     std::str::from_utf8(&field[..end]).ok()
-}
-
-fn protocol_from_number(n: u16) -> Option<Protocol> {
-    match n {
-        6 => Some(Protocol::Tcp),
-        17 => Some(Protocol::Udp),
-        132 => Some(Protocol::Sctp),
-        _ => None,
-    }
 }
 
 /// One entry's header fields and its match/target area.
@@ -330,6 +313,7 @@ pub(super) fn table(netns: &NetNs, v6: bool) -> Result<Option<NatTable>, ReadErr
 mod tests {
     use super::super::xt::builders;
     use super::*;
+    use crate::model::Protocol;
 
     /// Builds a blob the way the kernel lays it out, for IPv4.
     #[derive(Default)]

@@ -12,12 +12,13 @@ use std::collections::{BTreeSet, HashMap};
 use super::xt::{self, Dnat};
 use super::{NatTable, Rule, Verdict, ENTRY_CHAINS, GROUP_PREFIXES};
 use crate::dataplane::netlink::LazyConnection;
+use crate::dataplane::nf_dnat::{dnat_targets, Registers};
 use crate::dataplane::nf_tables_ffi::{
     self, Expr, NfTablesError, NftConn, NftRule, NFT_CMP_EQ, NFT_GOTO, NFT_JUMP, NFT_META_L4PROTO, NFT_NAT_DNAT,
     NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER,
 };
+use crate::dataplane::wire::{ip_from, protocol_from_number};
 use crate::dataplane::ReadError;
-use crate::model::Protocol;
 use crate::netns::NetNs;
 
 const TABLE: &str = "nat";
@@ -62,7 +63,7 @@ fn rule_from_nft(r: &NftRule, v6: bool) -> Rule {
         ..Default::default()
     };
     let mut regs: HashMap<u32, Loaded> = HashMap::new();
-    let mut immediates: HashMap<u32, &[u8]> = HashMap::new();
+    let mut registers = Registers::default();
     for expr in &r.exprs {
         match expr {
             Expr::Payload {
@@ -93,16 +94,15 @@ fn rule_from_nft(r: &NftRule, v6: bool) -> Rule {
                 regs.insert(*dreg, Loaded::Other);
             }
             Expr::Cmp { sreg, op, data } if *op == NFT_CMP_EQ => match regs.get(sreg) {
-                Some(Loaded::DestinationAddress) => rule.destination = nf_tables_ffi::ip_from(data),
-                Some(Loaded::L4Protocol) => rule.protocol = data.first().and_then(|p| protocol_from_number(*p)),
+                Some(Loaded::DestinationAddress) => rule.destination = ip_from(data),
+                Some(Loaded::L4Protocol) => {
+                    rule.protocol = data.first().and_then(|p| protocol_from_number(u16::from(*p)))
+                }
                 Some(Loaded::DestinationPort) if data.len() == 2 => {
                     rule.dport = Some(u16::from_be_bytes([data[0], data[1]]));
                 }
                 _ => {}
             },
-            Expr::Immediate { dreg, data } => {
-                immediates.insert(*dreg, data);
-            }
             Expr::Match { name, info, .. } => match name.as_str() {
                 "comment" => rule.comment = xt::comment(info),
                 "tcp" | "udp" | "sctp" => rule.dport = rule.dport.or(xt::destination_port(name, info)),
@@ -117,8 +117,10 @@ fn rule_from_nft(r: &NftRule, v6: bool) -> Rule {
             } if *code == NFT_JUMP || *code == NFT_GOTO => rule.verdict = Verdict::Jump(chain.clone()),
             // A native DNAT (as nft writes it): address and port from immediates.
             Expr::Nat { kind, .. } if *kind == NFT_NAT_DNAT => {
-                rule.verdict = Verdict::Dnat(match nf_tables_ffi::dnat_target(expr, &immediates) {
-                    Ok(a) => Dnat::To(a),
+                // iptables-nft keeps no sets: a DNAT through a map is not understood.
+                rule.verdict = Verdict::Dnat(match dnat_targets(expr, &registers, |_| None).as_deref() {
+                    Ok([a]) => Dnat::To(*a),
+                    Ok(_) => Dnat::NotUnderstood("native DNAT to several endpoints".into()),
                     Err(why) => Dnat::NotUnderstood(format!("native {why}")),
                 });
             }
@@ -128,17 +130,11 @@ fn rule_from_nft(r: &NftRule, v6: bool) -> Rule {
             }
             _ => {}
         }
+        if let Expr::Immediate { .. } = expr {
+            registers.apply(expr);
+        }
     }
     rule
-}
-
-fn protocol_from_number(n: u8) -> Option<Protocol> {
-    match n {
-        6 => Some(Protocol::Tcp),
-        17 => Some(Protocol::Udp),
-        132 => Some(Protocol::Sctp),
-        _ => None,
-    }
 }
 
 /// Adds decoded rules to `table`; every chain a rule jumps to exists (the kernel refuses jumps
@@ -242,6 +238,7 @@ fn reachable(conn: &mut NftConn, v6: bool, mut pending: Vec<String>) -> Result<N
 mod tests {
     use super::super::xt::builders;
     use super::*;
+    use crate::model::Protocol;
 
     fn rule(chain: &str, exprs: Vec<Expr>) -> NftRule {
         NftRule {

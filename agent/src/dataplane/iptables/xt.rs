@@ -7,23 +7,13 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use crate::dataplane::wire::{be16_at, u16_at, u32_at};
+
 const NF_NAT_RANGE_MAP_IPS: u32 = 1;
 const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
 const XT_TCP_INV_DSTPT: u8 = 0x02;
 const XT_UDP_INV_DSTPT: u8 = 0x02;
 const XT_SCTP_DEST_PORTS: u32 = 0x02;
-
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn be16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
 
 /// `struct xt_comment_info { char comment[256]; }`: the text up to the first NUL.
 pub fn comment(info: &[u8]) -> Option<String> {
