@@ -130,9 +130,8 @@ fn rule_from_nft(r: &NftRule, v6: bool) -> Rule {
             }
             _ => {}
         }
-        if let Expr::Immediate { .. } = expr {
-            registers.apply(expr);
-        }
+        // What the expression wrote, after what it read.
+        registers.apply(expr);
     }
     rule
 }
@@ -384,6 +383,42 @@ mod tests {
             userdata_comment(&[UDATA_TYPE_COMMENT, 200, b'x']),
             None,
             "truncated TLV"
+        );
+    }
+
+    /// Found while unifying the DNAT decoders: the iptables-nft reader kept an immediate
+    /// after something else overwrote its register, so a DNAT whose address comes from the
+    /// packet read as a DNAT to the stale immediate (a wrong endpoint, not "unknown").
+    #[test]
+    fn a_register_overwritten_before_the_dnat_is_not_read_as_its_immediate() {
+        let stale = rule(
+            "KUBE-SEP-X",
+            vec![
+                Expr::Immediate {
+                    dreg: 1,
+                    data: vec![10, 180, 0, 9],
+                },
+                Expr::Immediate {
+                    dreg: 2,
+                    data: 80u16.to_be_bytes().to_vec(),
+                },
+                load_daddr_v4(),
+                Expr::Nat {
+                    kind: NFT_NAT_DNAT,
+                    addr_reg: Some(1),
+                    addr_max_reg: Some(1),
+                    proto_reg: Some(2),
+                    proto_max_reg: Some(2),
+                },
+            ],
+        );
+        assert!(
+            matches!(
+                rule_from_nft(&stale, false).verdict,
+                Verdict::Dnat(Dnat::NotUnderstood(_))
+            ),
+            "{:?}",
+            rule_from_nft(&stale, false)
         );
     }
 
