@@ -19,9 +19,10 @@ pub struct Registers<'a> {
 }
 
 /// The 32-bit units a write of `len` bytes to register `r` covers.
-fn span(r: u32, len: usize) -> std::ops::Range<u32> {
+/// In u64: register numbers and lengths come from the rule, and may be anything up to u32::MAX.
+fn span(r: u32, len: usize) -> std::ops::Range<u64> {
     let start = reg32(r);
-    start..start + (len.div_ceil(4).max(1) as u32)
+    start..start + (len.div_ceil(4).max(1) as u64)
 }
 
 /// Expressions that write no register.
@@ -44,7 +45,7 @@ impl<'a> Registers<'a> {
     /// Forgets every value overlapping a write of `len` bytes to `r`.
     fn clobber(&mut self, r: u32, len: usize) {
         let w = span(r, len);
-        let overlaps = |s: std::ops::Range<u32>| s.start < w.end && w.start < s.end;
+        let overlaps = |s: std::ops::Range<u64>| s.start < w.end && w.start < s.end;
         self.imm.retain(|r2, d| !overlaps(span(*r2, d.len())));
         // A map value is at most an IPv6 address and a port: 20 bytes.
         self.mapped.retain(|r2, _| !overlaps(span(*r2, 20)));
@@ -123,10 +124,10 @@ fn immediate_target(expr: &Expr, regs: &HashMap<u32, &[u8]>) -> Result<SocketAdd
 /// A register as a 32-bit register number: nf_tables' 16-byte registers 1..=4 start at the
 /// 32-bit registers 8, 12, 16 and 20 (`NFT_REG32_00` = 8); nft loads a map's concatenated
 /// value into `reg 1` and names the port's part `reg 9`.
-fn reg32(r: u32) -> u32 {
+fn reg32(r: u32) -> u64 {
     match r {
-        1..=4 => 8 + (r - 1) * 4,
-        _ => r,
+        1..=4 => 8 + u64::from(r - 1) * 4,
+        _ => u64::from(r),
     }
 }
 
@@ -168,7 +169,7 @@ fn map_targets(expr: &Expr, set: Option<&NftSet>) -> Result<Vec<SocketAddr>, Str
             n => return Err(format!("map {}: a {n}-byte value is not address . port", set.name)),
         };
         // The port is loaded into the 32-bit register right after the address's.
-        if reg32(*proto) != reg32(*addr) + (alen as u32 / 4) {
+        if reg32(*proto) != reg32(*addr) + (alen as u64 / 4) {
             return Err(format!(
                 "map {}: the port register does not follow the address",
                 set.name
@@ -182,4 +183,89 @@ fn map_targets(expr: &Expr, set: Option<&NftSet>) -> Result<Vec<SocketAddr>, Str
         return Err(format!("DNAT through map {} with no elements", set.name));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::nf_tables_ffi::{NftElem, NFT_NAT_DNAT};
+
+    fn nat(addr_reg: u32, proto_reg: u32) -> Expr {
+        Expr::Nat {
+            kind: NFT_NAT_DNAT,
+            addr_reg: Some(addr_reg),
+            addr_max_reg: Some(addr_reg),
+            proto_reg: Some(proto_reg),
+            proto_max_reg: Some(proto_reg),
+        }
+    }
+
+    /// Found while unifying the DNAT decoders: a payload write (`@th,16,16 set …`, decoded
+    /// with no destination register, u32::MAX) or any register number near u32::MAX
+    /// overflowed the register arithmetic: a panic in debug builds on rules anyone can add.
+    #[test]
+    fn register_numbers_at_the_top_of_the_range_do_not_overflow() {
+        let writes = [
+            Expr::Payload {
+                base: 2,
+                offset: 2,
+                len: 2,
+                dreg: u32::MAX,
+            },
+            Expr::Payload {
+                base: 1,
+                offset: 0,
+                len: u32::MAX,
+                dreg: 1,
+            },
+            Expr::Immediate {
+                dreg: u32::MAX,
+                data: vec![10, 0, 0, 1],
+            },
+            Expr::Lookup {
+                set: "m".into(),
+                sreg: 1,
+                dreg: Some(u32::MAX),
+            },
+            Expr::Meta {
+                key: 3,
+                dreg: Some(u32::MAX - 1),
+            },
+        ];
+        let mut regs = Registers::default();
+        for w in &writes {
+            regs.apply(w);
+        }
+        let map = NftSet {
+            name: "m".into(),
+            flags: 0,
+            data_type: None,
+            elems: vec![NftElem {
+                key: vec![0; 4],
+                verdict: None,
+                data: Some(vec![10, 0, 0, 1, 0, 80, 0, 0]),
+            }],
+        };
+        let got = dnat_targets(&nat(u32::MAX, 1), &regs, |_| Some(&map));
+        assert!(got.is_err(), "{got:?}");
+    }
+
+    #[test]
+    fn a_dnat_reads_its_immediates_and_forgets_overwritten_ones() {
+        let imm = |dreg, data: &[u8]| Expr::Immediate {
+            dreg,
+            data: data.to_vec(),
+        };
+        let (addr, port) = (imm(1, &[10, 180, 0, 1]), imm(2, &80u16.to_be_bytes()));
+        let mut regs = Registers::default();
+        regs.apply(&addr);
+        regs.apply(&port);
+        assert_eq!(
+            dnat_targets(&nat(1, 2), &regs, |_| None),
+            Ok(vec!["10.180.0.1:80".parse().unwrap()])
+        );
+        let ct = Expr::Other("ct".into());
+        regs.apply(&ct);
+        assert!(dnat_targets(&nat(1, 2), &regs, |_| None).is_err());
+    }
 }
