@@ -433,11 +433,11 @@ impl IpvsReader {
                 })
             }
             Err(e @ IpvsError::FamilyNotFound) => Err(ReadError::NotFound { detail: e.to_string() }),
-            Err(IpvsError::OpenFailed(source)) => Err(ReadError::Netlink {
+            Err(IpvsError::OpenFailed(source)) => Err(ReadError::ReadFailed {
                 what: "opening the IPVS netlink socket".into(),
                 source: source.into(),
             }),
-            Err(IpvsError::RequestFailed(source)) => Err(ReadError::Netlink {
+            Err(IpvsError::RequestFailed(source)) => Err(ReadError::ReadFailed {
                 what: "reading IPVS virtual servers".into(),
                 source: source.into(),
             }),

@@ -149,20 +149,15 @@ pub struct Draining {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
+    /// Kept for the agent loop's rebuild rule; no reader runs a tool any more.
     #[error("running {program}: {source} (install the package that provides it, e.g. `apt-get install iptables`)")]
     ToolMissing { program: String, source: std::io::Error },
-    #[error("{program} failed ({status}): {stderr} (the agent needs CAP_NET_ADMIN and the host network namespace)")]
-    ToolFailed {
-        program: String,
-        status: String,
-        stderr: String,
-    },
-    #[error("parsing the output of {program}: {reason}")]
-    Unparseable { program: String, reason: String },
-    #[error("{0}")]
-    Netns(#[from] crate::netns::NetnsError),
+    #[error("decoding {what}: {reason}")]
+    DecodeFailed { what: String, reason: String },
+    #[error(transparent)]
+    EnterNetnsFailed(#[from] crate::netns::NetnsError),
     #[error("{what}: {source}")]
-    Netlink {
+    ReadFailed {
         what: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
@@ -175,10 +170,9 @@ impl ReadError {
     pub fn kind(&self) -> &'static str {
         match self {
             ReadError::ToolMissing { .. } => "tool_missing",
-            ReadError::ToolFailed { .. } => "tool_failed",
-            ReadError::Unparseable { .. } => "unparseable",
-            ReadError::Netns(_) => "netns",
-            ReadError::Netlink { .. } => "netlink",
+            ReadError::DecodeFailed { .. } => "unparseable",
+            ReadError::EnterNetnsFailed(_) => "netns",
+            ReadError::ReadFailed { .. } => "netlink",
             ReadError::NotFound { .. } => "not_found",
         }
     }

@@ -348,16 +348,16 @@ impl NftablesReader {
         self.conn.with(open, dump).map_err(|(e, repeated)| match e {
             NfTablesError::RequestFailed(
                 source @ NetlinkError::OpenFailed(_) | source @ NetlinkError::EnterNetnsFailed(_),
-            ) => ReadError::Netlink {
+            ) => ReadError::ReadFailed {
                 what: "opening an nf_tables netlink socket".into(),
                 source: source.into(),
             },
-            e if repeated => ReadError::Unparseable {
-                program: "nf_tables netlink dump".into(),
+            e if repeated => ReadError::DecodeFailed {
+                what: "nf_tables netlink dump".into(),
                 reason: format!("{e} five times in a row"),
             },
-            e => ReadError::Unparseable {
-                program: "nf_tables netlink dump".into(),
+            e => ReadError::DecodeFailed {
+                what: "nf_tables netlink dump".into(),
                 reason: e.to_string(),
             },
         })

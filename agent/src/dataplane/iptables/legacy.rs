@@ -300,7 +300,7 @@ pub(super) fn table(netns: &NetNs, v6: bool) -> Result<Option<NatTable>, ReadErr
     let family = if v6 { "ip6tables" } else { "iptables" };
     let blob = netns
         .run(move || read_blob(v6))?
-        .map_err(|source| ReadError::Netlink {
+        .map_err(|source| ReadError::ReadFailed {
             what: format!(
                 "reading the {family}-legacy nat table (getsockopt on a raw socket: the agent needs CAP_NET_ADMIN and CAP_NET_RAW in the host network namespace)"
             ),

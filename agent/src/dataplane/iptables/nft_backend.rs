@@ -178,14 +178,14 @@ impl NatReader {
             reachable(conn, v6, ENTRY_CHAINS.iter().map(|c| c.to_string()).collect()).map(Some)
         });
         result.map_err(|e| match e {
-            NfTablesError::RequestFailed(source) if source.is_transport() => ReadError::Netlink {
+            NfTablesError::RequestFailed(source) if source.is_transport() => ReadError::ReadFailed {
                 what: format!(
                     "reading table {name} over nf_tables netlink (the agent needs CAP_NET_ADMIN and the host network namespace)"
                 ),
                 source: source.into(),
             },
-            other => ReadError::Unparseable {
-                program: format!("nf_tables netlink dump of table {name}"),
+            other => ReadError::DecodeFailed {
+                what: format!("nf_tables netlink dump of table {name}"),
                 reason: other.to_string(),
             },
         })
