@@ -6,6 +6,8 @@ pub mod iptables;
 pub mod ipvs;
 pub mod netlink;
 pub mod nf_dnat;
+// The libnftnl FFI: raw pointers throughout, each use under a SAFETY line.
+#[allow(unsafe_code)]
 pub mod nf_tables_ffi;
 pub mod nfnotify;
 pub mod nftables;

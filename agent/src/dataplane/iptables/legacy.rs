@@ -241,6 +241,7 @@ fn has_nat_table(v6: bool) -> bool {
 type HookEntries = Vec<(usize, &'static str)>;
 
 /// The raw nat table and the built-in chain offsets, read in the current network namespace.
+#[allow(unsafe_code)] // socket(2) and getsockopt(2), which std does not wrap
 fn read_blob(v6: bool) -> io::Result<Option<(Vec<u8>, HookEntries)>> {
     if !has_nat_table(v6) {
         return Ok(None);
