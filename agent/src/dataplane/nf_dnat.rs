@@ -186,11 +186,13 @@ fn map_targets(expr: &Expr, set: Option<&NftSet>) -> Result<Vec<SocketAddr>, Str
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::dataplane::nf_tables_ffi::{NftElem, NFT_NAT_DNAT};
+pub(crate) mod builders {
+    //! Native DNATs as nft writes them, for the tests of both nf_tables readers.
+    use crate::dataplane::nf_tables_ffi::{Expr, NFT_NAT_DNAT};
 
-    fn nat(addr_reg: u32, proto_reg: u32) -> Expr {
+    /// `dnat` from the address in `addr_reg` and the port in `proto_reg` (one address: the
+    /// kernel reports max equal to min).
+    pub fn nat(addr_reg: u32, proto_reg: u32) -> Expr {
         Expr::Nat {
             kind: NFT_NAT_DNAT,
             addr_reg: Some(addr_reg),
@@ -199,6 +201,28 @@ mod tests {
             proto_max_reg: Some(proto_reg),
         }
     }
+
+    /// `dnat to IP:PORT`: two immediates, then the DNAT.
+    pub fn dnat_to(ip: &[u8], port: u16) -> Vec<Expr> {
+        vec![
+            Expr::Immediate {
+                dreg: 1,
+                data: ip.to_vec(),
+            },
+            Expr::Immediate {
+                dreg: 2,
+                data: port.to_be_bytes().to_vec(),
+            },
+            nat(1, 2),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::builders::{dnat_to, nat};
+    use super::*;
+    use crate::dataplane::nf_tables_ffi::NftElem;
 
     /// Found while unifying the DNAT decoders: a payload write (`@th,16,16 set …`, decoded
     /// with no destination register, u32::MAX) or any register number near u32::MAX
@@ -252,14 +276,10 @@ mod tests {
 
     #[test]
     fn a_dnat_reads_its_immediates_and_forgets_overwritten_ones() {
-        let imm = |dreg, data: &[u8]| Expr::Immediate {
-            dreg,
-            data: data.to_vec(),
-        };
-        let (addr, port) = (imm(1, &[10, 180, 0, 1]), imm(2, &80u16.to_be_bytes()));
+        let exprs = dnat_to(&[10, 180, 0, 1], 80);
         let mut regs = Registers::default();
-        regs.apply(&addr);
-        regs.apply(&port);
+        regs.apply(&exprs[0]);
+        regs.apply(&exprs[1]);
         assert_eq!(
             dnat_targets(&nat(1, 2), &regs, |_| None),
             Ok(vec!["10.180.0.1:80".parse().unwrap()])

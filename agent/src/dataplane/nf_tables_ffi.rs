@@ -183,76 +183,68 @@ impl SetElem {
     }
 }
 
-/// The expressions of a rule, in order; they live as long as the rule.
-struct Exprs<'r> {
-    iter: std::ptr::NonNull<sys::nftnl_expr_iter>,
-    _rule: std::marker::PhantomData<&'r Rule>,
+/// Defines an iterator over the children of a libnftnl object (`$parent`), created by
+/// `$create`, advanced by `$next` (each child, then NULL) and destroyed by `$destroy` when
+/// dropped. The children live as long as the parent, which the iterator borrows.
+macro_rules! children {
+    ($(#[$doc:meta])* $iter:ident, $parent:ty, $raw:ty, $child:ty, $create:path, $next:path, $destroy:path) => {
+        $(#[$doc])*
+        struct $iter<'p> {
+            iter: std::ptr::NonNull<$raw>,
+            _parent: std::marker::PhantomData<&'p $parent>,
+        }
+
+        impl<'p> $iter<'p> {
+            fn of(parent: &'p $parent) -> Result<Self, NfTablesError> {
+                // SAFETY: the parent is live for 'p, which this iterator cannot outlive.
+                let iter = unsafe { $create(parent.as_ptr()) };
+                std::ptr::NonNull::new(iter)
+                    .map(|iter| Self {
+                        iter,
+                        _parent: std::marker::PhantomData,
+                    })
+                    .ok_or(NfTablesError::AllocFailed(stringify!($raw)))
+            }
+        }
+
+        impl Iterator for $iter<'_> {
+            type Item = std::ptr::NonNull<$child>;
+
+            fn next(&mut self) -> Option<Self::Item> {
+                // SAFETY: a live iterator of a live parent; it yields each child, then NULL.
+                std::ptr::NonNull::new(unsafe { $next(self.iter.as_ptr()) })
+            }
+        }
+
+        impl Drop for $iter<'_> {
+            fn drop(&mut self) {
+                // SAFETY: created by the matching create function, destroyed once, here.
+                unsafe { $destroy(self.iter.as_ptr()) }
+            }
+        }
+    };
 }
 
-impl<'r> Exprs<'r> {
-    fn of(rule: &'r Rule) -> Result<Self, NfTablesError> {
-        // SAFETY: the rule is live for 'r, which this iterator cannot outlive.
-        let iter = unsafe { sys::nftnl_expr_iter_create(rule.as_ptr()) };
-        std::ptr::NonNull::new(iter)
-            .map(|iter| Self {
-                iter,
-                _rule: std::marker::PhantomData,
-            })
-            .ok_or(NfTablesError::AllocFailed("nftnl_expr_iter"))
-    }
-}
-
-impl Iterator for Exprs<'_> {
-    type Item = std::ptr::NonNull<sys::nftnl_expr>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        // SAFETY: a live iterator of a live rule; it yields each expression, then NULL.
-        std::ptr::NonNull::new(unsafe { sys::nftnl_expr_iter_next(self.iter.as_ptr()) })
-    }
-}
-
-impl Drop for Exprs<'_> {
-    fn drop(&mut self) {
-        // SAFETY: created by nftnl_expr_iter_create, destroyed once, here.
-        unsafe { sys::nftnl_expr_iter_destroy(self.iter.as_ptr()) }
-    }
-}
-
-/// The elements of a set, in order; they live as long as the set.
-struct Elems<'s> {
-    iter: std::ptr::NonNull<sys::nftnl_set_elems_iter>,
-    _set: std::marker::PhantomData<&'s Set>,
-}
-
-impl<'s> Elems<'s> {
-    fn of(set: &'s Set) -> Result<Self, NfTablesError> {
-        // SAFETY: the set is live for 's, which this iterator cannot outlive.
-        let iter = unsafe { sys::nftnl_set_elems_iter_create(set.as_ptr()) };
-        std::ptr::NonNull::new(iter)
-            .map(|iter| Self {
-                iter,
-                _set: std::marker::PhantomData,
-            })
-            .ok_or(NfTablesError::AllocFailed("nftnl_set_elems_iter"))
-    }
-}
-
-impl Iterator for Elems<'_> {
-    type Item = std::ptr::NonNull<sys::nftnl_set_elem>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        // SAFETY: a live iterator of a live set; like nft itself, it yields each element in
-        // turn, then NULL.
-        std::ptr::NonNull::new(unsafe { sys::nftnl_set_elems_iter_next(self.iter.as_ptr()) })
-    }
-}
-
-impl Drop for Elems<'_> {
-    fn drop(&mut self) {
-        // SAFETY: created by nftnl_set_elems_iter_create, destroyed once, here.
-        unsafe { sys::nftnl_set_elems_iter_destroy(self.iter.as_ptr()) }
-    }
-}
+children!(
+    /// The expressions of a rule, in order.
+    Exprs,
+    Rule,
+    sys::nftnl_expr_iter,
+    sys::nftnl_expr,
+    sys::nftnl_expr_iter_create,
+    sys::nftnl_expr_iter_next,
+    sys::nftnl_expr_iter_destroy
+);
+children!(
+    /// The elements of a set, in order (as nft itself walks them).
+    Elems,
+    Set,
+    sys::nftnl_set_elems_iter,
+    sys::nftnl_set_elem,
+    sys::nftnl_set_elems_iter_create,
+    sys::nftnl_set_elems_iter_next,
+    sys::nftnl_set_elems_iter_destroy
+);
 
 /// Copies a string libnftnl owns (`None` for NULL).
 ///
@@ -504,6 +496,23 @@ impl NftConn {
         }
     }
 
+    /// Every object the request for `filter` answers with, decoded by `decode`; `None` when
+    /// the kernel has no such table, chain or set.
+    fn collect<T>(
+        &mut self,
+        family: u16,
+        flags: u16,
+        filter: Filter<'_>,
+        decode: impl Fn(Message<'_>) -> Result<T, NfTablesError>,
+    ) -> Result<Option<Vec<T>>, NfTablesError> {
+        let mut out = Vec::new();
+        let found = self.dump(family, flags, filter, |msg| {
+            out.push(decode(msg)?);
+            Ok(())
+        })?;
+        Ok(found.then_some(out))
+    }
+
     /// Whether table `name` exists in `family`.
     pub fn table_exists(&mut self, family: u16, name: &str) -> Result<bool, NfTablesError> {
         let table = c_string("table", name)?;
@@ -523,15 +532,13 @@ impl NftConn {
     /// The rules of one chain; empty when the chain does not exist.
     pub fn chain_rules(&mut self, family: u16, table: &str, chain: &str) -> Result<Vec<NftRule>, NfTablesError> {
         let (ct, cc) = (c_string("table", table)?, c_string("chain", chain)?);
-        let mut rules = Vec::new();
         let filter = Filter::Rules {
             table: &ct,
             chain: Some(&cc),
         };
-        self.dump(family, NLM_F_DUMP, filter, |msg| {
-            rules.push(decode_rule(msg)?);
-            Ok(())
-        })?;
+        let mut rules = self
+            .collect(family, NLM_F_DUMP, filter, decode_rule)?
+            .unwrap_or_default();
         // The kernel filters dumps by table; keep only the chain asked for.
         rules.retain(|r| r.chain == chain);
         Ok(rules)
@@ -547,12 +554,8 @@ impl NftConn {
         keys: &[Vec<u8>],
         flags: u16,
     ) -> Result<Option<Vec<NftElem>>, NfTablesError> {
-        let mut elems = Vec::new();
-        let found = self.dump(family, flags, Filter::Elems { table, set, keys }, |msg| {
-            elems.extend(decode_elems(msg)?);
-            Ok(())
-        })?;
-        Ok(found.then_some(elems))
+        let found = self.collect(family, flags, Filter::Elems { table, set, keys }, decode_elems)?;
+        Ok(found.map(|each| each.into_iter().flatten().collect()))
     }
 
     /// One set with its elements; `None` when it does not exist.
@@ -619,13 +622,9 @@ impl NftConn {
     }
 
     fn set_header_c(&mut self, family: u16, table: &CStr, set: &CStr) -> Result<Option<NftSet>, NfTablesError> {
-        let mut header = None;
         let filter = Filter::Sets { table, set: Some(set) };
-        let found = self.dump(family, NLM_F_ACK, filter, |msg| {
-            header = Some(decode_set_header(msg)?);
-            Ok(())
-        })?;
-        Ok(header.filter(|_| found))
+        let headers = self.collect(family, NLM_F_ACK, filter, decode_set_header)?;
+        Ok(headers.and_then(|h| h.into_iter().last()))
     }
 
     /// Every rule of table `name` of `family`, in chain order; `None` when the table does not
@@ -636,19 +635,13 @@ impl NftConn {
         if !self.dump(family, NLM_F_ACK, Filter::Table(&table), |_| Ok(()))? {
             return Ok(None);
         }
-        let mut rules = Vec::new();
         let filter = Filter::Rules {
             table: &table,
             chain: None,
         };
-        let found = self.dump(family, NLM_F_DUMP, filter, |msg| {
-            rules.push(decode_rule(msg)?);
-            Ok(())
-        })?;
-        if !found {
-            return Err(NfTablesError::DumpInterrupted); // the table went away between requests
-        }
-        Ok(Some(rules))
+        // The table going away between the two requests: the ruleset changed under the dump.
+        let rules = self.collect(family, NLM_F_DUMP, filter, decode_rule)?;
+        rules.ok_or(NfTablesError::DumpInterrupted).map(Some)
     }
 
     /// Dumps table `name` of `family`; `None` when the table does not exist.
@@ -661,18 +654,14 @@ impl NftConn {
             rules,
             ..Default::default()
         };
-        let mut names = Vec::new();
         let filter = Filter::Sets {
             table: &cname,
             set: None,
         };
-        let sets_found = self.dump(family, NLM_F_DUMP, filter, |msg| {
-            names.push(decode_set_header(msg)?);
-            Ok(())
-        })?;
-        if !sets_found {
-            return Err(NfTablesError::DumpInterrupted); // the table went away between requests
-        }
+        // The table going away between requests: the ruleset changed under the dump.
+        let names = self
+            .collect(family, NLM_F_DUMP, filter, decode_set_header)?
+            .ok_or(NfTablesError::DumpInterrupted)?;
         let keyed = numgen_keys(&table.rules);
         for mut set in names {
             // Plain sets (cluster-ips, …) need no elements; verdict maps and data maps do.

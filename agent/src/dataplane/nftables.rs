@@ -607,24 +607,9 @@ mod tests {
     }
 
     fn dnat(ip: [u8; 4], port: u16) -> Vec<Expr> {
-        vec![
-            Expr::Other("meta".into()),
-            Expr::Immediate {
-                dreg: 1,
-                data: ip.to_vec(),
-            },
-            Expr::Immediate {
-                dreg: 2,
-                data: port.to_be_bytes().to_vec(),
-            },
-            Expr::Nat {
-                kind: NFT_NAT_DNAT,
-                addr_reg: Some(1),
-                addr_max_reg: Some(1),
-                proto_reg: Some(2),
-                proto_max_reg: Some(2),
-            },
-        ]
+        let mut exprs = vec![Expr::Other("meta".into())];
+        exprs.extend(crate::dataplane::nf_dnat::builders::dnat_to(&ip, port));
+        exprs
     }
 
     const SVC: &str = "service-ULMVA6XW-ns1/svc1/tcp/p80";

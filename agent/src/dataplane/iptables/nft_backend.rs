@@ -237,6 +237,7 @@ fn reachable(conn: &mut NftConn, v6: bool, mut pending: Vec<String>) -> Result<N
 mod tests {
     use super::super::xt::builders;
     use super::*;
+    use crate::dataplane::nf_dnat::builders::dnat_to;
     use crate::model::Protocol;
 
     fn rule(chain: &str, exprs: Vec<Expr>) -> NftRule {
@@ -355,26 +356,7 @@ mod tests {
 
     #[test]
     fn comments_in_user_data_and_native_dnat() {
-        let mut r = rule(
-            "KUBE-SEP-X",
-            vec![
-                Expr::Immediate {
-                    dreg: 1,
-                    data: vec![10, 180, 0, 1],
-                },
-                Expr::Immediate {
-                    dreg: 2,
-                    data: 80u16.to_be_bytes().to_vec(),
-                },
-                Expr::Nat {
-                    kind: NFT_NAT_DNAT,
-                    addr_reg: Some(1),
-                    addr_max_reg: Some(1),
-                    proto_reg: Some(2),
-                    proto_max_reg: Some(2),
-                },
-            ],
-        );
+        let mut r = rule("KUBE-SEP-X", dnat_to(&[10, 180, 0, 1], 80));
         r.userdata = Some([&[UDATA_TYPE_COMMENT, 13][..], b"ns1/svc1:p80\0"].concat());
         let d = rule_from_nft(&r, false);
         assert_eq!(d.comment.as_deref(), Some("ns1/svc1:p80"));
@@ -391,27 +373,9 @@ mod tests {
     /// packet read as a DNAT to the stale immediate (a wrong endpoint, not "unknown").
     #[test]
     fn a_register_overwritten_before_the_dnat_is_not_read_as_its_immediate() {
-        let stale = rule(
-            "KUBE-SEP-X",
-            vec![
-                Expr::Immediate {
-                    dreg: 1,
-                    data: vec![10, 180, 0, 9],
-                },
-                Expr::Immediate {
-                    dreg: 2,
-                    data: 80u16.to_be_bytes().to_vec(),
-                },
-                load_daddr_v4(),
-                Expr::Nat {
-                    kind: NFT_NAT_DNAT,
-                    addr_reg: Some(1),
-                    addr_max_reg: Some(1),
-                    proto_reg: Some(2),
-                    proto_max_reg: Some(2),
-                },
-            ],
-        );
+        let mut exprs = dnat_to(&[10, 180, 0, 9], 80);
+        exprs.insert(2, load_daddr_v4());
+        let stale = rule("KUBE-SEP-X", exprs);
         assert!(
             matches!(
                 rule_from_nft(&stale, false).verdict,
