@@ -796,13 +796,17 @@ fn decode_rule(msg: Message<'_>) -> Result<NftRule, NfTablesError> {
 /// `e` is a live expression of a live rule.
 unsafe fn decode_expr(e: std::ptr::NonNull<sys::nftnl_expr>) -> Expr {
     let e = e.as_ptr();
-    // SAFETY (these four accessors): `e` is live (the caller's contract); strings and data
-    // are copied before this function returns.
+    // The accessors: `e` is live (the caller's contract), and strings and data are copied
+    // before this function returns.
+    // SAFETY: a live expression.
     let is = |a: u32| unsafe { sys::nftnl_expr_is_set(e, a as u16) };
+    // SAFETY: a live expression.
     let u32_of = |a: u32| unsafe { sys::nftnl_expr_get_u32(e, a as u16) };
+    // SAFETY: a live expression's string (or NULL), copied at once.
     let str_of = |a: u32| unsafe { cstr(sys::nftnl_expr_get_str(e, a as u16)) }.unwrap_or_default();
     let data_of = |a: u32| {
         let mut len = 0u32;
+        // SAFETY: `len` bytes (or NULL) the live expression owns, copied at once.
         unsafe { bytes(sys::nftnl_expr_get(e, a as u16, &mut len), len) }
     };
     let name = str_of(sys::NFTNL_EXPR_NAME);
@@ -888,13 +892,15 @@ fn decode_set_header(msg: Message<'_>) -> Result<NftSet, NfTablesError> {
         return Err(NfTablesError::DecodeFailed("set"));
     }
     let s = s.as_ptr();
-    // SAFETY (the accessors below): the set is live until the end of this function, and its
-    // name is copied at once.
+    // SAFETY: the set is live until the end of this function.
+    let u32_of = |a: u32| unsafe { sys::nftnl_set_get_u32(s, a as u16) };
+    // SAFETY: the set is live until the end of this function.
+    let is = |a: u32| unsafe { sys::nftnl_set_is_set(s, a as u16) };
     Ok(NftSet {
+        // SAFETY: the live set's name (or NULL), copied at once.
         name: unsafe { cstr(sys::nftnl_set_get_str(s, sys::NFTNL_SET_NAME as u16)) }.unwrap_or_default(),
-        flags: unsafe { sys::nftnl_set_get_u32(s, sys::NFTNL_SET_FLAGS as u16) },
-        data_type: unsafe { sys::nftnl_set_is_set(s, sys::NFTNL_SET_DATA_TYPE as u16) }
-            .then(|| unsafe { sys::nftnl_set_get_u32(s, sys::NFTNL_SET_DATA_TYPE as u16) }),
+        flags: u32_of(sys::NFTNL_SET_FLAGS),
+        data_type: is(sys::NFTNL_SET_DATA_TYPE).then(|| u32_of(sys::NFTNL_SET_DATA_TYPE)),
         elems: Vec::new(),
     })
 }
@@ -918,20 +924,23 @@ fn decode_elems(msg: Message<'_>) -> Result<Vec<NftElem>, NfTablesError> {
 /// `e` is a live element of a live set.
 unsafe fn decode_elem(e: std::ptr::NonNull<sys::nftnl_set_elem>) -> NftElem {
     let e = e.as_ptr();
-    // SAFETY (these accessors): `e` is live (the caller's contract); strings and data are
-    // copied before this function returns.
+    // The accessors: `e` is live (the caller's contract), and strings and data are copied
+    // before this function returns.
+    // SAFETY: a live element.
     let is = |a: u32| unsafe { sys::nftnl_set_elem_is_set(e, a as u16) };
     let data_of = |a: u32| {
         let mut len = 0u32;
+        // SAFETY: a live element.
         let p = unsafe { sys::nftnl_set_elem_get(e, a as u16, &mut len) };
+        // SAFETY: `len` bytes the live element owns, copied at once.
         (!p.is_null()).then(|| unsafe { bytes(p, len) })
     };
     let verdict = is(sys::NFTNL_SET_ELEM_VERDICT).then(|| {
+        // SAFETY: a live element.
         let code = unsafe { sys::nftnl_set_elem_get_u32(e, sys::NFTNL_SET_ELEM_VERDICT as u16) } as i32;
-        let chain = is(sys::NFTNL_SET_ELEM_CHAIN)
-            .then(|| unsafe { cstr(sys::nftnl_set_elem_get_str(e, sys::NFTNL_SET_ELEM_CHAIN as u16)) })
-            .flatten();
-        (code, chain)
+        // SAFETY: the live element's chain name (or NULL), copied at once.
+        let chain_of = || unsafe { cstr(sys::nftnl_set_elem_get_str(e, sys::NFTNL_SET_ELEM_CHAIN as u16)) };
+        (code, is(sys::NFTNL_SET_ELEM_CHAIN).then(chain_of).flatten())
     });
     NftElem {
         key: data_of(sys::NFTNL_SET_ELEM_KEY).unwrap_or_default(),
