@@ -332,17 +332,17 @@ impl NftablesReader {
     }
 
     fn dump(&mut self, family: u16) -> Result<Option<NftTable>, ReadError> {
+        // The error, and whether it came five times in a row.
         let dump = |conn: &mut NftConn| {
-            let mut last = None;
             // A dump that overlaps a ruleset commit is retried, as nft does.
             for _ in 0..5 {
                 match conn.table(family, TABLE) {
                     Ok(t) => return Ok(t),
-                    Err(NfTablesError::DumpInterrupted) => last = Some(NfTablesError::DumpInterrupted),
+                    Err(NfTablesError::DumpInterrupted) => continue,
                     Err(e) => return Err((e, false)),
                 }
             }
-            Err((last.unwrap_or(NfTablesError::DumpInterrupted), true))
+            Err((NfTablesError::DumpInterrupted, true))
         };
         let open = |netns: &NetNs| NftConn::open(netns).map_err(|e| (e, false));
         self.conn.with(open, dump).map_err(|(e, repeated)| match e {
