@@ -11,11 +11,10 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::xt;
 use super::{NatTable, Rule, Verdict};
-use crate::dataplane::wire::{protocol_from_number, u16_at, u32_at};
+use crate::dataplane::wire::{ip_from, protocol_from_number, u16_at, u32_at};
 use crate::dataplane::ReadError;
 use crate::netns::NetNs;
 
@@ -163,10 +162,7 @@ fn decode(blob: &[u8], hook_entry: &[(usize, &str)], v6: bool) -> NatTable {
         let invflags = b.get(l.invflags).copied().unwrap_or(0);
         let dmsk = b.get(l.dmsk..l.dmsk + l.addr_len).unwrap_or_default();
         if invflags & INV_DSTIP == 0 && !dmsk.is_empty() && dmsk.iter().all(|&m| m == 0xff) {
-            rule.destination = b.get(l.dst..l.dst + l.addr_len).and_then(|d| match d.len() {
-                4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(d).ok()?))),
-                _ => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(d).ok()?))),
-            });
+            rule.destination = b.get(l.dst..l.dst + l.addr_len).and_then(ip_from);
         }
         let proto_set = l.flags.is_none_or(|f| b.get(f).is_some_and(|v| v & IP6T_F_PROTO != 0));
         if proto_set && invflags & INV_PROTO == 0 {
