@@ -1,6 +1,9 @@
 //! kube-converge: measures, per node, how long kube-proxy takes to program endpoint changes
 //! into the kernel, and exports the lag.
 
+// Unsafe code stays in the FFI and syscall items that allow it, each with its reason.
+#![deny(unsafe_code)]
+
 pub mod admin;
 pub mod agent;
 pub mod cli;

@@ -313,6 +313,7 @@ pub fn init_logging(format: LogFormat, default_level: &str) {
 /// where it counts as the agent's RSS until the next peak reuses it. The agent binary's Rust
 /// heap is jemalloc's (main.rs), but libnftnl's rule objects still come from glibc's malloc.
 /// Costs a few milliseconds.
+#[allow(unsafe_code)] // one libc call with no preconditions
 pub fn release_freed_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns unused pages of glibc's own heaps to the kernel.

@@ -1,7 +1,7 @@
 //! Reader for kube-proxy's iptables mode (IPv4 and IPv6, iptables-nft and iptables-legacy).
 //!
 //! It reads the `nat` table from the kernel with no userland tool (chain by chain over
-//! nf_tables netlink for the nft backend, `nft.rs`; the legacy table's binary blob,
+//! nf_tables netlink for the nft backend, `nft_backend.rs`; the legacy table's binary blob,
 //! `legacy.rs`) and follows the chain graph from `KUBE-SERVICES` and `KUBE-NODEPORTS` through
 //! `KUBE-FW-*`, `KUBE-EXT-*`, `KUBE-SVC-*` and `KUBE-SVL-*` to the `KUBE-SEP-*` chains' DNAT
 //! targets. A SEP chain that no reachable chain jumps to does not count: kube-proxy leaves such
@@ -10,7 +10,7 @@
 //! understand makes its service port `unknown`, never "not routed".
 
 mod legacy;
-mod nft;
+mod nft_backend;
 mod save;
 pub mod xt;
 
@@ -290,7 +290,7 @@ pub fn detect_backend(netns: &NetNs) -> Option<Backend> {
 pub struct IptablesReader {
     backend: Backend,
     netns: NetNs,
-    nft: nft::NatReader,
+    nft: nft_backend::NatReader,
     /// Chain hashes the last full read reached from the entry chains. A targeted read relies on
     /// kube-proxy's chain names only for these, or for chains it finds.
     known_ids: HashSet<String>,
@@ -299,7 +299,7 @@ pub struct IptablesReader {
 impl IptablesReader {
     pub fn new(backend: Backend, netns: NetNs) -> Self {
         Self {
-            nft: nft::NatReader::new(netns.clone()),
+            nft: nft_backend::NatReader::new(netns.clone()),
             backend,
             netns,
             known_ids: HashSet::new(),
