@@ -2,31 +2,29 @@
 //! caches and the tracker. Work flows stream → bounded channel → core; the core never does
 //! I/O itself, so a slow API server or a slow read cannot corrupt its state.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 
 use crate::admin::{self, Health};
-use crate::dataplane::nfnotify::{self, GenerationProbe, Notification};
-use crate::dataplane::{
-    self, iptables::Backend, ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError, ReadTargets,
-};
+use crate::dataplane::{iptables::Backend, DataplaneSnapshot, Mode, ReadError};
 use crate::expected::{expect_service_with, Semantics, ServiceSpec, SliceRecord};
 use crate::k8s::{self, SliceError, SliceProblem, WatchMsg, WatchScope};
 use crate::model::{ServiceRef, Timestamp};
 use crate::netns::NetNs;
 use crate::resolve::Resolver;
 use crate::telemetry::Metrics;
-use crate::tracker::{ReadTrigger, Reading, ReadingMeta, ReadingOutcome, Tracker, TrackerConfig};
+use crate::tracker::{Reading, ReadingMeta, ReadingOutcome, Tracker, TrackerConfig};
+use schedule::{ReadPlan, ReadScheduler};
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -62,20 +60,6 @@ pub struct StatusConfig {
 }
 
 type SliceId = (String, String);
-
-/// What the tracker tells the dataplane loop: when to wake, what to read.
-#[derive(Clone, Default)]
-struct ReadRequests {
-    /// Woken when new changes are pending (or a full read is wanted).
-    wakeup: Arc<Notify>,
-    /// Pending changes: the loop polls at the poll interval while there are any.
-    count: Arc<AtomicUsize>,
-    /// The service ports with pending changes, for targeted reads.
-    targets: Arc<std::sync::Mutex<ReadTargets>>,
-    /// Set while the tracker waits for a full reading to settle (after the initial lists):
-    /// targeted reads cannot adopt what the kernel has not caught up with.
-    full_wanted: Arc<AtomicBool>,
-}
 
 #[derive(Debug)]
 struct SliceItem {
@@ -159,7 +143,7 @@ pub async fn run_with_client(
         spec: k8s::service_spec(s),
         resource_version: s.resource_version().and_then(|v| v.parse().ok()).unwrap_or(0),
     });
-    let requests = ReadRequests::default();
+    let (plan_tx, plan_rx) = tokio::sync::watch::channel(ReadPlan::default());
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(async move { server.await.context("admin server failed") });
@@ -171,7 +155,7 @@ pub async fn run_with_client(
     let bound = (config.resync_interval.max(Duration::from_secs(5)) * 3 + Duration::from_secs(60)).as_secs();
     health.stall_after.store(bound, Ordering::Relaxed);
     health.beat();
-    tasks.spawn(dataplane_loop(config.clone(), tx, requests.clone(), health.clone()));
+    tasks.spawn(ReadScheduler::new(config.clone(), tx, plan_rx, health.clone()).run());
     let (status_tx, status_rx) = tokio::sync::watch::channel(Arc::new(crate::publish::StatusDraft::default()));
     if let Some(sc) = config.status {
         let publisher = crate::publish::Publisher {
@@ -185,7 +169,7 @@ pub async fn run_with_client(
         };
         tasks.spawn(publisher.run(status_rx));
     }
-    let core = Core::new(&config, metrics, health, requests, status_tx);
+    let core = Core::new(&config, metrics, health, plan_tx, status_tx);
     tasks.spawn(core.run(rx));
 
     // Every task runs for the agent's lifetime: the first one to end, ends the agent.
@@ -304,7 +288,8 @@ struct Core {
     zone: Option<String>,
     semantics: Semantics,
     observer: Option<Arc<dyn LagObserver>>,
-    requests: ReadRequests,
+    /// What the read scheduler should read; its `wake` is raised when new changes are pending.
+    plan: tokio::sync::watch::Sender<ReadPlan>,
     /// Names the routes of each dataplane snapshot.
     resolver: Resolver,
     status_tx: tokio::sync::watch::Sender<Arc<crate::publish::StatusDraft>>,
@@ -325,7 +310,7 @@ impl Core {
         config: &AgentConfig,
         metrics: Metrics,
         health: Arc<Health>,
-        requests: ReadRequests,
+        plan: tokio::sync::watch::Sender<ReadPlan>,
         status_tx: tokio::sync::watch::Sender<Arc<crate::publish::StatusDraft>>,
     ) -> Self {
         Self {
@@ -347,7 +332,7 @@ impl Core {
             zone: None,
             semantics: Semantics::default(),
             observer: config.observer.clone(),
-            requests,
+            plan,
             resolver: Resolver::default(),
             status_tx,
             lags: Default::default(),
@@ -359,23 +344,29 @@ impl Core {
         }
     }
 
-    /// Hands the pending count and frontends to the dataplane loop.
-    fn share_pending(&self) {
-        self.requests
-            .count
-            .store(self.tracker.pending_count(), Ordering::Relaxed);
-        if let Ok(mut f) = self.requests.targets.lock() {
-            *f = self.tracker.pending_targets();
-        }
+    /// Hands the read plan to the scheduler: what is pending, which service ports, whether a
+    /// full read is wanted; `wake` raises its `wake` so it reads now instead of at its timer.
+    fn share_plan(&self, wake: bool) {
         // A full read is wanted until the tracker settles, and while the last reads could not
-        // tell which endpoints are stale (holds wait on that).
-        // So is a full read while a pending change has no frontend a targeted read could find
-        // (its Service was deleted).
-        let wanted = self.tracker.is_synced()
+        // tell which endpoints are stale (holds wait on that), and while a pending change has
+        // no frontend a targeted read could find (its Service was deleted).
+        let full_wanted = self.tracker.is_synced()
             && (!self.tracker.is_settled()
                 || self.tracker.wants_full_read()
                 || self.tracker.pending_without_frontends());
-        self.requests.full_wanted.store(wanted, Ordering::Relaxed);
+        let pending = self.tracker.pending_count();
+        let targets = self.tracker.pending_targets();
+        self.plan.send_if_modified(|plan| {
+            let next = ReadPlan {
+                pending,
+                targets,
+                full_wanted,
+                wake: plan.wake + u64::from(wake),
+            };
+            let modified = *plan != next;
+            *plan = next;
+            modified
+        });
     }
 
     fn health(&self) -> (&'static str, Option<String>) {
@@ -443,7 +434,7 @@ impl Core {
                 }
             }
             self.metrics.refresh_gauges(&self.tracker, Timestamp::now());
-            self.share_pending();
+            self.share_plan(false);
             self.publish();
         }
     }
@@ -562,9 +553,6 @@ impl Core {
             }
         }
         self.metrics.record_outcomes(&self.mode_label, &outcomes);
-        if self.tracker.is_settled() {
-            self.requests.full_wanted.store(false, Ordering::Relaxed);
-        }
     }
 
     fn on_slice(&mut self, msg: WatchMsg<SliceItem>) {
@@ -733,348 +721,18 @@ impl Core {
             crate::telemetry::release_freed_memory();
             // Settling takes a full read that starts after this point; a read under way now
             // started too early. Ask for one now rather than at the next resync.
-            self.share_pending();
-            self.requests.wakeup.notify_one();
+            self.share_plan(true);
         }
         if self.tracker.pending_count() > before || self.tracker.pending().any(|c| c.observed == at) {
-            // The dataplane loop reads the pending frontends when it wakes: share them first.
-            self.share_pending();
-            self.requests.wakeup.notify_one();
+            // The scheduler reads the pending frontends when it wakes.
+            self.share_plan(true);
         }
-    }
-}
-
-/// Whether `--mode auto` should look at the kernel again: once per resync interval, whatever
-/// triggers the reads.
-fn redetect_due(mode: Option<Mode>, since_last: Duration, resync: Duration) -> bool {
-    mode.is_none() && since_last >= resync
-}
-
-/// Reads the dataplane on kernel notifications, on new pending changes and on a timer.
-async fn dataplane_loop(
-    config: AgentConfig,
-    tx: mpsc::Sender<Input>,
-    requests: ReadRequests,
-    health: Arc<Health>,
-) -> anyhow::Result<()> {
-    let mut last_full = Instant::now();
-    let mut last_full_cost = Duration::ZERO;
-    let mut reader: Option<Box<dyn DataplaneReader>> = None;
-    let mut probe: Option<GenerationProbe> = None;
-    let (ntx, mut nrx) = mpsc::unbounded_channel::<Notification>();
-    let mut listener = Listener::new(config.resync_interval);
-    let mut seen: VecDeque<(u32, Timestamp)> = VecDeque::new();
-    let mut overrun = false;
-    let mut prev_started: Option<Timestamp> = None;
-    let mut trigger = ReadTrigger::Initial;
-    let mut last_detect = Instant::now();
-    loop {
-        health.beat();
-        if reader.is_none() {
-            let (mode, backend, netns) = (config.mode, config.backend, config.netns.clone());
-            let opened = tokio::task::spawn_blocking(move || dataplane::open_reader(mode, backend, &netns)).await?;
-            match opened {
-                Ok(r) => {
-                    tracing::info!(mode = %r.mode(), backend = r.backend(), "dataplane reader ready");
-                    reader = Some(r);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "no dataplane reader; pending changes stay unknown");
-                    let now = Timestamp::now();
-                    let meta = ReadingMeta {
-                        started: now,
-                        finished: now,
-                        programmed_at: now,
-                        error_bound: Duration::ZERO,
-                        trigger,
-                    };
-                    if tx.send(Input::ReaderUnavailable(e, meta)).await.is_err() {
-                        return Ok(());
-                    }
-                }
-            }
-        }
-        // An event-driven reader needs the notification thread and the generation probe; both
-        // are (re)opened whenever missing, after a reader rebuild too. While the thread is down
-        // the loop polls (`listening` is false).
-        if reader
-            .as_ref()
-            .is_some_and(|r| r.change_source() == ChangeSource::NfTablesEvents)
-        {
-            listener.ensure(Instant::now(), || nfnotify::spawn_listener(&config.netns, ntx.clone()));
-            if probe.is_none() {
-                probe = GenerationProbe::open(&config.netns)
-                    .map_err(|e| tracing::warn!(error = %e, "cannot query the nf_tables generation"))
-                    .ok();
-            }
-        }
-        let listening = listener.listening();
-        // With --mode auto, the mode is re-checked once per resync interval, on its own timer
-        // (a steady stream of nf_tables events must not keep it from running): kube-proxy may
-        // have been reconfigured (it cleans up the old mode's rules when it starts in the new one).
-        if redetect_due(config.mode, last_detect.elapsed(), config.resync_interval) {
-            last_detect = Instant::now();
-            if let Some(current) = reader.as_ref().map(|r| r.mode()) {
-                let netns = config.netns.clone();
-                let detected = tokio::task::spawn_blocking(move || dataplane::detect_mode(&netns)).await?;
-                if let Some((mode, _)) = detected.filter(|(m, _)| *m != current) {
-                    tracing::warn!(from = %current, to = %mode, "kube-proxy's mode changed; switching readers");
-                    reader = None;
-                    continue;
-                }
-            }
-        }
-        if let Some(mut r) = reader.take() {
-            let events = listening && r.change_source() == ChangeSource::NfTablesEvents;
-            let mut p = probe.take();
-            // Between full reads, read only the service ports with pending changes where the
-            // reader can (IPVS, nftables); a full read is due every `full_interval`, which grows
-            // with the cost of a full read so a large dataplane stays cheap to watch.
-            let full_interval = config.resync_interval.max(last_full_cost * 100);
-            let full_due = last_full.elapsed() >= full_interval
-                || trigger == ReadTrigger::Initial
-                || requests.full_wanted.load(Ordering::Relaxed);
-            let pending: ReadTargets = requests.targets.lock().map(|f| f.clone()).unwrap_or_default();
-            if !full_due && pending.is_empty() && r.can_read_targeted() {
-                // Nothing pending (a kernel change, or a timer): nothing to confirm until the next
-                // full read.
-                reader = Some(r);
-                probe = p_take_back(probe, p);
-                trigger = wait_for_trigger(
-                    poll_wait(&config, &reader, listening, &requests.count, last_full_cost),
-                    &requests.wakeup,
-                    &mut nrx,
-                    &mut seen,
-                    &mut overrun,
-                )
-                .await;
-                continue;
-            }
-            let targets = if full_due { Default::default() } else { pending };
-            let started = Timestamp::now();
-            let clock = Instant::now();
-            let (r_back, p_back, g1, (result, full), g2) = tokio::task::spawn_blocking(move || {
-                let g1 = p.as_mut().and_then(|p| p.current().ok());
-                // A reader with no targeted form (iptables-legacy) reads in full: that read
-                // counts as the full read it is, for its cost and for the next one's schedule.
-                let result = match targets.is_empty() {
-                    true => (r.read(), true),
-                    false => match r.read_targeted(&targets) {
-                        Some(read) => (read, false),
-                        None => (r.read(), true),
-                    },
-                };
-                let g2 = p.as_mut().and_then(|p| p.current().ok());
-                (r, p, g1, result, g2)
-            })
-            .await?;
-            let elapsed = clock.elapsed();
-            if full {
-                last_full = Instant::now();
-                last_full_cost = elapsed;
-            }
-            let finished = Timestamp::now();
-            // Notifications that arrived during the read: if any announces a generation other
-            // than the one read, the state moved on and must be read again right away.
-            let mut moved_on = false;
-            while let Ok(n) = nrx.try_recv() {
-                moved_on |= !matches!(n, Notification::Generation(g) if Some(g.generation) == g2 && g1 == g2);
-                note(&mut seen, &mut overrun, n);
-            }
-            let window = prev_started.map_or(Duration::ZERO, |p| {
-                Duration::from_secs_f64(finished.seconds_since(p).max(0.0))
-            });
-            // The state seen took effect when its generation was announced; when that is not
-            // known for sure, the read's end is a safe upper bound.
-            let (programmed_at, error_bound) = match (events, g1, g2) {
-                (true, Some(a), Some(b)) if a == b && !overrun => seen
-                    .iter()
-                    .find(|(g, _)| *g == b)
-                    .map_or((finished, window), |(_, at)| (*at, Duration::ZERO)),
-                _ => (finished, window),
-            };
-            overrun = false;
-            prev_started = Some(started);
-            let meta = ReadingMeta {
-                started,
-                finished,
-                programmed_at,
-                error_bound,
-                trigger,
-            };
-            let (mode, backend) = (r_back.mode(), r_back.backend().to_string());
-            let rebuild = matches!(&result, Err(ReadError::ToolMissing { .. } | ReadError::NotFound { .. }));
-            if let Err(e) = &result {
-                tracing::debug!(error = %e, "dataplane read failed");
-            }
-            if tx
-                .send(Input::Reading {
-                    mode,
-                    backend,
-                    result,
-                    meta,
-                    took: elapsed,
-                })
-                .await
-                .is_err()
-            {
-                return Ok(());
-            }
-            if !rebuild {
-                reader = Some(r_back);
-                probe = p_back;
-            }
-            if moved_on {
-                trigger = ReadTrigger::Event;
-                continue;
-            }
-        }
-        trigger = wait_for_trigger(
-            poll_wait(&config, &reader, listening, &requests.count, last_full_cost),
-            &requests.wakeup,
-            &mut nrx,
-            &mut seen,
-            &mut overrun,
-        )
-        .await;
-    }
-}
-
-/// Keeps the nf_tables notification thread running: when it stops (its socket failed), the
-/// loop polls, and the thread is started again after a backoff (1 s, doubling up to `max`).
-struct Listener {
-    handle: Option<std::thread::JoinHandle<()>>,
-    /// No start before this (after a stop or a failed start).
-    retry_at: Option<Instant>,
-    backoff: Duration,
-    max: Duration,
-}
-
-impl Listener {
-    fn new(max: Duration) -> Self {
-        Self {
-            handle: None,
-            retry_at: None,
-            backoff: Duration::from_secs(1),
-            max: max.max(Duration::from_secs(1)),
-        }
-    }
-
-    /// Whether the thread is running now.
-    fn listening(&self) -> bool {
-        self.handle.as_ref().is_some_and(|h| !h.is_finished())
-    }
-
-    /// Starts the thread if it is not running and its retry time has come.
-    fn ensure(&mut self, now: Instant, spawn: impl FnOnce() -> std::io::Result<std::thread::JoinHandle<()>>) {
-        if self.listening() {
-            return;
-        }
-        if self.handle.take().is_some() {
-            tracing::warn!(retry_in = ?self.backoff, "the nf_tables notification thread stopped; polling until it restarts");
-            self.retry_at = Some(now + self.backoff);
-            self.backoff = (self.backoff * 2).min(self.max);
-            return;
-        }
-        if self.retry_at.is_some_and(|at| now < at) {
-            return;
-        }
-        match spawn() {
-            Ok(h) => {
-                self.handle = Some(h);
-                self.backoff = Duration::from_secs(1);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?self.backoff, "cannot subscribe to nf_tables notifications; polling instead");
-                self.retry_at = Some(now + self.backoff);
-                self.backoff = (self.backoff * 2).min(self.max);
-            }
-        }
-    }
-}
-
-fn p_take_back(current: Option<GenerationProbe>, taken: Option<GenerationProbe>) -> Option<GenerationProbe> {
-    current.or(taken)
-}
-
-/// How long to wait for a trigger before polling.
-///
-/// While changes are pending, a reader that can only read in full (iptables-legacy: the
-/// kernel hands its table over whole) waits at least twice its last full read between polls,
-/// so a large table costs at most a third of a core instead of a busy one (2.5 s reads at 30k
-/// Services). Its measurement stays an upper bound: the poll window is the error bound.
-fn poll_wait(
-    config: &AgentConfig,
-    reader: &Option<Box<dyn DataplaneReader>>,
-    listening: bool,
-    pending_count: &AtomicUsize,
-    last_full_cost: Duration,
-) -> Duration {
-    let pending = pending_count.load(Ordering::Relaxed) > 0;
-    let reader = reader.as_ref().map(|r| (r.change_source(), r.can_read_targeted()));
-    poll_period(
-        config.poll_interval,
-        config.resync_interval,
-        reader,
-        listening,
-        pending,
-        last_full_cost,
-    )
-}
-
-/// [`poll_wait`] without the agent: `reader` is the reader's change source and whether it can
-/// read only the pending service ports.
-fn poll_period(
-    poll: Duration,
-    resync: Duration,
-    reader: Option<(ChangeSource, bool)>,
-    listening: bool,
-    pending: bool,
-    last_full_cost: Duration,
-) -> Duration {
-    match reader {
-        Some((ChangeSource::NfTablesEvents, _)) if listening => resync,
-        Some(_) if !pending => resync,
-        Some((_, true)) => poll,
-        Some((_, false)) => poll.max(last_full_cost * 2),
-        None => poll.max(Duration::from_secs(5)),
-    }
-}
-
-/// Waits for the next reason to read: a kernel notification, new pending changes, or a timer.
-async fn wait_for_trigger(
-    wait: Duration,
-    pending_wakeup: &Notify,
-    nrx: &mut mpsc::UnboundedReceiver<Notification>,
-    seen: &mut VecDeque<(u32, Timestamp)>,
-    overrun: &mut bool,
-) -> ReadTrigger {
-    tokio::select! {
-        Some(n) = nrx.recv() => {
-            note(seen, overrun, n);
-            ReadTrigger::Event
-        }
-        _ = pending_wakeup.notified() => ReadTrigger::Pending,
-        _ = tokio::time::sleep(wait) => ReadTrigger::Poll,
-    }
-}
-
-fn note(seen: &mut VecDeque<(u32, Timestamp)>, overrun: &mut bool, n: Notification) {
-    match n {
-        Notification::Generation(g) => {
-            if !seen.iter().any(|(s, _)| *s == g.generation) {
-                seen.push_back((g.generation, g.at));
-                if seen.len() > 256 {
-                    seen.pop_front();
-                }
-            }
-        }
-        Notification::Overrun(_) => *overrun = true,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn a_task_that_ends_without_error_fails_the_agent_loudly() {
@@ -1084,43 +742,6 @@ mod tests {
         assert!(task_outcome(None).is_ok());
     }
 
-    /// Supervision: a notification thread that stops is noticed (the loop polls meanwhile) and
-    /// started again after a backoff that doubles up to the resync interval; a failed start too.
-    #[test]
-    fn the_notification_thread_is_restarted_with_backoff() {
-        let mut l = Listener::new(Duration::from_secs(4));
-        let t0 = Instant::now();
-        let quick = || Ok(std::thread::spawn(|| {}));
-        l.ensure(t0, quick);
-        let h = l.handle.as_ref().expect("started");
-        while !h.is_finished() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert!(!l.listening(), "a stopped thread is not listening: the loop polls");
-        l.ensure(t0, || panic!("noticed, not restarted at once"));
-        l.ensure(t0 + Duration::from_millis(500), || panic!("not before the backoff"));
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        l.ensure(t0 + Duration::from_secs(1), move || {
-            Ok(std::thread::spawn(move || {
-                let _ = rx.recv();
-            }))
-        });
-        assert!(l.listening(), "restarted after 1 s");
-        drop(tx);
-        // A failing start backs off 1 s, 2 s, 4 s, then stays at the bound.
-        let mut l = Listener::new(Duration::from_secs(4));
-        let fail = || Err(std::io::Error::other("no netlink"));
-        let mut at = t0;
-        for expected in [1, 2, 4, 4] {
-            l.ensure(at, fail);
-            assert_eq!(l.retry_at.unwrap() - at, Duration::from_secs(expected));
-            l.ensure(at + Duration::from_secs(expected) - Duration::from_millis(1), || {
-                panic!("too early")
-            });
-            at += Duration::from_secs(expected);
-        }
-    }
-    use super::*;
     use crate::expected::builders::slice;
 
     fn core() -> (Core, tokio::sync::watch::Receiver<Arc<crate::publish::StatusDraft>>) {
@@ -1146,7 +767,13 @@ mod tests {
         let (tx, rx) = tokio::sync::watch::channel(Arc::new(crate::publish::StatusDraft::default()));
         let metrics = Metrics::new().unwrap();
         (
-            Core::new(&config, metrics, Arc::default(), ReadRequests::default(), tx),
+            Core::new(
+                &config,
+                metrics,
+                Arc::default(),
+                tokio::sync::watch::channel(ReadPlan::default()).0,
+                tx,
+            ),
             rx,
         )
     }
@@ -1168,7 +795,7 @@ mod tests {
                 finished: Timestamp::from_millis(at + 1),
                 programmed_at: Timestamp::from_millis(at),
                 error_bound: Duration::ZERO,
-                trigger: ReadTrigger::Poll,
+                trigger: crate::tracker::ReadTrigger::Poll,
             },
             outcome: ReadingOutcome::Routed(Default::default()),
         });
@@ -1201,43 +828,8 @@ mod tests {
         core.publish();
         assert_eq!(rx.borrow().observed_resource_version, 9);
     }
-
-    /// Issue 15 item 6: re-detection ran only on poll-triggered reads, so a steady stream of
-    /// nf_tables events kept it from ever running. It now has its own timer.
-    #[test]
-    fn item6_mode_redetection_runs_on_its_own_timer() {
-        let resync = Duration::from_secs(30);
-        assert!(redetect_due(None, Duration::from_secs(31), resync));
-        assert!(!redetect_due(None, Duration::from_secs(5), resync));
-        assert!(
-            !redetect_due(Some(Mode::Nftables), Duration::from_secs(600), resync),
-            "a given mode is not re-detected"
-        );
-    }
-
-    #[test]
-    fn polled_full_reads_leave_the_core_idle_two_thirds_of_the_time() {
-        let (poll, resync) = (Duration::from_secs(1), Duration::from_secs(30));
-        let legacy = Some((ChangeSource::Poll, false));
-        let ipvs = Some((ChangeSource::Poll, true));
-        let cheap = Duration::from_millis(3);
-        let costly = Duration::from_millis(2500);
-        // iptables-legacy at 30k Services: a 2.5 s read is followed by 5 s of rest.
-        assert_eq!(poll_period(poll, resync, legacy, false, true, costly), costly * 2);
-        assert_eq!(poll_period(poll, resync, legacy, false, true, cheap), poll);
-        // Targeted polls (IPVS) stay at the poll interval whatever a full read costs.
-        assert_eq!(poll_period(poll, resync, ipvs, false, true, costly), poll);
-        // Nothing pending: resync; notifications: resync; no reader yet: retry within 5 s.
-        assert_eq!(poll_period(poll, resync, legacy, false, false, costly), resync);
-        let events = Some((ChangeSource::NfTablesEvents, true));
-        assert_eq!(poll_period(poll, resync, events, true, true, cheap), resync);
-        assert_eq!(poll_period(poll, resync, events, false, true, cheap), poll);
-        assert_eq!(
-            poll_period(poll, resync, None, false, true, cheap),
-            Duration::from_secs(5)
-        );
-    }
 }
 
 #[cfg(test)]
 mod invariant;
+mod schedule;

@@ -142,8 +142,7 @@ impl Metrics {
             m.pending.with_label_values(&[state]).set(0);
         }
         for kind in [
-            "tool_missing",
-            "tool_failed",
+            "generation_changed",
             "unparseable",
             "netns",
             "netlink",

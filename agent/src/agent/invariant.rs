@@ -26,6 +26,7 @@ use crate::dataplane::{DataplaneSnapshot, ReadError, ServiceRoutes};
 use crate::expected::{expect_service, Conditions, ServicePortSpec, SliceEndpoint, SlicePort};
 use crate::hold::{verdict, HoldOptions, HoldTarget, Subject, World, WorldNode, WorldService, WorldSlice};
 use crate::model::{EndpointKey, Protocol, ServicePortName};
+use crate::tracker::ReadTrigger;
 
 const NODES: usize = 2;
 const PODS: usize = 4;

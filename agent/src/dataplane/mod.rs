@@ -138,9 +138,6 @@ pub struct Draining {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    /// Kept for the agent loop's rebuild rule; no reader runs a tool any more.
-    #[error("running {program}: {source} (install the package that provides it, e.g. `apt-get install iptables`)")]
-    ToolMissing { program: String, source: std::io::Error },
     #[error("decoding {what}: {reason}")]
     DecodeFailed { what: String, reason: String },
     #[error(transparent)]
@@ -152,17 +149,21 @@ pub enum ReadError {
     },
     #[error("no kube-proxy rules found: {detail}")]
     NotFound { detail: String },
+    /// The nf_tables ruleset changed during every attempt to read it: the reading may mix two
+    /// rulesets, so it confirms nothing.
+    #[error("the nf_tables ruleset kept changing during the read (generation {before} -> {after})")]
+    GenerationChanged { before: u32, after: u32 },
 }
 
 impl ReadError {
     /// A short, fixed label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            ReadError::ToolMissing { .. } => "tool_missing",
             ReadError::DecodeFailed { .. } => "unparseable",
             ReadError::EnterNetnsFailed(_) => "netns",
             ReadError::ReadFailed { .. } => "netlink",
             ReadError::NotFound { .. } => "not_found",
+            ReadError::GenerationChanged { .. } => "generation_changed",
         }
     }
 }
