@@ -156,7 +156,10 @@ pub async fn run_with_client(
     health.stall_after.store(bound, Ordering::Relaxed);
     health.beat();
     tasks.spawn(ReadScheduler::new(config.clone(), tx, plan_rx, health.clone()).run());
-    let (status_tx, status_rx) = tokio::sync::watch::channel(Arc::new(crate::publish::StatusDraft::default()));
+    // The publisher pulls a status draft from the core when it is about to write (at most once
+    // per status interval and within its budget); the core only tells it that something changed.
+    let (changed_tx, changed_rx) = tokio::sync::watch::channel(0u64);
+    let (pull_tx, pull_rx) = mpsc::channel::<crate::publish::DraftRequest>(1);
     if let Some(sc) = config.status {
         let publisher = crate::publish::Publisher {
             api: kube::Api::all(client.clone()),
@@ -167,10 +170,10 @@ pub async fn run_with_client(
             burst: sc.burst,
             metrics: metrics.clone(),
         };
-        tasks.spawn(publisher.run(status_rx));
+        tasks.spawn(publisher.run(changed_rx, pull_tx));
     }
-    let core = Core::new(&config, metrics, health, plan_tx, status_tx);
-    tasks.spawn(core.run(rx));
+    let core = Core::new(&config, metrics, health, plan_tx, changed_tx);
+    tasks.spawn(core.run(rx, pull_rx));
 
     // Every task runs for the agent's lifetime: the first one to end, ends the agent.
     let first = tokio::select! {
@@ -281,6 +284,9 @@ struct Core {
     service_init: Option<Vec<ServiceItem>>,
     slice_lists: u64,
     service_lists: u64,
+    /// Each resource's first list is complete (the core's own state; /readyz gets a copy).
+    slices_listed: bool,
+    services_listed: bool,
     metrics: Metrics,
     health: Arc<Health>,
     mode_label: String,
@@ -292,7 +298,8 @@ struct Core {
     plan: tokio::sync::watch::Sender<ReadPlan>,
     /// Names the routes of each dataplane snapshot.
     resolver: Resolver,
-    status_tx: tokio::sync::watch::Sender<Arc<crate::publish::StatusDraft>>,
+    /// Raised after every input: the publisher's cue that a new draft may differ.
+    changed: tokio::sync::watch::Sender<u64>,
     lags: crate::publish::RecentLags,
     /// The highest EndpointSlice resourceVersion processed.
     observed_rv: u64,
@@ -311,7 +318,7 @@ impl Core {
         metrics: Metrics,
         health: Arc<Health>,
         plan: tokio::sync::watch::Sender<ReadPlan>,
-        status_tx: tokio::sync::watch::Sender<Arc<crate::publish::StatusDraft>>,
+        changed: tokio::sync::watch::Sender<u64>,
     ) -> Self {
         Self {
             node: config.node_name.clone(),
@@ -326,6 +333,8 @@ impl Core {
             service_init: None,
             slice_lists: 0,
             service_lists: 0,
+            slices_listed: false,
+            services_listed: false,
             metrics,
             health,
             mode_label: "unknown".into(),
@@ -334,7 +343,7 @@ impl Core {
             observer: config.observer.clone(),
             plan,
             resolver: Resolver::default(),
-            status_tx,
+            changed,
             lags: Default::default(),
             observed_rv: 0,
             observed_service_rv: 0,
@@ -387,7 +396,9 @@ impl Core {
         }
     }
 
-    fn publish(&self) {
+    /// The NodeConvergence status as of now, built when the publisher asks for it (two sorts
+    /// of up to 1,000 lags: not on every input).
+    fn draft(&self) -> crate::publish::StatusDraft {
         // Safety: until the first full reading after the lists has adopted what the kernel has
         // not caught up with (e.g. right after a restart), an empty pending list proves
         // nothing: publish no observed version, so holds treat this node as lagging.
@@ -396,7 +407,7 @@ impl Core {
         } else {
             (0, 0)
         };
-        let draft = crate::publish::draft(
+        crate::publish::draft(
             &self.tracker,
             &self.lags,
             &self.mode_label,
@@ -404,18 +415,14 @@ impl Core {
             self.health(),
             observed,
             &self.scope,
-        );
-        self.status_tx.send_if_modified(|cur| {
-            if **cur == draft {
-                false
-            } else {
-                *cur = Arc::new(draft);
-                true
-            }
-        });
+        )
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Input>) -> anyhow::Result<()> {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Input>,
+        mut pulls: mpsc::Receiver<crate::publish::DraftRequest>,
+    ) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
@@ -423,6 +430,10 @@ impl Core {
                     Some(input) => self.handle(input),
                     None => return Ok(()),
                 },
+                Some(reply) = pulls.recv() => {
+                    let _ = reply.send(Arc::new(self.draft()));
+                    continue;
+                }
                 _ = tick.tick() => {
                     let outcomes = self.tracker.expire(Timestamp::now());
                     for o in &outcomes {
@@ -435,7 +446,7 @@ impl Core {
             }
             self.metrics.refresh_gauges(&self.tracker, Timestamp::now());
             self.share_plan(false);
-            self.publish();
+            self.changed.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 
@@ -579,6 +590,7 @@ impl Core {
                         touched.insert(svc);
                     }
                 }
+                self.slices_listed = true;
                 self.health.slices_listed.store(true, Ordering::Relaxed);
                 self.recompute_all(touched, at);
             }
@@ -624,6 +636,7 @@ impl Core {
                         self.services.insert(item.service, spec);
                     }
                 }
+                self.services_listed = true;
                 self.health.services_listed.store(true, Ordering::Relaxed);
                 self.recompute_all(touched, at);
             }
@@ -695,8 +708,7 @@ impl Core {
     }
 
     fn recompute_all(&mut self, touched: BTreeSet<ServiceRef>, at: Timestamp) {
-        let synced_now =
-            self.health.slices_listed.load(Ordering::Relaxed) && self.health.services_listed.load(Ordering::Relaxed);
+        let synced_now = self.slices_listed && self.services_listed;
         let before = self.tracker.pending_count();
         for svc in touched {
             let slices: Vec<&SliceRecord> = self
@@ -744,12 +756,12 @@ mod tests {
 
     use crate::expected::builders::slice;
 
-    fn core() -> (Core, tokio::sync::watch::Receiver<Arc<crate::publish::StatusDraft>>) {
+    fn core() -> Core {
         core_for("node-a")
     }
 
     /// A core with default settings and no API server or kernel behind it.
-    pub(super) fn core_for(node: &str) -> (Core, tokio::sync::watch::Receiver<Arc<crate::publish::StatusDraft>>) {
+    pub(super) fn core_for(node: &str) -> Core {
         let config = AgentConfig {
             node_name: node.into(),
             scope: WatchScope::default(),
@@ -764,17 +776,12 @@ mod tests {
             status: None,
             max_holds: 1,
         };
-        let (tx, rx) = tokio::sync::watch::channel(Arc::new(crate::publish::StatusDraft::default()));
-        let metrics = Metrics::new().unwrap();
-        (
-            Core::new(
-                &config,
-                metrics,
-                Arc::default(),
-                tokio::sync::watch::channel(ReadPlan::default()).0,
-                tx,
-            ),
-            rx,
+        Core::new(
+            &config,
+            Metrics::new().unwrap(),
+            Arc::default(),
+            tokio::sync::watch::channel(ReadPlan::default()).0,
+            tokio::sync::watch::channel(0).0,
         )
     }
 
@@ -801,11 +808,118 @@ mod tests {
         });
     }
 
+    /// The core as a state machine: a stream of inputs (lists, a slice update, readings) in, and
+    /// its effects out: the read plan the scheduler gets, the lag the observer sees, the status
+    /// draft the publisher pulls. No API server, no kernel.
+    #[test]
+    fn a_stream_of_inputs_yields_read_plans_lags_and_drafts() {
+        #[derive(Debug, Default)]
+        struct Seen(std::sync::Mutex<Vec<crate::tracker::LagSample>>);
+        impl LagObserver for Seen {
+            fn lag_measured(&self, sample: &crate::tracker::LagSample) {
+                self.0.lock().unwrap().push(sample.clone());
+            }
+        }
+        let seen = Arc::new(Seen::default());
+        let (plan_tx, plan) = tokio::sync::watch::channel(ReadPlan::default());
+        let mut core = core();
+        core.plan = plan_tx;
+        core.observer = Some(seen.clone());
+        let t = Timestamp::from_millis;
+        let (svc, spec) = crate::expected::builders::svc("ns1/svc1");
+        let two = |rv: u64, ips: &[&str]| {
+            let mut b = slice("ns1/svc1");
+            for ip in ips {
+                b = b.endpoint(ip);
+            }
+            let mut record = b.build();
+            record.resource_version = rv;
+            SliceItem {
+                id: ("ns1".into(), "svc1-a".into()),
+                resource_version: rv,
+                record: Ok((record, vec![])),
+            }
+        };
+        let reading = |at: i64, eps: &[&str]| Input::Reading {
+            mode: Mode::Iptables,
+            backend: "nft".into(),
+            result: Ok(DataplaneSnapshot {
+                services: vec![crate::dataplane::ServiceRoutes {
+                    name: Some(crate::model::ServicePortName::new("ns1", "svc1", "p80")),
+                    protocol: Some(crate::model::Protocol::Tcp),
+                    frontends: ["172.30.0.41:80".to_string()].into(),
+                    endpoints: eps.iter().map(|e| format!("{e}:80").parse().unwrap()).collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            meta: ReadingMeta {
+                started: t(at),
+                finished: t(at + 1),
+                programmed_at: t(at),
+                error_bound: Duration::ZERO,
+                trigger: crate::tracker::ReadTrigger::Event,
+            },
+            took: Duration::from_millis(1),
+        };
+        core.handle(Input::Service(WatchMsg::InitStart));
+        core.handle(Input::Service(WatchMsg::InitItem(ServiceItem {
+            service: svc,
+            spec: Some(spec),
+            resource_version: 3,
+        })));
+        core.handle(Input::Service(WatchMsg::InitDone(t(0))));
+        core.handle(Input::Slice(WatchMsg::InitStart));
+        core.handle(Input::Slice(WatchMsg::InitItem(two(5, &["10.180.0.1", "10.180.0.2"]))));
+        core.handle(Input::Slice(WatchMsg::InitDone(t(10))));
+        core.share_plan(false);
+        assert!(
+            plan.borrow().full_wanted,
+            "after the lists, a full read settles the tracker"
+        );
+        let woken = plan.borrow().wake;
+        assert!(woken >= 1, "the lists' end wakes the scheduler");
+        core.handle(reading(20, &["10.180.0.1", "10.180.0.2"]));
+        core.share_plan(false);
+        assert_eq!(
+            *plan.borrow(),
+            ReadPlan {
+                wake: woken,
+                ..Default::default()
+            },
+            "settled: nothing to read"
+        );
+        assert_eq!(core.draft().observed_resource_version, 5);
+
+        // 10.180.0.2 leaves the slice: the scheduler is woken for its service port.
+        core.handle(Input::Slice(WatchMsg::Apply(two(6, &["10.180.0.1"]), t(10))));
+        core.share_plan(false);
+        let p = plan.borrow().clone();
+        assert_eq!((p.pending, p.full_wanted), (1, false));
+        assert!(p.wake > woken, "new pending changes wake the scheduler");
+        assert!(p.targets.frontends.contains("172.30.0.41:80"), "{p:?}");
+        // The kernel still routes it: still pending, nothing measured.
+        core.handle(reading(30, &["10.180.0.1", "10.180.0.2"]));
+        assert!(seen.0.lock().unwrap().is_empty());
+        assert_eq!(core.draft().status.pending_count, 1);
+        // It is gone from the kernel: one lag, 30 ms after the change was observed.
+        core.handle(reading(40, &["10.180.0.1"]));
+        core.share_plan(false);
+        let lags = seen.0.lock().unwrap().clone();
+        assert_eq!(lags.len(), 1, "{lags:?}");
+        assert_eq!(lags[0].kind, crate::model::ChangeKind::Removed);
+        assert_eq!(lags[0].key.endpoint, "10.180.0.2:80".parse().unwrap());
+        assert_eq!(plan.borrow().pending, 0);
+        let draft = core.draft();
+        assert_eq!((draft.status.pending_count, draft.status.lag_samples), (0, 1));
+        assert_eq!(draft.observed_resource_version, 6);
+    }
+
     /// Issue 15 item 3: during a 410 relist the agent must not publish the relist's version
     /// before the tracker has applied the list.
     #[test]
     fn item3_a_relist_raises_the_observed_version_only_when_applied() {
-        let (mut core, rx) = core();
+        let mut core = core();
         let t = Timestamp::from_millis;
         core.handle(Input::Service(WatchMsg::InitStart));
         core.handle(Input::Service(WatchMsg::InitDone(t(0))));
@@ -813,20 +927,17 @@ mod tests {
         core.handle(Input::Slice(WatchMsg::InitItem(item("a", 5, "10.180.0.1"))));
         core.handle(Input::Slice(WatchMsg::InitDone(t(0))));
         clean_read(&mut core, 10);
-        core.publish();
-        assert_eq!(rx.borrow().observed_resource_version, 5);
+        assert_eq!(core.draft().observed_resource_version, 5);
         // A relist after 410 Gone: the slice changed at version 9.
         core.handle(Input::Slice(WatchMsg::InitStart));
         core.handle(Input::Slice(WatchMsg::InitItem(item("a", 9, "10.180.0.2"))));
-        core.publish();
         assert_eq!(
-            rx.borrow().observed_resource_version,
+            core.draft().observed_resource_version,
             5,
             "published a version whose change the tracker has not applied"
         );
         core.handle(Input::Slice(WatchMsg::InitDone(t(20))));
-        core.publish();
-        assert_eq!(rx.borrow().observed_resource_version, 9);
+        assert_eq!(core.draft().observed_resource_version, 9);
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::Api;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::crd::{
     ConvergedEndpoint, NodeConvergence, NodeConvergenceSpec, NodeConvergenceStatus, PendingEndpoint, StaleEndpoint,
@@ -200,15 +200,21 @@ impl WriteBudget {
     }
 }
 
+/// The publisher's request for a status draft, answered by the agent's core.
+pub type DraftRequest = tokio::sync::oneshot::Sender<Arc<StatusDraft>>;
+
 impl Publisher {
-    pub async fn run(self, mut drafts: watch::Receiver<Arc<StatusDraft>>) -> anyhow::Result<()> {
+    /// Writes the status on its own schedule: woken by `changed` (or the heartbeat), it waits
+    /// out the status interval and its write budget, then pulls a fresh draft through `pull`
+    /// and writes it if it differs from the last one written (or a heartbeat is due).
+    pub async fn run(self, mut changed: watch::Receiver<u64>, pull: mpsc::Sender<DraftRequest>) -> anyhow::Result<()> {
         let mut written: Option<Arc<StatusDraft>> = None;
         let mut last_write: Option<Instant> = None;
         let mut budget = WriteBudget::new(self.burst.max(1), self.budget_interval, Instant::now());
         loop {
             let heartbeat_due = last_write.map_or_else(Instant::now, |t| t + self.heartbeat_interval);
             tokio::select! {
-                changed = drafts.changed() => if changed.is_err() { return Ok(()) },
+                c = changed.changed() => if c.is_err() { return Ok(()) },
                 _ = tokio::time::sleep_until(heartbeat_due.into()) => {}
             }
             // Coalesce: no more than one write per status interval, and within the budget.
@@ -217,7 +223,12 @@ impl Publisher {
             }
             let allowed = budget.next_allowed(Instant::now());
             tokio::time::sleep_until(allowed.into()).await;
-            let draft = drafts.borrow_and_update().clone();
+            changed.borrow_and_update();
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if pull.send(reply).await.is_err() {
+                return Ok(());
+            }
+            let Ok(draft) = answer.await else { return Ok(()) };
             let heartbeat = last_write.is_none_or(|t| t.elapsed() >= self.heartbeat_interval);
             if !heartbeat && written.as_deref() == Some(&*draft) {
                 continue;

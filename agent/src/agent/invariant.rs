@@ -183,7 +183,8 @@ impl Proxy {
 
 struct Agent {
     core: Core,
-    status: tokio::sync::watch::Receiver<Arc<crate::publish::StatusDraft>>,
+    /// The last status draft the publisher pulled.
+    status: crate::publish::StatusDraft,
     at: usize,
 }
 
@@ -286,7 +287,8 @@ impl Sim {
 
     /// A fresh agent core that lists the API as it is now.
     fn start_agent(&mut self, n: usize) -> Agent {
-        let (mut core, status) = super::tests::core_for(&node_name(n));
+        let mut core = super::tests::core_for(&node_name(n));
+        let status = crate::publish::StatusDraft::default();
         let at = self.tick();
         core.handle(Input::Service(WatchMsg::InitStart));
         core.handle(Input::Service(WatchMsg::InitItem(ServiceItem {
@@ -473,7 +475,8 @@ impl Sim {
             }
         }
         for a in &mut self.agents {
-            a.core.publish();
+            // The publisher may pull a draft at any moment: here, after every step.
+            a.status = a.core.draft();
         }
     }
 
@@ -517,7 +520,7 @@ impl Sim {
                 .iter()
                 .enumerate()
                 .map(|(n, a)| {
-                    let mut st: NodeConvergenceStatus = a.status.borrow().status.clone();
+                    let mut st: NodeConvergenceStatus = a.status.status.clone();
                     st.heartbeat_time = heartbeat.clone();
                     (node_name(n), st)
                 })
