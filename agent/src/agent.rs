@@ -16,6 +16,7 @@ use kube::ResourceExt;
 use tokio::sync::mpsc;
 
 use crate::admin::{self, Health};
+use crate::dataplane::conntrack::{self, ConntrackEvent};
 use crate::dataplane::{iptables::Backend, DataplaneSnapshot, Mode, ReadError};
 use crate::expected::{expect_service_with, Semantics, ServiceSpec, SliceRecord};
 use crate::k8s::{self, SliceError, SliceProblem, WatchMsg, WatchScope};
@@ -24,6 +25,7 @@ use crate::netns::NetNs;
 use crate::resolve::Resolver;
 use crate::telemetry::Metrics;
 use crate::tracker::{Reading, ReadingMeta, ReadingOutcome, Tracker, TrackerConfig};
+use crate::traffic::TrafficWatch;
 use schedule::{ReadPlan, ReadScheduler};
 
 #[derive(Clone, Debug)]
@@ -43,6 +45,9 @@ pub struct AgentConfig {
     pub status: Option<StatusConfig>,
     /// Concurrent `/v1/hold` requests served at most.
     pub max_holds: usize,
+    /// How long connections to a removed endpoint are still counted after its removal
+    /// converged (conntrack); zero turns the live-traffic check off.
+    pub traffic_window: Duration,
 }
 
 /// Sees every finished lag measurement as the agent records it. The agent itself needs none;
@@ -89,6 +94,10 @@ enum Input {
     ReaderUnavailable(ReadError, ReadingMeta),
     /// This node's zone label changed.
     Zone(Option<String>),
+    /// New connections to watched endpoints, or the conntrack listener's trouble.
+    Traffic(ConntrackEvent),
+    /// Whether conntrack events can be read (`Err`: why not).
+    TrafficCheck(Result<(), String>),
 }
 
 /// How long a shutting-down agent waits for its in-flight holds' replies to go out.
@@ -155,6 +164,10 @@ pub async fn run_with_client(
     let bound = (config.resync_interval.max(Duration::from_secs(5)) * 3 + Duration::from_secs(60)).as_secs();
     health.stall_after.store(bound, Ordering::Relaxed);
     health.beat();
+    let (targets_tx, targets_rx) = tokio::sync::watch::channel(Arc::new(TrafficTargets::default()));
+    if !config.traffic_window.is_zero() {
+        tasks.spawn(traffic_listener(config.netns.clone(), targets_rx, tx.clone()));
+    }
     tasks.spawn(ReadScheduler::new(config.clone(), tx, plan_rx, health.clone()).run());
     // The publisher pulls a status draft from the core when it is about to write (at most once
     // per status interval and within its budget); the core only tells it that something changed.
@@ -172,7 +185,8 @@ pub async fn run_with_client(
         };
         tasks.spawn(publisher.run(changed_rx, pull_tx));
     }
-    let core = Core::new(&config, metrics, health, plan_tx, changed_tx);
+    let mut core = Core::new(&config, metrics, health, plan_tx, changed_tx);
+    core.traffic_targets = targets_tx;
     tasks.spawn(core.run(rx, pull_rx));
 
     // Every task runs for the agent's lifetime: the first one to end, ends the agent.
@@ -269,6 +283,107 @@ async fn forward<T>(
     Ok(())
 }
 
+/// The endpoints whose new connections the conntrack listener reports.
+type TrafficTargets = std::collections::HashSet<(crate::model::Protocol, SocketAddr)>;
+
+/// A connection after its removal converged: the agent said "programmed" and the kernel still
+/// sent a new connection there. Logged loudly; the metric's `after_converged` counts it.
+fn report_violations(violations: &[crate::traffic::Violation]) {
+    for v in violations {
+        tracing::error!(key = %v.key, reason = v.reason.as_str(), programmed_at = %v.programmed_at.to_rfc3339(),
+            connection_at = %v.connection_at.to_rfc3339(),
+            "a new connection reached a removed endpoint after this node reported the removal programmed");
+    }
+}
+
+/// Resolves when nothing is watched any more (`Err`: the core is gone).
+async fn idle(targets: &mut tokio::sync::watch::Receiver<Arc<TrafficTargets>>) -> Result<(), ()> {
+    targets.wait_for(|t| t.is_empty()).await.map(|_| ()).map_err(|_| ())
+}
+
+/// Runs the conntrack listener while there are endpoints to watch, and stops it when there are
+/// none (an idle node pays nothing). Says once per start whether events can be read.
+async fn traffic_listener(
+    netns: NetNs,
+    mut targets: tokio::sync::watch::Receiver<Arc<TrafficTargets>>,
+    tx: mpsc::Sender<Input>,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::AtomicBool;
+    loop {
+        let watched = targets.wait_for(|t| !t.is_empty()).await.map(|_| ());
+        if watched.is_err() {
+            return Ok(());
+        }
+        let ns = netns.clone();
+        let filter = targets.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (etx, mut events) = mpsc::unbounded_channel();
+        let stop_thread = stop.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            conntrack::availability(&ns)?;
+            conntrack::spawn_listener(
+                &ns,
+                move |c| filter.borrow().contains(&(c.protocol, c.target)),
+                stop_thread,
+                etx,
+            )
+            .map_err(|e| format!("cannot subscribe to conntrack events: {e}"))
+        })
+        .await?;
+        let handle = match started {
+            Ok(handle) => handle,
+            Err(why) => {
+                if tx.send(Input::TrafficCheck(Err(why))).await.is_err() {
+                    return Ok(());
+                }
+                // Checked again later: the module may be loaded, the setting changed.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                    r = idle(&mut targets) => if r.is_err() { return Ok(()) },
+                }
+                continue;
+            }
+        };
+        if tx.send(Input::TrafficCheck(Ok(()))).await.is_err() {
+            return Ok(());
+        }
+        let mut failed = false;
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(e) => {
+                        failed |= matches!(e, ConntrackEvent::Failed(_));
+                        if tx.send(Input::Traffic(e)).await.is_err() {
+                            return Ok(());
+                        }
+                        if failed {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
+                r = idle(&mut targets) => {
+                    if r.is_err() {
+                        return Ok(());
+                    }
+                    break;
+                }
+            }
+        }
+        // The thread stops within its batch interval; what it still had is forwarded.
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        while let Some(e) = events.recv().await {
+            if tx.send(Input::Traffic(e)).await.is_err() {
+                return Ok(());
+            }
+        }
+        let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        if failed {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
 /// The core: owns caches and tracker, turns inputs into metrics.
 struct Core {
     node: String,
@@ -298,6 +413,10 @@ struct Core {
     plan: tokio::sync::watch::Sender<ReadPlan>,
     /// Names the routes of each dataplane snapshot.
     resolver: Resolver,
+    /// Connections to removed endpoints (None: the check is off).
+    traffic: Option<TrafficWatch>,
+    /// The endpoints the conntrack listener should report.
+    traffic_targets: tokio::sync::watch::Sender<Arc<TrafficTargets>>,
     /// Raised after every input: the publisher's cue that a new draft may differ.
     changed: tokio::sync::watch::Sender<u64>,
     lags: crate::publish::RecentLags,
@@ -343,6 +462,8 @@ impl Core {
             observer: config.observer.clone(),
             plan,
             resolver: Resolver::default(),
+            traffic: (!config.traffic_window.is_zero()).then(|| TrafficWatch::new(config.traffic_window)),
+            traffic_targets: tokio::sync::watch::channel(Arc::default()).0,
             changed,
             lags: Default::default(),
             observed_rv: 0,
@@ -435,7 +556,11 @@ impl Core {
                     continue;
                 }
                 _ = tick.tick() => {
+                    if let Some(t) = &mut self.traffic {
+                        t.expire(Timestamp::now());
+                    }
                     let outcomes = self.tracker.expire(Timestamp::now());
+                    self.note_traffic_outcomes(&outcomes, Timestamp::now());
                     for o in &outcomes {
                         if let crate::tracker::Outcome::TimedOut { key, reason, .. } = o {
                             tracing::warn!(%key, reason = reason.as_str(), "change still not reflected in the kernel after the change timeout");
@@ -446,6 +571,7 @@ impl Core {
             }
             self.metrics.refresh_gauges(&self.tracker, Timestamp::now());
             self.share_plan(false);
+            self.share_traffic_targets();
             self.changed.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
@@ -458,6 +584,16 @@ impl Core {
                 self.update_semantics(Timestamp::now());
             }
             Input::Service(msg) => self.on_service(msg),
+            Input::Traffic(event) => self.on_traffic(event),
+            Input::TrafficCheck(result) => {
+                self.metrics.traffic_check_available.set(i64::from(result.is_ok()));
+                if let Err(why) = &result {
+                    tracing::warn!(reason = %why, "connections to removed endpoints cannot be counted on this node");
+                }
+                if let Ok(mut t) = self.health.traffic_unavailable.lock() {
+                    *t = result.err();
+                }
+            }
             Input::Reading {
                 mode,
                 backend,
@@ -553,6 +689,7 @@ impl Core {
 
     fn apply_reading(&mut self, reading: Reading) {
         let outcomes = self.tracker.apply_reading(&reading);
+        self.note_traffic_outcomes(&outcomes, reading.meta.programmed_at);
         for o in &outcomes {
             if let crate::tracker::Outcome::Converged(s) = o {
                 if let Some(observer) = &self.observer {
@@ -707,6 +844,93 @@ impl Core {
         Some(old.service)
     }
 
+    /// Watches the endpoints whose removal became pending at `at` (connections to them are
+    /// counted from now on).
+    fn watch_new_removals(&mut self, at: Timestamp) {
+        let Some(traffic) = &mut self.traffic else { return };
+        for c in self
+            .tracker
+            .pending()
+            .filter(|c| c.observed == at && c.kind == crate::model::ChangeKind::Removed)
+        {
+            let frontends = self
+                .tracker
+                .service(&c.key.port_name.service)
+                .and_then(|e| e.frontends.get(&c.key.port_name, c.key.protocol))
+                .unwrap_or_default();
+            traffic.removal_pending(&c.key, c.reason, frontends);
+        }
+    }
+
+    /// Removals that converged (at their programming time, or `at` when unsampled) or were
+    /// dropped (reverted, timed out) settle what their watch saw so far.
+    fn note_traffic_outcomes(&mut self, outcomes: &[crate::tracker::Outcome], at: Timestamp) {
+        use crate::model::ChangeKind::Removed;
+        use crate::tracker::Outcome;
+        let Some(traffic) = &mut self.traffic else { return };
+        let mut counted = Vec::new();
+        for o in outcomes {
+            match o {
+                Outcome::Converged(s) if s.kind == Removed => {
+                    let (c, violations) = traffic.removal_converged(&s.key, s.programmed_at);
+                    counted.extend(c);
+                    report_violations(&violations);
+                }
+                Outcome::ConvergedUnsampled { key, kind: Removed } => {
+                    let (c, violations) = traffic.removal_converged(key, at);
+                    counted.extend(c);
+                    report_violations(&violations);
+                }
+                Outcome::TimedOut { key, kind: Removed, .. } | Outcome::Superseded { key, kind: Removed } => {
+                    counted.extend(traffic.removal_dropped(key));
+                }
+                _ => {}
+            }
+        }
+        self.count_connections(&counted);
+    }
+
+    fn on_traffic(&mut self, event: ConntrackEvent) {
+        match event {
+            ConntrackEvent::Connections(conns) => {
+                let Some(traffic) = &mut self.traffic else { return };
+                let mut counted = Vec::new();
+                for c in &conns {
+                    let (n, violation) = traffic.connection(c);
+                    counted.extend(n);
+                    report_violations(violation.as_slice());
+                }
+                self.count_connections(&counted);
+            }
+            ConntrackEvent::Overrun => self.metrics.traffic_events_lost.inc(),
+            ConntrackEvent::Failed(e) => {
+                tracing::warn!(error = %e, "the conntrack event socket failed; restarting it");
+            }
+        }
+    }
+
+    fn count_connections(&self, counted: &crate::traffic::Counted) {
+        for (reason, before, after) in counted {
+            let m = &self.metrics.connections_after_removal;
+            m.with_label_values(&[reason.as_str(), "before_converged"])
+                .inc_by(*before);
+            m.with_label_values(&[reason.as_str(), "after_converged"])
+                .inc_by(*after);
+        }
+    }
+
+    /// Hands the watched endpoints to the conntrack listener (it runs while there are any).
+    fn share_traffic_targets(&self) {
+        let Some(traffic) = &self.traffic else { return };
+        self.traffic_targets.send_if_modified(|current| {
+            if current.len() == traffic.len() && traffic.targets_in(current) {
+                return false;
+            }
+            *current = Arc::new(traffic.targets());
+            true
+        });
+    }
+
     fn recompute_all(&mut self, touched: BTreeSet<ServiceRef>, at: Timestamp) {
         let synced_now = self.slices_listed && self.services_listed;
         let before = self.tracker.pending_count();
@@ -720,8 +944,10 @@ impl Core {
                 .collect();
             let exp = expect_service_with(&svc, self.services.get(&svc), &slices, &self.node, &self.semantics);
             let outcomes = self.tracker.update_service(&svc, exp, at);
+            self.note_traffic_outcomes(&outcomes, at);
             self.metrics.record_outcomes(&self.mode_label, &outcomes);
         }
+        self.watch_new_removals(at);
         if synced_now && !self.tracker.is_synced() {
             self.tracker.mark_synced(at);
             tracing::info!(
@@ -775,6 +1001,7 @@ mod tests {
             observer: None,
             status: None,
             max_holds: 1,
+            traffic_window: Duration::from_secs(60),
         };
         Core::new(
             &config,

@@ -82,6 +82,7 @@ async fn run_agent(args: AgentArgs, cluster: &ClusterArgs) -> anyhow::Result<()>
             burst: args.status_burst,
         }),
         max_holds: args.max_holds,
+        traffic_window: args.traffic_window,
     };
     agent::run(cluster_client(cluster).await?, config, metrics).await
 }

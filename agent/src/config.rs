@@ -178,6 +178,10 @@ pub struct AgentArgs {
     /// Publish this node's NodeConvergence status (needed by holds and `isolate`).
     #[arg(long, env = "KUBE_CONVERGE_PUBLISH_STATUS", default_value_t = true, action = clap::ArgAction::Set)]
     pub publish_status: bool,
+    /// Count new connections that still reach a removed endpoint (conntrack events), while its
+    /// removal is pending and for this long after it converged; `0s` turns the check off.
+    #[arg(long, env = "KUBE_CONVERGE_TRAFFIC_WINDOW", value_parser = parse_duration, default_value = "60s")]
+    pub traffic_window: Duration,
     /// Concurrent /v1/hold requests served at most (more get 429).
     #[arg(long, env = "KUBE_CONVERGE_MAX_HOLDS", value_parser = parse_positive, default_value = "64")]
     pub max_holds: usize,

@@ -24,3 +24,4 @@ pub mod selector;
 pub mod table;
 pub mod telemetry;
 pub mod tracker;
+pub mod traffic;

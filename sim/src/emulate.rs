@@ -118,6 +118,16 @@ pub fn render_nat(services: &[EmulatedServicePort], comments: bool, deleted_chai
         "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
     );
     let mut out = String::from("*nat\n");
+    // kube-proxy's jumps into its rules from the built-in chains (it ensures them with `-C`/`-I`;
+    // here the emulated node has no other rules there, so they are declared, flushed and set
+    // again on every sync): traffic of the node itself (OUTPUT) and through it (PREROUTING).
+    for builtin in ["PREROUTING", "OUTPUT"] {
+        let _ = writeln!(out, ":{builtin} ACCEPT [0:0]");
+        let _ = writeln!(
+            rules,
+            "-A {builtin} -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+        );
+    }
     // Declaring a chain in `--noflush` mode flushes it; kube-proxy flushes stale chains before `-X`.
     for ch in chains.iter().chain(deleted_chains) {
         let _ = writeln!(out, ":{ch} - [0:0]");
@@ -265,6 +275,11 @@ pub fn render_nft_as(
     let _ = writeln!(
         o,
         "flush chain {t} nat-prerouting\nadd rule {t} nat-prerouting jump services"
+    );
+    // The node's own connections (kube-proxy's nat-output chain).
+    let _ = writeln!(
+        o,
+        "add chain {t} nat-output {{ type nat hook output priority -100 ; }}\nflush chain {t} nat-output\nadd rule {t} nat-output jump services"
     );
     let _ = writeln!(o, "add rule {t} mark-for-masquerade mark set mark or 0x4000");
     let _ = writeln!(

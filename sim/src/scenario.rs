@@ -328,6 +328,7 @@ impl SimCluster {
                 burst: 10,
             }),
             max_holds: 64,
+            traffic_window: Duration::from_secs(60),
         };
         let (stop_tx, mut stop_rx) = watch::channel(false);
         node.stop = Some(stop_tx);

@@ -2,6 +2,7 @@
 //! behind the `DataplaneReader` trait. Readers report what they see, including what they could
 //! not understand; they never guess that an endpoint is gone.
 
+pub mod conntrack;
 pub mod iptables;
 pub mod ipvs;
 pub mod netlink;
