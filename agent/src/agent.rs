@@ -531,11 +531,11 @@ impl Core {
         crate::publish::draft(
             &self.tracker,
             &self.lags,
-            &self.mode_label,
-            &self.backend,
+            (&self.mode_label, &self.backend),
             self.health(),
             observed,
             &self.scope,
+            &self.traffic.as_ref().map(TrafficWatch::summary).unwrap_or_default(),
         )
     }
 

@@ -127,6 +127,13 @@ pub struct NodeSummary {
     /// still lists it.
     pub lag_seconds: Option<f64>,
     pub end_to_end_seconds: Option<f64>,
+    /// New connections this node still sent to the pod after its removal, before it converged
+    /// (the lag's cost), from the node's live-traffic check; `None` when it reports none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections_before_converged: Option<u64>,
+    /// The same after the node reported the removal programmed: must be 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections_after_converged: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -170,6 +177,7 @@ impl HoldReport {
             "LAG".into(),
             "E2E".into(),
             "HEARTBEAT".into(),
+            "CONNS BEFORE/AFTER".into(),
         ]];
         for n in &self.nodes {
             rows.push([
@@ -179,6 +187,10 @@ impl HoldReport {
                 secs(n.lag_seconds),
                 secs(n.end_to_end_seconds),
                 n.heartbeat_age_seconds.map_or("-".into(), |a| format!("{a:.0}s ago")),
+                match (n.connections_before_converged, n.connections_after_converged) {
+                    (Some(b), Some(a)) => format!("{b}/{a}"),
+                    _ => "-".into(),
+                },
             ]);
         }
         crate::table::render(&rows)
@@ -500,6 +512,8 @@ pub fn verdict(
             observed_resource_version: 0,
             lag_seconds: None,
             end_to_end_seconds: None,
+            connections_before_converged: None,
+            connections_after_converged: None,
         };
         let status = world.convergences.get(name);
         summary.state = if !ready && opts.skip_not_ready {
@@ -545,6 +559,10 @@ pub fn verdict(
                 if let Some(e) = r.end_to_end_seconds {
                     summary.end_to_end_seconds = Some(summary.end_to_end_seconds.map_or(e, |l| l.max(e)));
                 }
+            }
+            for t in st.traffic.iter().filter(|t| ip_strings.contains(&t.ip)) {
+                *summary.connections_before_converged.get_or_insert(0) += t.before_converged;
+                *summary.connections_after_converged.get_or_insert(0) += t.after_converged;
             }
         }
         summaries.push(summary);

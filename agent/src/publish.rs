@@ -106,15 +106,35 @@ fn stale_entry(k: &EndpointKey) -> StaleEndpoint {
     }
 }
 
+/// Removed endpoints listed with their connection counts, at most (the most recent removals
+/// of a large rollout are enough to read the cost).
+const MAX_TRAFFIC_LISTED: usize = 100;
+
+fn traffic_entry(t: &crate::traffic::EndpointTraffic) -> crate::crd::RemovedEndpointTraffic {
+    let k = &t.key;
+    crate::crd::RemovedEndpointTraffic {
+        namespace: k.port_name.service.namespace.clone(),
+        service: k.port_name.service.name.clone(),
+        port: k.port_name.port.clone(),
+        protocol: k.protocol.as_str().into(),
+        endpoint: k.endpoint.to_string(),
+        ip: k.endpoint.ip().to_string(),
+        reason: t.reason.as_str().into(),
+        before_converged: t.before_converged,
+        after_converged: t.after_converged,
+        converged: t.converged,
+    }
+}
+
 /// Builds the draft from the core's state.
 pub fn draft(
     tracker: &Tracker,
     lags: &RecentLags,
-    mode: &str,
-    backend: &str,
+    (mode, backend): (&str, &str),
     health: (&str, Option<String>),
     (observed_resource_version, observed_service_resource_version): (u64, u64),
     scope: &WatchScope,
+    traffic: &[crate::traffic::EndpointTraffic],
 ) -> StatusDraft {
     let pending: Vec<PendingEndpoint> = tracker.pending().take(MAX_PENDING_LISTED).map(pending_entry).collect();
     let count = tracker.pending_count();
@@ -146,6 +166,12 @@ pub fn draft(
             lag_p99_seconds: lags.percentile(0.99),
             lag_samples: lags.lags.len() as u32,
             recent: lags.recent.iter().cloned().collect(),
+            // Violations first, so that they are never cut.
+            traffic: {
+                let mut t: Vec<_> = traffic.iter().collect();
+                t.sort_by_key(|t| std::cmp::Reverse(t.after_converged));
+                t.into_iter().take(MAX_TRAFFIC_LISTED).map(traffic_entry).collect()
+            },
             heartbeat_time: String::new(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
         },
