@@ -48,6 +48,11 @@ pub struct AgentConfig {
     /// How long connections to a removed endpoint are still counted after its removal
     /// converged (conntrack); zero turns the live-traffic check off.
     pub traffic_window: Duration,
+    /// Test-only: a deliberately broken agent whose readings drop every endpoint being
+    /// removed, so it reports removals converged before the kernel made them. The live-traffic check
+    /// must catch it (its `after_converged` count). Never set outside tests.
+    #[doc(hidden)]
+    pub fault_report_removals_early: bool,
 }
 
 /// Sees every finished lag measurement as the agent records it. The agent itself needs none;
@@ -417,6 +422,8 @@ struct Core {
     traffic: Option<TrafficWatch>,
     /// The endpoints the conntrack listener should report.
     traffic_targets: tokio::sync::watch::Sender<Arc<TrafficTargets>>,
+    /// Test-only fault (see `AgentConfig::fault_report_removals_early`).
+    fault_report_removals_early: bool,
     /// Raised after every input: the publisher's cue that a new draft may differ.
     changed: tokio::sync::watch::Sender<u64>,
     lags: crate::publish::RecentLags,
@@ -462,6 +469,7 @@ impl Core {
             observer: config.observer.clone(),
             plan,
             resolver: Resolver::default(),
+            fault_report_removals_early: config.fault_report_removals_early,
             traffic: (!config.traffic_window.is_zero()).then(|| TrafficWatch::new(config.traffic_window)),
             traffic_targets: tokio::sync::watch::channel(Arc::default()).0,
             changed,
@@ -632,7 +640,19 @@ impl Core {
                             self.metrics.dataplane_read_errors.with_label_values(&["partial"]).inc();
                         }
                         self.health.dataplane_read.store(true, Ordering::Relaxed);
-                        let view = self.resolver.resolve(&self.tracker, &snap);
+                        let mut view = self.resolver.resolve(&self.tracker, &snap);
+                        if self.fault_report_removals_early {
+                            // The broken reader: whatever is being removed reads as gone.
+                            for c in self
+                                .tracker
+                                .pending()
+                                .filter(|c| c.kind == crate::model::ChangeKind::Removed)
+                            {
+                                view.named
+                                    .remove(&(c.key.port_name.clone(), c.key.protocol, c.key.endpoint));
+                                view.unattributed.remove(&(c.key.protocol, c.key.endpoint));
+                            }
+                        }
                         ReadingOutcome::Routed(view)
                     }
                     Err(e) => {
@@ -1002,6 +1022,7 @@ mod tests {
             status: None,
             max_holds: 1,
             traffic_window: Duration::from_secs(60),
+            fault_report_removals_early: false,
         };
         Core::new(
             &config,

@@ -83,6 +83,7 @@ async fn run_agent(args: AgentArgs, cluster: &ClusterArgs) -> anyhow::Result<()>
         }),
         max_holds: args.max_holds,
         traffic_window: args.traffic_window,
+        fault_report_removals_early: false,
     };
     agent::run(cluster_client(cluster).await?, config, metrics).await
 }

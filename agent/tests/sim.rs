@@ -76,6 +76,89 @@ async fn lags_never_earlier_than_truth_and_slow_node_named(mode: ProxyMode) {
     assert_eq!(reasons.iter().filter(|r| **r == "deleted").count(), 3, "{table}");
     assert_eq!(reasons.iter().filter(|r| **r == "isolated").count(), 3, "{table}");
     assert!(table.contains("node-3"));
+    // Live traffic: every node's client kept opening connections to the Service. None may
+    // reach a removed pod after its node reported the removal programmed; the slow node's lag
+    // cost some.
+    let mut rows = report.rows;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sim.fill_connections(&mut rows);
+    let report = SimReport {
+        rows,
+        metrics: sim.metrics_addrs(),
+    };
+    let table = report.table();
+    for r in &report.rows {
+        let (_, after) = r
+            .connections
+            .unwrap_or_else(|| panic!("{}: no connection counts\n{table}", r.node));
+        assert_eq!(after, 0, "{}: connections after converged\n{table}", r.node);
+    }
+    let slow_before: u64 = report
+        .rows
+        .iter()
+        .filter(|r| r.node == "node-3")
+        .map(|r| r.connections.unwrap().0)
+        .sum();
+    assert!(slow_before > 0, "the slow node's 0.8 s cost connections\n{table}");
+    for node in sim.node_names() {
+        let m = sim.scrape(&node).await.unwrap();
+        let after: f64 = ["deleted", "isolated"]
+            .iter()
+            .map(|r| {
+                metric(
+                    &m,
+                    "kube_converge_connections_after_removal_total",
+                    &[&format!("reason=\"{r}\""), "phase=\"after_converged\""],
+                )
+            })
+            .sum();
+        assert_eq!(after, 0.0, "{node}:\n{m}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces and kernel rules (scripts/test.sh runs it as root)"]
+async fn lags_are_never_earlier_than_truth_and_the_slow_node_stands_out_iptables_legacy() {
+    lags_never_earlier_than_truth_and_slow_node_named(ProxyMode::IptablesLegacy).await;
+}
+
+/// The live-traffic check can fail: agents that report removals converged before their kernel
+/// made them (a test-only fault) are caught by the connections the slow node still sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces and kernel rules (scripts/test.sh runs it as root)"]
+async fn an_agent_that_reports_converged_early_is_caught_by_live_traffic() {
+    let Some(mut opts) = options(ProxyMode::Iptables, &[("node-3", 1500)]) else {
+        return;
+    };
+    opts.faulty_agents = true;
+    let mut sim = SimCluster::start(&opts).await.unwrap();
+    sim.cluster().delete("Pod", "demo", "web-0", Some(2)).unwrap();
+    let rows = sim.collect(ChangeKind::Removed, is_ip("10.244.1.10"), 1).await.unwrap();
+    let report = SimReport {
+        rows,
+        metrics: sim.metrics_addrs(),
+    };
+    let early = report
+        .rows
+        .iter()
+        .filter(|r| matches!((&r.sample, &r.truth), (Some(s), Some(t)) if s.programmed_at < t.write_started))
+        .count();
+    assert!(
+        early > 0,
+        "the fault must make some node report early:\n{}",
+        report.table()
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let m = sim.scrape("node-3").await.unwrap();
+    let after = metric(
+        &m,
+        "kube_converge_connections_after_removal_total",
+        &["reason=\"deleted\"", "phase=\"after_converged\""],
+    );
+    assert!(
+        after > 0.0,
+        "node-3 kept routing 1.5 s after its agent said converged:\n{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,6 +48,8 @@ async fn main() -> anyhow::Result<()> {
         timeout: Duration::from_secs(120),
         metrics_port: 0,
         keep: false,
+        traffic_rate: 0,
+        faulty_agents: false,
     };
     let started = Instant::now();
     let sim = SimCluster::start(&opts).await?;

@@ -46,6 +46,8 @@ async fn main() -> anyhow::Result<()> {
         timeout: Duration::from_secs(60),
         metrics_port: 0,
         keep: false,
+        traffic_rate: 0,
+        faulty_agents: false,
     };
     let mut sim = SimCluster::start(&opts).await?;
     let cluster = sim.cluster().clone();

@@ -28,6 +28,8 @@ async fn main() -> anyhow::Result<()> {
         timeout: Duration::from_secs(120),
         metrics_port: 0,
         keep: false,
+        traffic_rate: 0,
+        faulty_agents: false,
     };
     let sim = SimCluster::start(&opts).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -38,6 +38,10 @@ struct SimArgs {
     /// First port of the agents' /metrics on 127.0.0.1 (node-1 gets this one, node-2 the next…).
     #[arg(long, env = "KUBE_CONVERGE_SIM_METRICS_PORT", default_value_t = 9108)]
     metrics_port: u16,
+    /// New connections per second each node's client opens to the demo Service (0: none);
+    /// the table shows those the nodes still sent to the removed pods.
+    #[arg(long, env = "KUBE_CONVERGE_SIM_TRAFFIC_RATE", default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=10000))]
+    traffic_rate: u32,
     /// Keep the cluster running after the table (for dashboards), until Ctrl-C.
     #[arg(long, env = "KUBE_CONVERGE_SIM_KEEP")]
     keep: bool,
@@ -96,6 +100,8 @@ async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
         timeout: args.timeout,
         metrics_port: args.metrics_port,
         keep: args.keep,
+        traffic_rate: args.traffic_rate,
+        faulty_agents: false,
     };
     let keep = opts.keep;
     // Dropping the simulation on Ctrl-C removes its namespaces and stops its tasks. With

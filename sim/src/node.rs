@@ -80,6 +80,27 @@ impl NetnsGuard {
     pub fn path(&self) -> String {
         format!("/run/netns/{}", self.name)
     }
+
+    /// Loopback up, and routes to the Service and pod ranges through it: the node's own
+    /// connections to a Service then reach kube-proxy's nat hooks, and after the DNAT leave
+    /// (tracked by conntrack) towards the pod.
+    pub fn routes_for_traffic(&self) -> anyhow::Result<()> {
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["route", "add", "10.96.0.0/16", "dev", "lo"],
+            &["route", "add", "10.244.0.0/16", "dev", "lo"],
+        ] {
+            let out = Command::new("ip").args(["-n", &self.name]).args(args).output()?;
+            if !out.status.success() {
+                anyhow::bail!(
+                    "ip -n {} {args:?}: {}",
+                    self.name,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Drop for NetnsGuard {

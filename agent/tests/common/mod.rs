@@ -133,5 +133,7 @@ pub fn sim_options(
         timeout: Duration::from_secs(30),
         metrics_port: 0,
         keep: false,
+        traffic_rate: 50,
+        faulty_agents: false,
     })
 }
