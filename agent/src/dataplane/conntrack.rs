@@ -167,7 +167,7 @@ pub fn spawn_listener(
     let sock = netlink::bound_socket(netns, NETLINK_NETFILTER)?;
     sock.add_membership(NFNLGRP_CONNTRACK_NEW)
         .map_err(NetlinkError::OpenFailed)?;
-    let _ = sock.set_rx_buf_sz(4 * 1024 * 1024);
+    netlink::grow_recv_buffer(&sock, 16 * 1024 * 1024);
     netlink::set_recv_deadline(&sock, BATCH_EVERY).map_err(NetlinkError::OpenFailed)?;
     std::thread::Builder::new()
         .name("conntrack".into())

@@ -382,6 +382,29 @@ pub fn set_recv_deadline(sock: &impl AsRawFd, deadline: Duration) -> io::Result<
     }
 }
 
+/// Sets the socket's receive buffer to `bytes`, past the system's `rmem_max` where the process
+/// may (`SO_RCVBUFFORCE`, CAP_NET_ADMIN), else as far as `SO_RCVBUF` allows. For event sockets
+/// that must absorb bursts (conntrack at thousands of connections per second).
+#[allow(unsafe_code)]
+pub fn grow_recv_buffer(sock: &impl AsRawFd, bytes: usize) {
+    let size = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    for option in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: a valid socket descriptor, and a c_int of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
+}
+
 /// The receive deadline set on `sock`, if any.
 #[allow(unsafe_code)]
 pub fn recv_deadline(sock: &impl AsRawFd) -> io::Result<Option<Duration>> {
