@@ -166,8 +166,8 @@ impl PreStop {
     }
 }
 
-/// The pod's deciding hook among its containers, with the container's name (the first
-/// container when none has a hook).
+/// The pod's deciding hook among its containers, with the container's name: on a tie (e.g.
+/// no hook anywhere) the first, and `WorkloadShape` lists serving containers first.
 pub fn deciding_prestop(containers: &[(String, PreStop)]) -> (String, PreStop) {
     let mut best: Option<&(String, PreStop)> = None;
     for c in containers {
@@ -595,21 +595,22 @@ impl WorkloadShape {
     fn from_template(kind: &'static str, meta: &kube::api::ObjectMeta, template: &PodTemplateSpec) -> Self {
         let labels = template.metadata.as_ref().and_then(|m| m.labels.as_ref());
         let spec = template.spec.as_ref();
-        let containers = spec
-            .map(|s| {
-                s.containers
-                    .iter()
-                    .map(|c| {
-                        let hook = c
-                            .lifecycle
-                            .as_ref()
-                            .and_then(|l| l.pre_stop.as_ref())
-                            .map_or(PreStop::None, PreStop::of_handler);
-                        (c.name.clone(), hook)
-                    })
-                    .collect()
+        let mut containers: Vec<&k8s_openapi::api::core::v1::Container> =
+            spec.map(|s| s.containers.iter().collect()).unwrap_or_default();
+        // Containers that declare ports first: a hook goes where the traffic is served
+        // (kubelet sends SIGTERM to each container after its own preStop).
+        containers.sort_by_key(|c| c.ports.as_ref().is_none_or(|p| p.is_empty()));
+        let containers = containers
+            .into_iter()
+            .map(|c| {
+                let hook = c
+                    .lifecycle
+                    .as_ref()
+                    .and_then(|l| l.pre_stop.as_ref())
+                    .map_or(PreStop::None, PreStop::of_handler);
+                (c.name.clone(), hook)
             })
-            .unwrap_or_default();
+            .collect();
         WorkloadShape {
             namespace: meta.namespace.clone().unwrap_or_default(),
             kind,

@@ -26,6 +26,7 @@ async fn run(kubeconfig: &Path, args: &[&str]) -> (i32, String, String) {
             .env("KUBECONFIG", kc)
             .env_remove("KUBE_CONVERGE_NAMESPACE")
             .env_remove("KUBE_CONVERGE_OUTPUT")
+            .env_remove("RUST_BACKTRACE")
             .output()
             .unwrap()
     })
@@ -40,7 +41,7 @@ async fn run(kubeconfig: &Path, args: &[&str]) -> (i32, String, String) {
 
 /// A workload of `kind` whose pods carry `labels`, with one container `app` and `pre_stop`.
 fn workload(kind: &str, ns: &str, name: &str, labels: Value, pre_stop: Option<Value>, grace: Option<u64>) -> Value {
-    let mut container = json!({"name": "app", "image": "registry.example/app:1"});
+    let mut container = json!({"name": "app", "image": "registry.example/app:1", "ports": [{"containerPort": 8080}]});
     if let Some(p) = pre_stop {
         container["lifecycle"] = json!({"preStop": p});
     }
@@ -344,6 +345,11 @@ async fn advise_judges_each_workload_against_known_lags() {
         (Some("none"), Some(0.0))
     );
     assert_eq!(none["terminationGracePeriodSeconds"], 30.0, "the default");
+    assert_eq!(
+        none["preStop"]["container"], "app",
+        "with no hook anywhere, the hold goes on the serving container (not the first, log-shipper)"
+    );
+    assert!(none["snippet"].as_str().unwrap().contains("- name: app\n"));
     assert_eq!(by_name["web-sleep"]["preStop"]["kind"], "sleep");
     let grace = by_name["web-grace"]["reason"].as_str().unwrap();
     assert!(grace.contains("does not cover the preStop sleep"), "{grace}");
@@ -552,4 +558,62 @@ async fn advise_on_the_simulated_cluster_uses_the_agents_measurements() {
         );
     }
     assert!(table.contains(&format!("p99.9 ~{p999:.3}s")), "{table}");
+}
+
+/// An API server that refuses everything with 403, as one without the operator binding does.
+async fn forbidding_api_server() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_string();
+                let path = head.split_whitespace().nth(1).unwrap_or_default().to_string();
+                let resource = path
+                    .split('?')
+                    .next()
+                    .unwrap_or_default()
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": format!("{resource} is forbidden: User \"bob\" cannot list resource \"{resource}\""),
+                    "reason": "Forbidden", "code": 403})
+                .to_string();
+                let reply = format!(
+                    "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://{addr}\nusers:\n- name: bob\n  user:\n    token: bob\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: bob\ncurrent-context: c\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_list_names_the_missing_rbac() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, forbidding_api_server().await).unwrap();
+    let (code, out, err) = run(&kubeconfig, &["advise", "-n", "demo"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.starts_with("error: listing Services in namespace demo was forbidden (services is forbidden: User \"bob\" cannot list resource \"services\"): advise needs `list` on `services` in API group \"\" (core); bind the kube-converge-operator ClusterRole"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one sentence, not a dump: {err}");
 }
