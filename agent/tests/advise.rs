@@ -617,3 +617,145 @@ async fn a_forbidden_list_names_the_missing_rbac() {
     );
     assert_eq!(err.lines().count(), 1, "one sentence, not a dump: {err}");
 }
+
+/// A real Prometheus scrapes the simulated cluster's agents: advise's PromQL runs there, its
+/// HTTP client reads Prometheus' answers, and the quantiles fall in the histogram bucket of the
+/// slowest lag the agents measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and prometheus: network namespaces and kernel rules (scripts/test.sh runs it as root)"]
+async fn advise_reads_the_quantiles_from_a_real_prometheus() {
+    if !common::require(&["prometheus"]) {
+        return;
+    }
+    let Some(opts) = options() else { return };
+    let mut sim = SimCluster::start(&opts).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, sim.api.kubeconfig_for("operator")).unwrap();
+    for (w, _) in workloads() {
+        sim.api.apply(w);
+    }
+    let targets: Vec<String> = sim
+        .metrics_addrs()
+        .iter()
+        .map(|(node, addr)| format!("    - targets: ['{addr}']\n      labels: {{node: {node}}}\n"))
+        .collect();
+    std::fs::write(
+        dir.path().join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n- job_name: kube-converge-metrics\n  static_configs:\n{}",
+            targets.concat()
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _prometheus = Kill(
+        std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // The removal must come after Prometheus has scraped the lag series at zero: increase()
+    // counts nothing for a series whose first sample already holds the change.
+    let scraped_at_zero =
+        "count(count by (node) (kube_converge_end_to_end_lag_seconds_count{change=\"removed\"} == 0))";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while prometheus_value(port, scraped_at_zero).await < Some(3.0) {
+        assert!(Instant::now() < deadline, "Prometheus never scraped the agents");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    sim.cluster().delete("Pod", "demo", "web-0", Some(5)).unwrap();
+    let is_web0 = |k: &EndpointKey| k.endpoint.ip().to_string() == "10.244.1.10";
+    let rows = sim.collect(ChangeKind::Removed, is_web0, 1).await.unwrap();
+    let slowest = rows
+        .iter()
+        .map(|r| {
+            let s = r.sample.as_ref().unwrap();
+            s.end_to_end.map_or(s.lag, |e| e.0)
+        })
+        .fold(0.0, f64::max);
+    let url = format!("http://127.0.0.1:{port}");
+    let args = [
+        "advise",
+        "-n",
+        "demo",
+        "--prometheus",
+        &url,
+        "--prometheus-window",
+        "10m",
+        "-o",
+        "json",
+    ];
+    // Until Prometheus is up and has scraped every node's removal.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let report = loop {
+        let (code, out, err) = run(&kubeconfig, &args).await;
+        if code == 0 {
+            let report: Value = serde_json::from_str(&out).unwrap();
+            if report["measurement"]["nodes"] == 3 && report["measurement"]["samples"].as_u64() >= Some(3) {
+                break report;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never had the removals: {err}\n{out}\n{}",
+            std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let m = &report["measurement"];
+    assert_eq!(
+        (m["source"].as_str(), m["p999Estimated"].as_bool()),
+        (Some("prometheus"), Some(false))
+    );
+    // histogram_quantile interpolates inside the bucket holding the slowest node's lag.
+    let buckets = kube_converge::telemetry::LAG_BUCKETS;
+    let upper = buckets.iter().copied().find(|b| slowest <= *b).unwrap();
+    let lower = buckets.iter().copied().filter(|b| *b < upper).fold(0.0, f64::max);
+    for q in ["p99Seconds", "p999Seconds"] {
+        let v = m[q].as_f64().unwrap();
+        assert!(
+            v > lower && v <= upper,
+            "{q} {v} outside the bucket ({lower}, {upper}] of the slowest lag {slowest}: {m}"
+        );
+    }
+    let got = verdicts(&report);
+    assert_eq!(got["web-none"], "too-short");
+    assert_eq!(got["web-long"], "wasteful");
+    assert_eq!(got["web-hold"], "hold");
+}
+
+/// The first value of an instant query, if Prometheus answers.
+async fn prometheus_value(port: u16, expr: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let q: String = expr
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(format!("GET /api/v1/query?query={q} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await.ok()?;
+    let body: Value = serde_json::from_str(reply.split_once("\r\n\r\n")?.1).ok()?;
+    body["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
