@@ -1257,9 +1257,14 @@ mod tests {
     fn the_readmes_exec_hold_is_a_hold() {
         let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
         let text = std::fs::read_to_string(readme).unwrap();
+        let readme_hook = r#"command: ["sh", "-c", "wget -q -O- \"http://$NODE_IP:9108/v1/hold?namespace=$POD_NAMESPACE&pod=$POD_NAME&timeout=25s\" || true"]"#;
         assert!(
-            text.contains(r#"command: ["sh", "-c", "wget -q -O- \"http://$NODE_IP:9108/v1/hold?namespace=$POD_NAMESPACE&pod=$POD_NAME&timeout=25s\" || true"]"#),
+            text.contains(readme_hook),
             "the README's exec hold changed: update hold_snippet with it"
+        );
+        assert!(
+            hold_snippet("app", &PreStop::None, 60, 25).contains(readme_hook),
+            "the snippet must be the README's exec hold"
         );
         let hook = exec(&[
             "sh",
