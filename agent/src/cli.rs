@@ -4,8 +4,8 @@ use anyhow::Context;
 
 use crate::agent::{self, AgentConfig};
 use crate::config::{
-    AgentArgs, BackendArg, Cli, Command, DataplaneArgs, InspectArgs, IsolateArgs, ModeArg, OutputFormat, RestoreArgs,
-    StatusArgs, WaitArgs,
+    AdviseArgs, AgentArgs, BackendArg, Cli, Command, DataplaneArgs, InspectArgs, IsolateArgs, ModeArg, OutputFormat,
+    RestoreArgs, StatusArgs, WaitArgs,
 };
 use crate::dataplane::{iptables::Backend, Mode};
 use crate::k8s::WatchScope;
@@ -53,6 +53,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Isolate(args) => run_isolate(args, &cluster).await,
         Command::Restore(args) => run_restore(args, &cluster).await,
         Command::Status(args) => run_status(args, &cluster).await,
+        Command::Advise(args) => run_advise(args, &cluster).await,
     }
 }
 
@@ -268,6 +269,27 @@ async fn run_status(args: StatusArgs, cluster: &ClusterArgs) -> anyhow::Result<(
             }
             println!("converged everywhere");
         }
+    }
+    Ok(())
+}
+
+async fn run_advise(args: AdviseArgs, cluster: &ClusterArgs) -> anyhow::Result<()> {
+    use crate::advise::LagSource;
+    let client = cluster_client(cluster).await?;
+    let source = match args.prometheus {
+        Some(url) => LagSource::Prometheus {
+            url,
+            window: args.prometheus_window,
+        },
+        None => LagSource::NodeConvergences,
+    };
+    let report = crate::advise::advise(&client, args.namespace.as_deref(), &source).await?;
+    if let Some(why) = &report.no_data_reason {
+        eprintln!("warning: no measured lag, every verdict is no-data (holds excepted): {why}");
+    }
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Table => print!("{}", report.to_table()),
     }
     Ok(())
 }

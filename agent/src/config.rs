@@ -24,7 +24,7 @@ pub struct Cli {
         global = true
     )]
     pub log_format: LogFormat,
-    /// The kubeconfig file for `agent`, `isolate`, `restore` and `status` (default: KUBECONFIG,
+    /// The kubeconfig file for `agent`, `isolate`, `restore`, `status` and `advise` (default: KUBECONFIG,
     /// ~/.kube/config, or the in-cluster config), as kubectl's `--kubeconfig`.
     #[arg(long, global = true)]
     pub kubeconfig: Option<std::path::PathBuf>,
@@ -49,6 +49,9 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Show every node's convergence state, or one pod's.
     Status(StatusArgs),
+    /// Set each workload's preStop and grace period beside the measured removal lag: a verdict
+    /// and the hold that replaces a guessed sleep.
+    Advise(AdviseArgs),
 }
 
 #[derive(Clone, Debug, Args)]
@@ -111,6 +114,23 @@ pub struct StatusArgs {
     pub pod: Option<String>,
     #[arg(short, long, env = "KUBE_CONVERGE_NAMESPACE")]
     pub namespace: Option<String>,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct AdviseArgs {
+    /// Only workloads in this namespace (default: every namespace).
+    #[arg(short, long, env = "KUBE_CONVERGE_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Take the lag quantiles from this Prometheus (http://HOST:PORT[/PREFIX]), which scrapes
+    /// the agents, instead of the NodeConvergence objects (whose p99.9 is only an estimate).
+    #[arg(long, env = "KUBE_CONVERGE_PROMETHEUS")]
+    pub prometheus: Option<String>,
+    /// The range of the Prometheus queries (a PromQL duration).
+    #[arg(long, env = "KUBE_CONVERGE_PROMETHEUS_WINDOW", default_value = "7d", value_parser = crate::advise::parse_promql_window)]
+    pub prometheus_window: String,
+    /// Output format (`json`: stable field names, see the README).
+    #[arg(short = 'o', long, env = "KUBE_CONVERGE_OUTPUT", value_enum, default_value = "table")]
+    pub output: OutputFormat,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod advise;
 pub mod agent;
 pub mod cli;
 pub mod config;

@@ -223,6 +223,8 @@ async fn rbac_roles_grant_exactly_what_agents_and_the_cli_call() {
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, sim.api.kubeconfig_for("operator")).unwrap();
     for args in [
+        vec!["advise"],
+        vec!["advise", "-n", "demo", "-o", "json"],
         vec!["isolate", "web-1", "-n", "demo", "--timeout", "20s"],
         vec!["restore", "web-1", "-n", "demo", "--timeout", "20s"],
         vec!["status"],

@@ -28,6 +28,10 @@ pub const RESOURCES: &[ResourceInfo] = &[
         false,
         true,
     ),
+    // Workloads, for `advise` (stored as given: no controller runs them).
+    ("deployments", "apps/v1", "Deployment", true, true),
+    ("statefulsets", "apps/v1", "StatefulSet", true, true),
+    ("daemonsets", "apps/v1", "DaemonSet", true, true),
 ];
 
 pub fn resource_of_kind(kind: &str) -> Option<ResourceInfo> {
