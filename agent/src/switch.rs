@@ -308,7 +308,9 @@ impl SwitchReport {
                 n.mode.clone(),
                 Moment::cell(&n.old_stopped),
                 Moment::cell(&n.new_complete),
-                Moment::cell(&n.confirmed),
+                n.confirmed
+                    .as_ref()
+                    .map_or("-".into(), |m| format!("{:.3}s", m.seconds)),
                 n.connections_to_old_set.map_or("-".into(), |c| c.to_string()),
             ]);
         }
@@ -787,7 +789,7 @@ mod tests {
         let row = table.lines().find(|l| l.starts_with("node-b")).unwrap();
         assert_eq!(
             row.split_whitespace().collect::<Vec<_>>(),
-            ["node-b", "converged", "iptables", "0.920s", "0.930s", "<=5.000s", "-"]
+            ["node-b", "converged", "iptables", "0.920s", "0.930s", "5.000s", "-"]
         );
     }
 
