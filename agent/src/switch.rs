@@ -598,9 +598,13 @@ pub async fn switch(
         .await?;
     progress.finish();
     if !report.complete && req.rollback_on_timeout {
-        rollback(&services, name, &req.selector, &old)
-            .await
-            .with_context(|| format!("rolling Service {ns}/{name} back to {}", selector_text(&old)))?;
+        rollback(&services, name, &req.selector, &old).await.with_context(|| {
+            format!(
+                "the cutover timed out (waiting on: {}); rolling Service {ns}/{name} back to {}",
+                report.waiting_on().join(", "),
+                selector_text(&old)
+            )
+        })?;
         report.rolled_back = true;
     }
     Ok(report)
@@ -1074,6 +1078,45 @@ mod tests {
             (names(&p.new), p.new_not_ready),
             (vec!["green-0".to_string()], vec!["green-1".to_string()])
         );
+    }
+
+    #[test]
+    fn a_set_is_done_on_a_node_only_when_every_pod_is() {
+        let mut w = world();
+        w.convergences
+            .get_mut("node-b")
+            .unwrap()
+            .pending
+            .push(pending(BLUE[1], "removed"));
+        let opts = HoldOptions::default();
+        let removal = HoldTarget {
+            namespace: "ns1".into(),
+            services: ["web".to_string()].into(),
+            ..Default::default()
+        };
+        let reports: Vec<HoldReport> = cutover()
+            .plan
+            .old
+            .iter()
+            .map(|s| verdict(s, &removal, &w, &opts, ts(NOW_MS), Duration::from_secs(1)))
+            .collect();
+        let states = set_states(&reports);
+        assert_eq!(states["node-a"], NodeState::Converged);
+        assert_eq!(states["node-b"], NodeState::Pending, "blue-1 is still pending there");
+        // A node one pod's report lacks is unknown, never done.
+        let mut partial = reports.clone();
+        partial[1].nodes.retain(|n| n.node != "node-a");
+        assert_eq!(set_states(&partial)["node-a"], NodeState::Unknown);
+        // Skipped only when every pod was skipped there.
+        let mut skipped = reports;
+        for r in &mut skipped {
+            for n in &mut r.nodes {
+                n.state = NodeState::Skipped;
+            }
+        }
+        assert_eq!(set_states(&skipped)["node-a"], NodeState::Skipped);
+        skipped[0].nodes[0].state = NodeState::Converged;
+        assert_eq!(set_states(&skipped)[&skipped[0].nodes[0].node], NodeState::Converged);
     }
 
     #[test]
