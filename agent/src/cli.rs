@@ -5,7 +5,7 @@ use anyhow::Context;
 use crate::agent::{self, AgentConfig};
 use crate::config::{
     AdviseArgs, AgentArgs, BackendArg, Cli, Command, DataplaneArgs, InspectArgs, IsolateArgs, ModeArg, OutputFormat,
-    RestoreArgs, StatusArgs, WaitArgs,
+    RestoreArgs, StatusArgs, SwitchArgs, WaitArgs,
 };
 use crate::dataplane::{iptables::Backend, Mode};
 use crate::k8s::WatchScope;
@@ -54,6 +54,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Restore(args) => run_restore(args, &cluster).await,
         Command::Status(args) => run_status(args, &cluster).await,
         Command::Advise(args) => run_advise(args, &cluster).await,
+        Command::Switch(args) => run_switch(args, &cluster).await,
     }
 }
 
@@ -238,6 +239,56 @@ async fn run_restore(args: RestoreArgs, cluster: &ClusterArgs) -> anyhow::Result
     let mut progress = crate::isolate::Progress::default();
     let report = crate::isolate::restore(&client, &ns, &args.pod, &hold_options(&args.wait), &mut progress).await?;
     finish(&report, &format!("restore of {ns}/{}", args.pod))
+}
+
+async fn run_switch(args: SwitchArgs, cluster: &ClusterArgs) -> anyhow::Result<()> {
+    use crate::switch::{selector_text, SwitchRequest};
+    let client = cluster_client(cluster).await?;
+    let ns = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let req = SwitchRequest {
+        namespace: ns.clone(),
+        service: args.service.clone(),
+        selector: crate::switch::selector_map(&args.selector),
+        force: args.force,
+        rollback_on_timeout: args.rollback_on_timeout,
+    };
+    let mut progress = crate::isolate::Progress::default();
+    let report = crate::switch::switch(&client, &req, &hold_options(&args.wait), &mut progress).await?;
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Table => print!("{}", report.table()),
+    }
+    let what = format!("Service {ns}/{} to {}", args.service, selector_text(&req.selector));
+    if report.complete {
+        if args.output == OutputFormat::Table {
+            println!(
+                "cutover of {what} complete on every node after {:.1}s",
+                report.waited_seconds
+            );
+        }
+        return Ok(());
+    }
+    let rolled_back = if report.rolled_back {
+        format!(
+            "; rolled back: the selector is {} again",
+            selector_text(&report.old_selector)
+        )
+    } else {
+        String::new()
+    };
+    let api = if report.changed_in_api {
+        ""
+    } else {
+        " (the API does not show the change yet: is the EndpointSlice controller running?)"
+    };
+    anyhow::bail!(
+        "cutover of {what} timed out after {:.0}s{api}; still waiting on: {}{rolled_back}",
+        report.waited_seconds,
+        report.waiting_on().join(", ")
+    )
 }
 
 async fn run_status(args: StatusArgs, cluster: &ClusterArgs) -> anyhow::Result<()> {

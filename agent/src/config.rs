@@ -24,8 +24,9 @@ pub struct Cli {
         global = true
     )]
     pub log_format: LogFormat,
-    /// The kubeconfig file for `agent`, `isolate`, `restore`, `status` and `advise` (default: KUBECONFIG,
-    /// ~/.kube/config, or the in-cluster config), as kubectl's `--kubeconfig`.
+    /// The kubeconfig file for `agent`, `isolate`, `restore`, `status`, `switch` and `advise`
+    /// (default: KUBECONFIG, ~/.kube/config, or the in-cluster config), as kubectl's
+    /// `--kubeconfig`.
     #[arg(long, global = true)]
     pub kubeconfig: Option<std::path::PathBuf>,
     /// The kubeconfig context to use, as kubectl's `--context`.
@@ -52,6 +53,9 @@ pub enum Command {
     /// Set each workload's preStop and grace period beside the measured removal lag: a verdict
     /// and the hold that replaces a guessed sleep.
     Advise(AdviseArgs),
+    /// Blue/green cutover: change a Service's selector and wait until every node routes only
+    /// to the new set of pods.
+    Switch(SwitchArgs),
 }
 
 #[derive(Clone, Debug, Args)]
@@ -104,6 +108,29 @@ pub struct RestoreArgs {
     /// Its namespace (default: the kubeconfig context's).
     #[arg(short, long, env = "KUBE_CONVERGE_NAMESPACE")]
     pub namespace: Option<String>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct SwitchArgs {
+    /// The Service whose selector changes.
+    pub service: String,
+    /// Its namespace (default: the kubeconfig context's).
+    #[arg(short, long, env = "KUBE_CONVERGE_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// The new selector, KEY=VALUE[,KEY=VALUE...] (it replaces the old one), e.g. track=green.
+    #[arg(long, value_parser = parse_selector)]
+    pub selector: String,
+    /// Switch even when the new selector matches no ready pod (that takes the Service down).
+    #[arg(long)]
+    pub force: bool,
+    /// On timeout, put the old selector back (the exit code stays non-zero).
+    #[arg(long)]
+    pub rollback_on_timeout: bool,
+    /// Output format of the per-node result.
+    #[arg(short = 'o', long, env = "KUBE_CONVERGE_OUTPUT", value_enum, default_value = "table")]
+    pub output: OutputFormat,
     #[command(flatten)]
     pub wait: WaitArgs,
 }
@@ -346,6 +373,19 @@ pub fn parse_label(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// A Service selector: `KEY=VALUE[,KEY=VALUE...]`, each a valid label, no key twice.
+pub fn parse_selector(s: &str) -> Result<String, String> {
+    let mut keys = std::collections::BTreeSet::new();
+    for part in s.split(',') {
+        let label = parse_label(part.trim())?;
+        let key = label.split_once('=').map_or(label.as_str(), |(k, _)| k).to_string();
+        if !keys.insert(key.clone()) {
+            return Err(format!("{s:?} names {key:?} twice: a selector has one value per key"));
+        }
+    }
+    Ok(s.split(',').map(str::trim).collect::<Vec<_>>().join(","))
+}
+
 /// A label selector the API server would accept (kube-proxy's own terms are added to it).
 pub fn parse_label_selector(s: &str) -> Result<String, String> {
     crate::selector::LabelSelector::parse(s).map(|_| s.trim().to_string())
@@ -379,6 +419,53 @@ mod tests {
         assert_eq!(parse_label_key("app"), Ok("app".into()));
         assert!(parse_label_key("").is_err());
         assert!(parse_label_key("bad key").is_err());
+    }
+
+    #[test]
+    fn switch_selectors_are_checked_before_anything_is_patched() {
+        assert_eq!(parse_selector("track=green"), Ok("track=green".into()));
+        assert_eq!(
+            parse_selector("app=web, example.com/track=green"),
+            Ok("app=web,example.com/track=green".into())
+        );
+        for bad in [
+            "",
+            "track",
+            "track=green,",
+            "track=gr een",
+            "a=1,a=2",
+            "in(x)",
+            "app!=web",
+        ] {
+            assert!(parse_selector(bad).is_err(), "{bad:?} accepted");
+        }
+        let cli = Cli::try_parse_from([
+            "kube-converge",
+            "switch",
+            "web",
+            "-n",
+            "demo",
+            "--selector",
+            "track=green",
+            "--timeout",
+            "30s",
+            "--rollback-on-timeout",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        let Command::Switch(a) = cli.command else {
+            panic!("not switch")
+        };
+        assert_eq!((a.service.as_str(), a.selector.as_str()), ("web", "track=green"));
+        assert!(a.rollback_on_timeout && !a.force && a.output == OutputFormat::Json);
+        assert_eq!(a.wait.timeout, Duration::from_secs(30));
+        let err = Cli::try_parse_from(["kube-converge", "switch", "web", "--selector", "bad key=x"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            Cli::try_parse_from(["kube-converge", "switch", "web"]).is_err(),
+            "--selector is required"
+        );
     }
 
     #[test]

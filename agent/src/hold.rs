@@ -110,7 +110,8 @@ impl NodeState {
         }
     }
 
-    fn done(self) -> bool {
+    /// Nothing left to wait for on this node (converged, or skipped by an explicit option).
+    pub fn done(self) -> bool {
         matches!(self, NodeState::Converged | NodeState::Skipped)
     }
 }
@@ -221,7 +222,8 @@ pub struct Subject {
     pub ips: Vec<IpAddr>,
 }
 
-fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+/// Every address of the pod (dual-stack: one per family), `podIP` first.
+pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     let status = pod.status.as_ref();
     let mut ips: Vec<IpAddr> = status
         .and_then(|s| s.pod_ips.as_ref())
@@ -865,6 +867,23 @@ impl Feed {
         opts: &HoldOptions,
         mut progress: impl FnMut(&HoldReport),
     ) -> Result<HoldReport, HoldError> {
+        self.wait_with(opts, |world, now, waited| {
+            let report = verdict(subject, target, world, opts, now, waited);
+            progress(&report);
+            let converged = report.converged;
+            (report, converged)
+        })
+        .await
+    }
+
+    /// Evaluates `evaluate(world, now, waited)` on every change of the world (and at least every
+    /// `opts.poll`) until it answers done or `opts.timeout` has passed; returns its last answer.
+    /// [`Feed::wait`] for one pod, `switch` for a set of them.
+    pub async fn wait_with<R>(
+        &self,
+        opts: &HoldOptions,
+        mut evaluate: impl FnMut(&World, Timestamp, Duration) -> (R, bool),
+    ) -> Result<R, HoldError> {
         let start = Instant::now();
         self.synced(opts.timeout.max(Duration::from_secs(5))).await?;
         let mut last = None;
@@ -873,12 +892,11 @@ impl Feed {
             // Between a relist and its floor the world is not complete: no verdict from it.
             match self.snapshot() {
                 Ok(Some(world)) => {
-                    let report = verdict(subject, target, &world, opts, Timestamp::now(), start.elapsed());
-                    progress(&report);
-                    if report.converged {
-                        return Ok(report);
+                    let (answer, done) = evaluate(&world, Timestamp::now(), start.elapsed());
+                    if done {
+                        return Ok(answer);
                     }
-                    last = Some(report);
+                    last = Some(answer);
                 }
                 Ok(None) => {}
                 Err(e) => return Err(HoldError::Watch(e)),

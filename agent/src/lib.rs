@@ -22,6 +22,7 @@ pub mod netns;
 pub mod publish;
 pub mod resolve;
 pub mod selector;
+pub mod switch;
 pub mod table;
 pub mod telemetry;
 pub mod tracker;

@@ -230,6 +230,16 @@ async fn rbac_roles_grant_exactly_what_agents_and_the_cli_call() {
         vec!["status"],
         vec!["status", "web-2", "-n", "demo"],
         vec!["isolate", "web-2", "-n", "demo", "--timeout", "20s", "--delete"],
+        vec![
+            "switch",
+            "web",
+            "-n",
+            "demo",
+            "--selector",
+            "app=api",
+            "--timeout",
+            "20s",
+        ],
     ] {
         // `status` of a pod nobody removes says so with exit code 1; its calls still count.
         let expect_code = if args.starts_with(&["status", "web-2"]) { 1 } else { 0 };
