@@ -256,8 +256,8 @@ async fn hold_handler(
             s.metrics.holds.with_label_values(&["not_found"]).inc();
             json_response(StatusCode::NOT_FOUND, serde_json::json!({"error": e.to_string()}))
         }
-        Err(e @ HoldError::BadRequest(_)) => bad_request(e.to_string()),
-        Err(e @ (HoldError::Api(_) | HoldError::Watch(_))) => {
+        Err(e @ HoldError::RequestInvalid(_)) => bad_request(e.to_string()),
+        Err(e @ (HoldError::ApiCallFailed(_) | HoldError::WatchFailed(_))) => {
             s.metrics.holds.with_label_values(&["error"]).inc();
             json_response(StatusCode::BAD_GATEWAY, serde_json::json!({"error": e.to_string()}))
         }

@@ -843,8 +843,8 @@ impl Core {
             }
             Err(e) => {
                 let reason = match e {
-                    SliceError::MissingServiceLabel(_) => "missing_service_label",
-                    SliceError::Fqdn(_) => "fqdn",
+                    SliceError::ServiceLabelMissing(_) => "missing_service_label",
+                    SliceError::FqdnIgnored(_) => "fqdn",
                 };
                 self.metrics.malformed.with_label_values(&[reason]).inc();
                 tracing::debug!(error = %e, "ignoring EndpointSlice");

@@ -207,11 +207,11 @@ pub enum HoldError {
     #[error("no pod{} has IP {ip}", .namespace.as_ref().map(|n| format!(" in namespace {n}")).unwrap_or_default())]
     IpNotFound { namespace: Option<String>, ip: IpAddr },
     #[error("{0}")]
-    BadRequest(String),
+    RequestInvalid(String),
     #[error("talking to the API server: {0}")]
-    Api(#[from] kube::Error),
+    ApiCallFailed(#[from] kube::Error),
     #[error("watching the cluster for the hold: {0}")]
-    Watch(String),
+    WatchFailed(String),
 }
 
 /// The pod a hold is about, with every address it has (dual-stack: one per family).
@@ -246,7 +246,7 @@ pub async fn resolve(client: &Client, target: &HoldTarget) -> Result<Subject, Ho
     let Some(pod_name) = target.pod.clone() else {
         let ip = target
             .ip
-            .ok_or_else(|| HoldError::BadRequest("give a pod or an ip".into()))?;
+            .ok_or_else(|| HoldError::RequestInvalid("give a pod or an ip".into()))?;
         let pods: Api<Pod> = match &ns {
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
@@ -279,7 +279,7 @@ fn subject_of(namespace: &str, pod_name: &str, pod: &Pod, ip: Option<IpAddr>) ->
     }
     if let Some(ip) = ip {
         if !ips.contains(&ip) {
-            return Err(HoldError::BadRequest(format!(
+            return Err(HoldError::RequestInvalid(format!(
                 "ip={ip} is not an IP of pod {namespace}/{pod_name} (it has {})",
                 ips.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
             )));
@@ -848,9 +848,9 @@ impl Feed {
             let notified = self.changed.notified();
             match self.snapshot() {
                 Ok(Some(_)) => return Ok(()),
-                Err(e) if Instant::now() >= deadline => return Err(HoldError::Watch(e)),
+                Err(e) if Instant::now() >= deadline => return Err(HoldError::WatchFailed(e)),
                 _ if Instant::now() >= deadline => {
-                    return Err(HoldError::Watch("the watches did not list in time".into()))
+                    return Err(HoldError::WatchFailed("the watches did not list in time".into()))
                 }
                 _ => {}
             }
@@ -899,10 +899,10 @@ impl Feed {
                     last = Some(answer);
                 }
                 Ok(None) => {}
-                Err(e) => return Err(HoldError::Watch(e)),
+                Err(e) => return Err(HoldError::WatchFailed(e)),
             }
             if start.elapsed() >= opts.timeout {
-                return last.ok_or_else(|| HoldError::Watch("the watches did not list in time".into()));
+                return last.ok_or_else(|| HoldError::WatchFailed("the watches did not list in time".into()));
             }
             let left = opts.timeout.saturating_sub(start.elapsed());
             let _ = tokio::time::timeout(opts.poll.min(left), notified).await;
@@ -1230,7 +1230,7 @@ mod tests {
         let other: IpAddr = "10.180.0.2".parse().unwrap();
         assert!(matches!(
             subject_of("ns1", "web-0", &pod("web-0", "10.180.0.1"), Some(other)),
-            Err(HoldError::BadRequest(_))
+            Err(HoldError::RequestInvalid(_))
         ));
         let pods = vec![pod("web-0", "10.180.0.1"), pod("web-1", "10.180.0.2")];
         let s = pod_with_ip(pods.clone(), Some("ns1".into()), other).unwrap();

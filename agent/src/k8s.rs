@@ -27,9 +27,9 @@ pub const KUBE_PROXY_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SliceError {
     #[error("EndpointSlice {0} has no {SERVICE_NAME_LABEL} label; kube-proxy ignores it")]
-    MissingServiceLabel(String),
+    ServiceLabelMissing(String),
     #[error("EndpointSlice {0} has addressType FQDN; kube-proxy ignores it")]
-    Fqdn(String),
+    FqdnIgnored(String),
 }
 
 /// Something wrong inside a slice that kube-proxy skips too. `reason` is a metric label.
@@ -92,10 +92,10 @@ pub fn slice_record(slice: &EndpointSlice) -> Result<(SliceRecord, Vec<SliceProb
     let id = format!("{}/{}", slice.namespace().unwrap_or_default(), slice.name_any());
     let service = match slice.labels().get(SERVICE_NAME_LABEL) {
         Some(name) if !name.is_empty() => ServiceRef::new(slice.namespace().unwrap_or_default(), name.clone()),
-        _ => return Err(SliceError::MissingServiceLabel(id)),
+        _ => return Err(SliceError::ServiceLabelMissing(id)),
     };
     if slice.address_type == "FQDN" {
-        return Err(SliceError::Fqdn(id));
+        return Err(SliceError::FqdnIgnored(id));
     }
     let mut problems = Vec::new();
     let mut ports = Vec::new();
@@ -484,7 +484,7 @@ mod tests {
             slice(json!({"metadata": {"name": "x", "namespace": "ns1"}, "addressType": "IPv4", "endpoints": []}));
         assert_eq!(
             slice_record(&unlabelled).unwrap_err(),
-            SliceError::MissingServiceLabel("ns1/x".into())
+            SliceError::ServiceLabelMissing("ns1/x".into())
         );
     }
 

@@ -529,7 +529,7 @@ fn item6_a_nat_table_without_kube_services_is_not_found_not_empty() {
         ns.run(&save, &["-t", "nat", "-F"]);
         ns.run(&save, &["-t", "nat", "-X"]);
         match reader.read() {
-            Err(ReadError::NotFound { detail }) => assert!(detail.contains("KUBE-SERVICES"), "{detail}"),
+            Err(ReadError::RulesNotFound { detail }) => assert!(detail.contains("KUBE-SERVICES"), "{detail}"),
             other => panic!("{backend}: a table without KUBE-SERVICES read as {other:?}"),
         }
         if let Some(targeted) = reader.read_targeted(&targets) {

@@ -327,7 +327,7 @@ impl Sim {
             ["fails", "misses v6", "ok"][kind.min(2) as usize]
         ));
         let result = if kind == 0 {
-            Err(ReadError::NotFound {
+            Err(ReadError::RulesNotFound {
                 detail: "simulated".into(),
             })
         } else {

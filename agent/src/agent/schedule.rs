@@ -309,7 +309,7 @@ impl ReadScheduler {
         };
         let (mode, backend) = (r_back.mode(), r_back.backend().to_string());
         // Rules gone altogether (kube-proxy stopped, or moved to another mode): open afresh.
-        let rebuild = matches!(&result, Err(ReadError::NotFound { .. }));
+        let rebuild = matches!(&result, Err(ReadError::RulesNotFound { .. }));
         if let Err(e) = &result {
             tracing::debug!(error = %e, "dataplane read failed");
         }

@@ -419,7 +419,7 @@ impl IpvsReader {
         };
         match self.conn.with(IpvsConn::open, read) {
             // kube-proxy always has virtual servers (the `kubernetes` Service).
-            Ok(_) if table_empty => Err(ReadError::NotFound {
+            Ok(_) if table_empty => Err(ReadError::RulesNotFound {
                 detail: "no IPVS virtual servers (kube-proxy switching modes or recreating them?)".into(),
             }),
             Ok(servers) => {
@@ -432,7 +432,7 @@ impl IpvsReader {
                     ..Default::default()
                 })
             }
-            Err(e @ IpvsError::FamilyNotFound) => Err(ReadError::NotFound { detail: e.to_string() }),
+            Err(e @ IpvsError::FamilyNotFound) => Err(ReadError::RulesNotFound { detail: e.to_string() }),
             Err(IpvsError::OpenFailed(source)) => Err(ReadError::ReadFailed {
                 what: "opening the IPVS netlink socket".into(),
                 source: source.into(),

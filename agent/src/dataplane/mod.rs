@@ -149,7 +149,7 @@ pub enum ReadError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("no kube-proxy rules found: {detail}")]
-    NotFound { detail: String },
+    RulesNotFound { detail: String },
     /// The nf_tables ruleset changed during every attempt to read it: the reading may mix two
     /// rulesets, so it confirms nothing.
     #[error("the nf_tables ruleset kept changing during the read (generation {before} -> {after})")]
@@ -163,7 +163,7 @@ impl ReadError {
             ReadError::DecodeFailed { .. } => "unparseable",
             ReadError::EnterNetnsFailed(_) => "netns",
             ReadError::ReadFailed { .. } => "netlink",
-            ReadError::NotFound { .. } => "not_found",
+            ReadError::RulesNotFound { .. } => "not_found",
             ReadError::GenerationChanged { .. } => "generation_changed",
         }
     }
@@ -250,7 +250,7 @@ pub fn open_reader(
                 m
             }
             None if !has_cap_net_admin(&std::fs::read_to_string("/proc/self/status").unwrap_or_default()) => {
-                return Err(ReadError::NotFound {
+                return Err(ReadError::RulesNotFound {
                     detail: "this process lacks CAP_NET_ADMIN, which reading nf_tables, iptables and IPVS rules from \
                              the kernel needs, and kube-proxy's /proxyMode (127.0.0.1:10249) did not answer: run it as \
                              root or grant CAP_NET_ADMIN"
@@ -258,7 +258,7 @@ pub fn open_reader(
                 })
             }
             None => {
-                return Err(ReadError::NotFound {
+                return Err(ReadError::RulesNotFound {
                     detail: "kube-proxy's /proxyMode (127.0.0.1:10249) did not answer, and the kernel has no table \
                              ip/ip6 kube-proxy, no KUBE-SERVICES chain in iptables-nft or iptables-legacy and no IPVS virtual server; is \
                              kube-proxy running on this node? (use --mode to choose explicitly)"
@@ -275,7 +275,7 @@ pub fn open_reader(
             };
             match backend {
                 Some(b) => Ok(Box::new(iptables::IptablesReader::new(b, netns.clone()))),
-                None => Err(ReadError::NotFound {
+                None => Err(ReadError::RulesNotFound {
                     detail: "no KUBE-SERVICES chain in the nat table of iptables-nft or iptables-legacy; is \
                              kube-proxy running in iptables mode on this node? (use --mode to choose explicitly)"
                         .into(),

@@ -527,12 +527,12 @@ impl DataplaneReader for NftablesReader {
         }
         match first_error {
             Some(e) if snap.unreadable_v4 && snap.unreadable_v6 => Err(e),
-            _ if !found && first_error.is_none() => Err(ReadError::NotFound {
+            _ if !found && first_error.is_none() => Err(ReadError::RulesNotFound {
                 detail: format!(
                     "neither table ip {TABLE} nor ip6 {TABLE} exists; is kube-proxy running in nftables mode?"
                 ),
             }),
-            None if snap.absent_v4 && snap.absent_v6 => Err(ReadError::NotFound {
+            None if snap.absent_v4 && snap.absent_v6 => Err(ReadError::RulesNotFound {
                 detail: format!("table {TABLE} has no service-ips map in either family (kube-proxy recreating it?)"),
             }),
             _ => Ok(snap),

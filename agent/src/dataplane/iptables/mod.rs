@@ -390,7 +390,7 @@ impl DataplaneReader for IptablesReader {
         }
         match first_error {
             Some(e) if snap.unreadable_v4 && snap.unreadable_v6 => Err(e),
-            None if snap.absent_v4 && snap.absent_v6 => Err(ReadError::NotFound {
+            None if snap.absent_v4 && snap.absent_v6 => Err(ReadError::RulesNotFound {
                 detail: format!(
                     "no KUBE-SERVICES chain in the nat table of iptables-{} (kube-proxy switching modes, or a firewall reload?)",
                     self.backend.as_str()
