@@ -640,7 +640,7 @@ async fn rollback(services: &Api<Service>, name: &str, new: &Selector, old: &Sel
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{ConvergedEndpoint, PendingEndpoint, StaleEndpoint};
+    use crate::crd::{ConvergedEndpoint, PendingEndpoint, RemovedEndpointTraffic, StaleEndpoint};
     use crate::expected::builders::{slice, svc};
     use crate::hold::{WorldNode, WorldService, WorldSlice};
     use crate::k8s;
@@ -801,6 +801,37 @@ mod tests {
             row.split_whitespace().collect::<Vec<_>>(),
             ["node-b", "converged", "iptables", "0.920s", "0.930s", "5.000s", "-"]
         );
+    }
+
+    fn traffic(ip: &str, before: u64, after: u64) -> RemovedEndpointTraffic {
+        RemovedEndpointTraffic {
+            namespace: "ns1".into(),
+            service: "web".into(),
+            endpoint: format!("{ip}:80"),
+            ip: ip.into(),
+            reason: "removed".into(),
+            before_converged: before,
+            after_converged: after,
+            converged: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn connections_to_the_old_set_are_summed_per_node_from_the_agents_traffic_counts() {
+        let mut w = world();
+        // node-a sent 3 + 2 connections to blue before its removals converged, and 1 after (a
+        // false converged the live check caught: it counts, it is not hidden); a green pod's
+        // record is not the old set's.
+        w.convergences.get_mut("node-a").unwrap().traffic =
+            vec![traffic(BLUE[0], 3, 0), traffic(BLUE[1], 2, 1), traffic(GREEN[0], 7, 0)];
+        // node-b's agent reports nothing: unknown, not zero.
+        let r = run(&w, &mut Seen::default());
+        assert_eq!(node(&r, "node-a").connections_to_old_set, Some(6));
+        assert_eq!(node(&r, "node-b").connections_to_old_set, None);
+        let table = r.table();
+        let row = table.lines().find(|l| l.starts_with("node-a")).unwrap();
+        assert_eq!(row.split_whitespace().last(), Some("6"), "{table}");
     }
 
     #[test]
