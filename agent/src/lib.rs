@@ -9,6 +9,8 @@ pub mod crd;
 pub mod dataplane;
 pub mod emulate;
 pub mod expected;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hold;
 pub mod inspect;
 pub mod isolate;

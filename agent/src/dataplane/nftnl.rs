@@ -636,7 +636,7 @@ fn with_set(
     }
 }
 
-fn decode_rule(nlh: *const libc::nlmsghdr) -> Result<NftRule, NftnlError> {
+pub(crate) fn decode_rule(nlh: *const libc::nlmsghdr) -> Result<NftRule, NftnlError> {
     // SAFETY: nlh is a complete nf_tables rule message; every object is freed before return.
     unsafe {
         let r = sys::nftnl_rule_alloc();
@@ -757,7 +757,7 @@ unsafe fn decode_expr(e: *mut sys::nftnl_expr) -> Expr {
     }
 }
 
-fn decode_set_header(nlh: *const libc::nlmsghdr) -> Result<NftSet, NftnlError> {
+pub(crate) fn decode_set_header(nlh: *const libc::nlmsghdr) -> Result<NftSet, NftnlError> {
     // SAFETY: nlh is a complete nf_tables set message; the set is freed before return.
     unsafe {
         let s = sys::nftnl_set_alloc();
@@ -779,7 +779,7 @@ fn decode_set_header(nlh: *const libc::nlmsghdr) -> Result<NftSet, NftnlError> {
     }
 }
 
-fn decode_elems(nlh: *const libc::nlmsghdr) -> Result<Vec<NftElem>, NftnlError> {
+pub(crate) fn decode_elems(nlh: *const libc::nlmsghdr) -> Result<Vec<NftElem>, NftnlError> {
     // SAFETY: nlh is a complete set-element message; the set owns the elements and is freed last.
     unsafe {
         let s = sys::nftnl_set_alloc();
