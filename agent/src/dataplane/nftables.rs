@@ -254,9 +254,12 @@ struct Regs<'a> {
 }
 
 /// The 32-bit units a write of `len` bytes to register `r` covers.
+/// Saturates at the top: a payload write names no register (`u32::MAX`), and the kernel's
+/// numbers are not trusted to leave room for the length.
 fn span(r: u32, len: usize) -> std::ops::Range<u32> {
     let start = reg32(r);
-    start..start + (len.div_ceil(4).max(1) as u32)
+    let units = u32::try_from(len.div_ceil(4).max(1)).unwrap_or(u32::MAX);
+    start..start.saturating_add(units)
 }
 
 /// Expressions that write no register.
@@ -448,7 +451,7 @@ fn dnat_map_targets(expr: &Expr, set: Option<&nftnl::NftSet>) -> Result<Vec<std:
             n => return Err(format!("map {}: a {n}-byte value is not address . port", set.name)),
         };
         // The port is loaded into the 32-bit register right after the address's.
-        if reg32(*proto) != reg32(*addr) + (alen as u32 / 4) {
+        if reg32(*addr).checked_add(alen as u32 / 4) != Some(reg32(*proto)) {
             return Err(format!(
                 "map {}: the port register does not follow the address",
                 set.name
@@ -1001,6 +1004,42 @@ mod tests {
             svc.uncertain && !svc.endpoints.contains(&"10.180.0.9:80".parse().unwrap()),
             "{svc:?}"
         );
+    }
+
+    /// Found by fuzzing (`fuzz/`, target `nftables_table`): a payload write (no dreg, read as
+    /// `u32::MAX`) and a map DNAT from the highest register number overflowed the register
+    /// arithmetic, a panic in debug builds.
+    #[test]
+    fn registers_at_the_top_of_the_range_do_not_overflow() {
+        let write = Expr::Payload {
+            base: 1,
+            offset: 16,
+            len: 4,
+            dreg: u32::MAX,
+        };
+        let (s, w) = routes_from_table(&service_with(map_dnat(vec![write])), false);
+        let svc = s.iter().find(|g| g.name.is_some()).unwrap();
+        assert!(
+            !svc.uncertain && svc.endpoints.len() == 2,
+            "a payload write loads no register: {svc:?} {w:?}"
+        );
+        let top = vec![
+            Expr::Lookup {
+                set: "__map9".into(),
+                sreg: 1,
+                dreg: Some(u32::MAX),
+            },
+            Expr::Nat {
+                kind: NFT_NAT_DNAT,
+                addr_reg: Some(u32::MAX),
+                addr_max_reg: Some(u32::MAX),
+                proto_reg: Some(9),
+                proto_max_reg: Some(9),
+            },
+        ];
+        let (s, _) = routes_from_table(&service_with(top), false);
+        let svc = s.iter().find(|g| g.name.is_some()).unwrap();
+        assert!(svc.uncertain, "{svc:?}");
     }
 
     /// Found by review: a stray chain's map DNAT, and an endpoint chain a stray chain jumps to,
