@@ -275,8 +275,10 @@ fn attr_fits(a: Attr, p: &[u8]) -> bool {
         Refused => false,
         Nested(kinds) => attrs_fit(p, kinds),
         List(kinds) => attrs(p).is_some_and(|all| all.iter().all(|(k, e)| *k == 1 && attrs_fit(e, kinds))),
+        // With neither a value nor a verdict, libnftnl reads an uninitialised data type.
         Data => attrs(p).is_some_and(|all| {
             unique(&all)
+                && all.iter().any(|(k, _)| *k == 1 || *k == 2)
                 && all.iter().all(|(k, v)| match k {
                     1 => v.len() <= 64,
                     2 => attrs_fit(v, VERDICT_ATTRS) && verdict_has_its_chain(v),
