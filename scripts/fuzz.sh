@@ -7,7 +7,9 @@
 #   scripts/fuzz.sh [SECONDS] [TARGET...]     SECONDS per target (default 15), all targets
 #                                             when none is named
 #   FUZZ_MERGE=1 scripts/fuzz.sh 300 ...      also fold what the run found into the committed
-#                                             corpus, minimized (-merge=1); the seed-* inputs stay
+#                                             corpus, minimized (-merge=1) and cut to
+#                                             FUZZ_MERGE_MAX_LEN bytes (default 1024) so it stays
+#                                             small; the seed-* inputs stay whole
 #
 # The inputs a run finds go to fuzz/target/corpus/<target> (not committed), so a run leaves
 # the work tree clean unless FUZZ_MERGE is set.
@@ -68,9 +70,10 @@ for t in "${targets[@]}"; do
   if [ "${FUZZ_MERGE:-}" = 1 ]; then
     merged="fuzz/target/merged/$t"
     rm -rf "$merged" && mkdir -p "$merged"
-    # The seeds stay whatever they cover; the rest is only what adds coverage to them.
+    # The seeds stay whatever they cover; the rest is only what adds coverage to them, as
+    # inputs cut to the merge length (libFuzzer keeps what the cut input covers).
     find "$corpus" -type f -name 'seed-*' -exec cp {} "$merged"/ \;
-    "$bin" -merge=1 -max_len="$max_len" "$merged" "$corpus" "$found" >>"$log" 2>&1
+    "$bin" -merge=1 -max_len="${FUZZ_MERGE_MAX_LEN:-1024}" "$merged" "$corpus" "$found" >>"$log" 2>&1
     find "$corpus" -type f -delete
     cp "$merged"/* "$corpus"/
     echo "fuzz: $t: corpus now $(find "$corpus" -type f | wc -l) inputs, $(du -sk "$corpus" | cut -f1) KiB"
