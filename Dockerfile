@@ -10,7 +10,11 @@ RUN apt-get update \
 WORKDIR /src
 # Dependencies first, so they are cached across source changes.
 COPY Cargo.toml Cargo.lock ./
+# Every workspace member's manifest (cargo loads them all); only the agent is built, and the
+# simulator (sim/) and the real-cluster tier (tests/) never enter the image.
 COPY agent/Cargo.toml agent/Cargo.toml
+COPY sim/Cargo.toml sim/Cargo.toml
+COPY tests/Cargo.toml tests/Cargo.toml
 RUN mkdir -p agent/src && echo 'fn main() {}' > agent/src/main.rs && touch agent/src/lib.rs \
     && cargo build --release --locked -p kube-converge \
     && rm -rf agent/src

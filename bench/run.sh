@@ -13,7 +13,7 @@ SERVICES="${SERVICES:-10000}"
 only="${1:-all}"
 want() { [ "$only" = all ] || [ "$only" = "$1" ]; }
 
-cargo build --release --bin kube-converge --examples
+cargo build --release --bin kube-converge -p kube-converge -p kube-converge-sim --examples
 ex=target/release/examples
 echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) $(git rev-parse --short HEAD) $(uname -r) $(nproc) cores"
 

@@ -24,6 +24,9 @@ pub struct Health {
     pub loop_beat: AtomicU64,
     /// How long the loop may go without a round before `/healthz` fails (seconds; 0: never).
     pub stall_after: AtomicU64,
+    /// Why the live-traffic check (conntrack events) is unavailable, when it is. The agent
+    /// still measures rules, so it stays ready; `/readyz` says what is missing.
+    pub traffic_unavailable: std::sync::Mutex<Option<String>>,
 }
 
 fn unix_now() -> u64 {
@@ -280,8 +283,15 @@ async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     let reasons = s.health.not_ready_reasons();
+    let traffic = s.health.traffic_unavailable.lock().ok().and_then(|t| t.clone());
     if reasons.is_empty() {
-        (StatusCode::OK, "ready\n".to_string())
+        match traffic {
+            None => (StatusCode::OK, "ready\n".to_string()),
+            Some(why) => (
+                StatusCode::OK,
+                format!("ready; without the live-traffic check: {why}\n"),
+            ),
+        }
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -2,31 +2,31 @@
 //! caches and the tracker. Work flows stream → bounded channel → core; the core never does
 //! I/O itself, so a slow API server or a slow read cannot corrupt its state.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 
 use crate::admin::{self, Health};
-use crate::dataplane::nfnotify::{self, GenerationProbe, Notification};
-use crate::dataplane::{
-    self, iptables::Backend, ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError, ReadScope, ReadTargets,
-};
+use crate::dataplane::conntrack::{self, ConntrackEvent};
+use crate::dataplane::{iptables::Backend, DataplaneSnapshot, Mode, ReadError};
 use crate::expected::{expect_service_with, Semantics, ServiceSpec, SliceRecord};
 use crate::k8s::{self, SliceError, SliceProblem, WatchMsg, WatchScope};
 use crate::model::{ServiceRef, Timestamp};
 use crate::netns::NetNs;
-use crate::resolve::ServiceCatalog;
+use crate::resolve::Resolver;
 use crate::telemetry::Metrics;
-use crate::tracker::{ReadTrigger, Reading, ReadingMeta, ReadingOutcome, Tracker, TrackerConfig};
+use crate::tracker::{Reading, ReadingMeta, ReadingOutcome, Tracker, TrackerConfig};
+use crate::traffic::TrafficWatch;
+use schedule::{ReadPlan, ReadScheduler};
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -39,12 +39,26 @@ pub struct AgentConfig {
     pub resync_interval: Duration,
     pub change_timeout: Duration,
     pub listen: SocketAddr,
-    /// Receives every finished lag measurement (the simulation's table).
-    pub samples: Option<mpsc::UnboundedSender<crate::tracker::LagSample>>,
+    /// Sees every finished lag measurement (the simulation plugs in its table).
+    pub observer: Option<Arc<dyn LagObserver>>,
     /// Publication of the NodeConvergence status; `None` disables it.
     pub status: Option<StatusConfig>,
     /// Concurrent `/v1/hold` requests served at most.
     pub max_holds: usize,
+    /// How long connections to a removed endpoint are still counted after its removal
+    /// converged (conntrack); zero turns the live-traffic check off.
+    pub traffic_window: Duration,
+    /// Test-only: a deliberately broken agent whose readings drop every endpoint being
+    /// removed, so it reports removals converged before the kernel made them. The live-traffic check
+    /// must catch it (its `after_converged` count). Never set outside tests.
+    #[doc(hidden)]
+    pub fault_report_removals_early: bool,
+}
+
+/// Sees every finished lag measurement as the agent records it. The agent itself needs none;
+/// the simulated cluster plugs one in to compare each node's lag with its kernel truth.
+pub trait LagObserver: Send + Sync + std::fmt::Debug {
+    fn lag_measured(&self, sample: &crate::tracker::LagSample);
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -56,20 +70,6 @@ pub struct StatusConfig {
 }
 
 type SliceId = (String, String);
-
-/// What the tracker tells the dataplane loop: when to wake, what to read.
-#[derive(Clone, Default)]
-struct ReadRequests {
-    /// Woken when new changes are pending (or a full read is wanted).
-    wakeup: Arc<Notify>,
-    /// Pending changes: the loop polls at the poll interval while there are any.
-    count: Arc<AtomicUsize>,
-    /// The service ports with pending changes, for targeted reads.
-    targets: Arc<std::sync::Mutex<ReadTargets>>,
-    /// Set while the tracker waits for a full reading to settle (after the initial lists):
-    /// targeted reads cannot adopt what the kernel has not caught up with.
-    full_wanted: Arc<AtomicBool>,
-}
 
 #[derive(Debug)]
 struct SliceItem {
@@ -99,6 +99,10 @@ enum Input {
     ReaderUnavailable(ReadError, ReadingMeta),
     /// This node's zone label changed.
     Zone(Option<String>),
+    /// New connections to watched endpoints, or the conntrack listener's trouble.
+    Traffic(ConntrackEvent),
+    /// Whether conntrack events can be read (`Err`: why not).
+    TrafficCheck(Result<(), String>),
 }
 
 /// How long a shutting-down agent waits for its in-flight holds' replies to go out.
@@ -153,7 +157,7 @@ pub async fn run_with_client(
         spec: k8s::service_spec(s),
         resource_version: s.resource_version().and_then(|v| v.parse().ok()).unwrap_or(0),
     });
-    let requests = ReadRequests::default();
+    let (plan_tx, plan_rx) = tokio::sync::watch::channel(ReadPlan::default());
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(async move { server.await.context("admin server failed") });
@@ -165,8 +169,15 @@ pub async fn run_with_client(
     let bound = (config.resync_interval.max(Duration::from_secs(5)) * 3 + Duration::from_secs(60)).as_secs();
     health.stall_after.store(bound, Ordering::Relaxed);
     health.beat();
-    tasks.spawn(dataplane_loop(config.clone(), tx, requests.clone(), health.clone()));
-    let (status_tx, status_rx) = tokio::sync::watch::channel(Arc::new(crate::publish::StatusDraft::default()));
+    let (targets_tx, targets_rx) = tokio::sync::watch::channel(Arc::new(TrafficTargets::default()));
+    if !config.traffic_window.is_zero() {
+        tasks.spawn(traffic_listener(config.netns.clone(), targets_rx, tx.clone()));
+    }
+    tasks.spawn(ReadScheduler::new(config.clone(), tx, plan_rx, health.clone()).run());
+    // The publisher pulls a status draft from the core when it is about to write (at most once
+    // per status interval and within its budget); the core only tells it that something changed.
+    let (changed_tx, changed_rx) = tokio::sync::watch::channel(0u64);
+    let (pull_tx, pull_rx) = mpsc::channel::<crate::publish::DraftRequest>(1);
     if let Some(sc) = config.status {
         let publisher = crate::publish::Publisher {
             api: kube::Api::all(client.clone()),
@@ -177,10 +188,11 @@ pub async fn run_with_client(
             burst: sc.burst,
             metrics: metrics.clone(),
         };
-        tasks.spawn(publisher.run(status_rx));
+        tasks.spawn(publisher.run(changed_rx, pull_tx));
     }
-    let core = Core::new(&config, metrics, health, requests, status_tx);
-    tasks.spawn(core.run(rx));
+    let mut core = Core::new(&config, metrics, health, plan_tx, changed_tx);
+    core.traffic_targets = targets_tx;
+    tasks.spawn(core.run(rx, pull_rx));
 
     // Every task runs for the agent's lifetime: the first one to end, ends the agent.
     let first = tokio::select! {
@@ -276,6 +288,107 @@ async fn forward<T>(
     Ok(())
 }
 
+/// The endpoints whose new connections the conntrack listener reports.
+type TrafficTargets = std::collections::HashSet<(crate::model::Protocol, SocketAddr)>;
+
+/// A connection after its removal converged: the agent said "programmed" and the kernel still
+/// sent a new connection there. Logged loudly; the metric's `after_converged` counts it.
+fn report_violations(violations: &[crate::traffic::Violation]) {
+    for v in violations {
+        tracing::error!(key = %v.key, reason = v.reason.as_str(), programmed_at = %v.programmed_at.to_rfc3339(),
+            connection_at = %v.connection_at.to_rfc3339(),
+            "a new connection reached a removed endpoint after this node reported the removal programmed");
+    }
+}
+
+/// Resolves when nothing is watched any more (`Err`: the core is gone).
+async fn idle(targets: &mut tokio::sync::watch::Receiver<Arc<TrafficTargets>>) -> Result<(), ()> {
+    targets.wait_for(|t| t.is_empty()).await.map(|_| ()).map_err(|_| ())
+}
+
+/// Runs the conntrack listener while there are endpoints to watch, and stops it when there are
+/// none (an idle node pays nothing). Says once per start whether events can be read.
+async fn traffic_listener(
+    netns: NetNs,
+    mut targets: tokio::sync::watch::Receiver<Arc<TrafficTargets>>,
+    tx: mpsc::Sender<Input>,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::AtomicBool;
+    loop {
+        let watched = targets.wait_for(|t| !t.is_empty()).await.map(|_| ());
+        if watched.is_err() {
+            return Ok(());
+        }
+        let ns = netns.clone();
+        let filter = targets.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (etx, mut events) = mpsc::unbounded_channel();
+        let stop_thread = stop.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            conntrack::availability(&ns)?;
+            conntrack::spawn_listener(
+                &ns,
+                move |c| filter.borrow().contains(&(c.protocol, c.target)),
+                stop_thread,
+                etx,
+            )
+            .map_err(|e| format!("cannot subscribe to conntrack events: {e}"))
+        })
+        .await?;
+        let handle = match started {
+            Ok(handle) => handle,
+            Err(why) => {
+                if tx.send(Input::TrafficCheck(Err(why))).await.is_err() {
+                    return Ok(());
+                }
+                // Checked again later: the module may be loaded, the setting changed.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                    r = idle(&mut targets) => if r.is_err() { return Ok(()) },
+                }
+                continue;
+            }
+        };
+        if tx.send(Input::TrafficCheck(Ok(()))).await.is_err() {
+            return Ok(());
+        }
+        let mut failed = false;
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(e) => {
+                        failed |= matches!(e, ConntrackEvent::Failed(_));
+                        if tx.send(Input::Traffic(e)).await.is_err() {
+                            return Ok(());
+                        }
+                        if failed {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
+                r = idle(&mut targets) => {
+                    if r.is_err() {
+                        return Ok(());
+                    }
+                    break;
+                }
+            }
+        }
+        // The thread stops within its batch interval; what it still had is forwarded.
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        while let Some(e) = events.recv().await {
+            if tx.send(Input::Traffic(e)).await.is_err() {
+                return Ok(());
+            }
+        }
+        let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        if failed {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
 /// The core: owns caches and tracker, turns inputs into metrics.
 struct Core {
     node: String,
@@ -291,27 +404,33 @@ struct Core {
     service_init: Option<Vec<ServiceItem>>,
     slice_lists: u64,
     service_lists: u64,
+    /// Each resource's first list is complete (the core's own state; /readyz gets a copy).
+    slices_listed: bool,
+    services_listed: bool,
     metrics: Metrics,
     health: Arc<Health>,
     mode_label: String,
     /// This node's zone label.
     zone: Option<String>,
     semantics: Semantics,
-    samples: Option<mpsc::UnboundedSender<crate::tracker::LagSample>>,
-    requests: ReadRequests,
-    /// Unattributed routes of the last full read, carried into targeted reads (which cannot
-    /// see rules of unknown services).
-    last_unattributed: std::collections::HashSet<(crate::model::Protocol, SocketAddr)>,
-    /// The last full read found unattributed rules it could not read.
-    last_unattributed_uncertain: bool,
-    status_tx: tokio::sync::watch::Sender<Arc<crate::publish::StatusDraft>>,
+    observer: Option<Arc<dyn LagObserver>>,
+    /// What the read scheduler should read; its `wake` is raised when new changes are pending.
+    plan: tokio::sync::watch::Sender<ReadPlan>,
+    /// Names the routes of each dataplane snapshot.
+    resolver: Resolver,
+    /// Connections to removed endpoints (None: the check is off).
+    traffic: Option<TrafficWatch>,
+    /// The endpoints the conntrack listener should report.
+    traffic_targets: tokio::sync::watch::Sender<Arc<TrafficTargets>>,
+    /// Test-only fault (see `AgentConfig::fault_report_removals_early`).
+    fault_report_removals_early: bool,
+    /// Raised after every input: the publisher's cue that a new draft may differ.
+    changed: tokio::sync::watch::Sender<u64>,
     lags: crate::publish::RecentLags,
     /// The highest EndpointSlice resourceVersion processed.
     observed_rv: u64,
     /// The highest Service resourceVersion processed (a policy change moves what is expected).
     observed_service_rv: u64,
-    /// The catalog that names dataplane rules, with the frontends generation it was built at.
-    catalog: Option<(u64, ServiceCatalog)>,
     backend: String,
     /// The cause of each resource's last watch failure, logged once per change.
     watch_causes: HashMap<&'static str, &'static str>,
@@ -324,8 +443,8 @@ impl Core {
         config: &AgentConfig,
         metrics: Metrics,
         health: Arc<Health>,
-        requests: ReadRequests,
-        status_tx: tokio::sync::watch::Sender<Arc<crate::publish::StatusDraft>>,
+        plan: tokio::sync::watch::Sender<ReadPlan>,
+        changed: tokio::sync::watch::Sender<u64>,
     ) -> Self {
         Self {
             node: config.node_name.clone(),
@@ -340,43 +459,52 @@ impl Core {
             service_init: None,
             slice_lists: 0,
             service_lists: 0,
+            slices_listed: false,
+            services_listed: false,
             metrics,
             health,
             mode_label: "unknown".into(),
             zone: None,
             semantics: Semantics::default(),
-            samples: config.samples.clone(),
-            requests,
-            last_unattributed: Default::default(),
-            last_unattributed_uncertain: false,
-            status_tx,
+            observer: config.observer.clone(),
+            plan,
+            resolver: Resolver::default(),
+            fault_report_removals_early: config.fault_report_removals_early,
+            traffic: (!config.traffic_window.is_zero()).then(|| TrafficWatch::new(config.traffic_window)),
+            traffic_targets: tokio::sync::watch::channel(Arc::default()).0,
+            changed,
             lags: Default::default(),
             observed_rv: 0,
             observed_service_rv: 0,
-            catalog: None,
             backend: "unknown".into(),
             last_read: None,
             watch_causes: HashMap::new(),
         }
     }
 
-    /// Hands the pending count and frontends to the dataplane loop.
-    fn share_pending(&self) {
-        self.requests
-            .count
-            .store(self.tracker.pending_count(), Ordering::Relaxed);
-        if let Ok(mut f) = self.requests.targets.lock() {
-            *f = self.tracker.pending_targets();
-        }
+    /// Hands the read plan to the scheduler: what is pending, which service ports, whether a
+    /// full read is wanted; `wake` raises its `wake` so it reads now instead of at its timer.
+    fn share_plan(&self, wake: bool) {
         // A full read is wanted until the tracker settles, and while the last reads could not
-        // tell which endpoints are stale (holds wait on that).
-        // So is a full read while a pending change has no frontend a targeted read could find
-        // (its Service was deleted).
-        let wanted = self.tracker.is_synced()
+        // tell which endpoints are stale (holds wait on that), and while a pending change has
+        // no frontend a targeted read could find (its Service was deleted).
+        let full_wanted = self.tracker.is_synced()
             && (!self.tracker.is_settled()
                 || self.tracker.wants_full_read()
                 || self.tracker.pending_without_frontends());
-        self.requests.full_wanted.store(wanted, Ordering::Relaxed);
+        let pending = self.tracker.pending_count();
+        let targets = self.tracker.pending_targets();
+        self.plan.send_if_modified(|plan| {
+            let next = ReadPlan {
+                pending,
+                targets,
+                full_wanted,
+                wake: plan.wake + u64::from(wake),
+            };
+            let modified = *plan != next;
+            *plan = next;
+            modified
+        });
     }
 
     fn health(&self) -> (&'static str, Option<String>) {
@@ -397,7 +525,9 @@ impl Core {
         }
     }
 
-    fn publish(&self) {
+    /// The NodeConvergence status as of now, built when the publisher asks for it (two sorts
+    /// of up to 1,000 lags: not on every input).
+    fn draft(&self) -> crate::publish::StatusDraft {
         // Safety: until the first full reading after the lists has adopted what the kernel has
         // not caught up with (e.g. right after a restart), an empty pending list proves
         // nothing: publish no observed version, so holds treat this node as lagging.
@@ -406,26 +536,22 @@ impl Core {
         } else {
             (0, 0)
         };
-        let draft = crate::publish::draft(
+        crate::publish::draft(
             &self.tracker,
             &self.lags,
-            &self.mode_label,
-            &self.backend,
+            (&self.mode_label, &self.backend),
             self.health(),
             observed,
             &self.scope,
-        );
-        self.status_tx.send_if_modified(|cur| {
-            if **cur == draft {
-                false
-            } else {
-                *cur = Arc::new(draft);
-                true
-            }
-        });
+            &self.traffic.as_ref().map(TrafficWatch::summary).unwrap_or_default(),
+        )
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Input>) -> anyhow::Result<()> {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Input>,
+        mut pulls: mpsc::Receiver<crate::publish::DraftRequest>,
+    ) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
@@ -433,8 +559,16 @@ impl Core {
                     Some(input) => self.handle(input),
                     None => return Ok(()),
                 },
+                Some(reply) = pulls.recv() => {
+                    let _ = reply.send(Arc::new(self.draft()));
+                    continue;
+                }
                 _ = tick.tick() => {
+                    if let Some(t) = &mut self.traffic {
+                        t.expire(Timestamp::now());
+                    }
                     let outcomes = self.tracker.expire(Timestamp::now());
+                    self.note_traffic_outcomes(&outcomes, Timestamp::now());
                     for o in &outcomes {
                         if let crate::tracker::Outcome::TimedOut { key, reason, .. } = o {
                             tracing::warn!(%key, reason = reason.as_str(), "change still not reflected in the kernel after the change timeout");
@@ -444,8 +578,9 @@ impl Core {
                 }
             }
             self.metrics.refresh_gauges(&self.tracker, Timestamp::now());
-            self.share_pending();
-            self.publish();
+            self.share_plan(false);
+            self.share_traffic_targets();
+            self.changed.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 
@@ -457,6 +592,16 @@ impl Core {
                 self.update_semantics(Timestamp::now());
             }
             Input::Service(msg) => self.on_service(msg),
+            Input::Traffic(event) => self.on_traffic(event),
+            Input::TrafficCheck(result) => {
+                self.metrics.traffic_check_available.set(i64::from(result.is_ok()));
+                if let Err(why) = &result {
+                    tracing::warn!(reason = %why, "connections to removed endpoints cannot be counted on this node");
+                }
+                if let Ok(mut t) = self.health.traffic_unavailable.lock() {
+                    *t = result.err();
+                }
+            }
             Input::Reading {
                 mode,
                 backend,
@@ -495,26 +640,17 @@ impl Core {
                             self.metrics.dataplane_read_errors.with_label_values(&["partial"]).inc();
                         }
                         self.health.dataplane_read.store(true, Ordering::Relaxed);
-                        let generation = self.tracker.frontends_generation();
-                        if self.catalog.as_ref().is_none_or(|(g, _)| *g != generation) {
-                            // Rebuilt only when some Service's frontends changed: building it
-                            // hashes every port, far too often to do per reading under churn.
-                            self.catalog = Some((generation, ServiceCatalog::build(self.tracker.services())));
-                        }
-                        let catalog = &self.catalog.as_ref().expect("built above").1;
-                        let mut view = catalog.view(&snap);
-                        match &snap.scope {
-                            None => {
-                                self.last_unattributed = view.unattributed.clone();
-                                self.last_unattributed_uncertain = view.unattributed_uncertain;
-                            }
-                            Some(scope) => {
-                                view.inherit_from_last_full_read(self.last_unattributed_uncertain);
-                                view.scope = Some(match scope {
-                                    ReadScope::Frontends(read) => self.tracker.ports_served_only_by(read),
-                                    ReadScope::Ports(ports) => ports.iter().cloned().collect(),
-                                });
-                                view.unattributed.extend(self.last_unattributed.iter().copied());
+                        let mut view = self.resolver.resolve(&self.tracker, &snap);
+                        if self.fault_report_removals_early {
+                            // The broken reader: whatever is being removed reads as gone.
+                            for c in self
+                                .tracker
+                                .pending()
+                                .filter(|c| c.kind == crate::model::ChangeKind::Removed)
+                            {
+                                view.named
+                                    .remove(&(c.key.port_name.clone(), c.key.protocol, c.key.endpoint));
+                                view.unattributed.remove(&(c.key.protocol, c.key.endpoint));
                             }
                         }
                         ReadingOutcome::Routed(view)
@@ -573,10 +709,11 @@ impl Core {
 
     fn apply_reading(&mut self, reading: Reading) {
         let outcomes = self.tracker.apply_reading(&reading);
+        self.note_traffic_outcomes(&outcomes, reading.meta.programmed_at);
         for o in &outcomes {
             if let crate::tracker::Outcome::Converged(s) = o {
-                if let Some(tx) = &self.samples {
-                    let _ = tx.send(s.clone());
+                if let Some(observer) = &self.observer {
+                    observer.lag_measured(s);
                 }
                 self.lags.push(s);
                 tracing::info!(key = %s.key, change = s.kind.as_str(), reason = s.reason.as_str(), lag_seconds = s.lag,
@@ -584,9 +721,6 @@ impl Core {
             }
         }
         self.metrics.record_outcomes(&self.mode_label, &outcomes);
-        if self.tracker.is_settled() {
-            self.requests.full_wanted.store(false, Ordering::Relaxed);
-        }
     }
 
     fn on_slice(&mut self, msg: WatchMsg<SliceItem>) {
@@ -613,6 +747,7 @@ impl Core {
                         touched.insert(svc);
                     }
                 }
+                self.slices_listed = true;
                 self.health.slices_listed.store(true, Ordering::Relaxed);
                 self.recompute_all(touched, at);
             }
@@ -658,6 +793,7 @@ impl Core {
                         self.services.insert(item.service, spec);
                     }
                 }
+                self.services_listed = true;
                 self.health.services_listed.store(true, Ordering::Relaxed);
                 self.recompute_all(touched, at);
             }
@@ -728,9 +864,95 @@ impl Core {
         Some(old.service)
     }
 
+    /// Watches the endpoints whose removal became pending at `at` (connections to them are
+    /// counted from now on).
+    fn watch_new_removals(&mut self, at: Timestamp) {
+        let Some(traffic) = &mut self.traffic else { return };
+        for c in self
+            .tracker
+            .pending()
+            .filter(|c| c.observed == at && c.kind == crate::model::ChangeKind::Removed)
+        {
+            let frontends = self
+                .tracker
+                .service(&c.key.port_name.service)
+                .and_then(|e| e.frontends.get(&c.key.port_name, c.key.protocol))
+                .unwrap_or_default();
+            traffic.removal_pending(&c.key, c.reason, frontends);
+        }
+    }
+
+    /// Removals that converged (at their programming time, or `at` when unsampled) or were
+    /// dropped (reverted, timed out) settle what their watch saw so far.
+    fn note_traffic_outcomes(&mut self, outcomes: &[crate::tracker::Outcome], at: Timestamp) {
+        use crate::model::ChangeKind::Removed;
+        use crate::tracker::Outcome;
+        let Some(traffic) = &mut self.traffic else { return };
+        let mut counted = Vec::new();
+        for o in outcomes {
+            match o {
+                Outcome::Converged(s) if s.kind == Removed => {
+                    let (c, violations) = traffic.removal_converged(&s.key, s.programmed_at);
+                    counted.extend(c);
+                    report_violations(&violations);
+                }
+                Outcome::ConvergedUnsampled { key, kind: Removed } => {
+                    let (c, violations) = traffic.removal_converged(key, at);
+                    counted.extend(c);
+                    report_violations(&violations);
+                }
+                Outcome::TimedOut { key, kind: Removed, .. } | Outcome::Superseded { key, kind: Removed } => {
+                    counted.extend(traffic.removal_dropped(key));
+                }
+                _ => {}
+            }
+        }
+        self.count_connections(&counted);
+    }
+
+    fn on_traffic(&mut self, event: ConntrackEvent) {
+        match event {
+            ConntrackEvent::Connections(conns) => {
+                let Some(traffic) = &mut self.traffic else { return };
+                let mut counted = Vec::new();
+                for c in &conns {
+                    let (n, violation) = traffic.connection(c);
+                    counted.extend(n);
+                    report_violations(violation.as_slice());
+                }
+                self.count_connections(&counted);
+            }
+            ConntrackEvent::Overrun => self.metrics.traffic_events_lost.inc(),
+            ConntrackEvent::Failed(e) => {
+                tracing::warn!(error = %e, "the conntrack event socket failed; restarting it");
+            }
+        }
+    }
+
+    fn count_connections(&self, counted: &crate::traffic::Counted) {
+        for (reason, before, after) in counted {
+            let m = &self.metrics.connections_after_removal;
+            m.with_label_values(&[reason.as_str(), "before_converged"])
+                .inc_by(*before);
+            m.with_label_values(&[reason.as_str(), "after_converged"])
+                .inc_by(*after);
+        }
+    }
+
+    /// Hands the watched endpoints to the conntrack listener (it runs while there are any).
+    fn share_traffic_targets(&self) {
+        let Some(traffic) = &self.traffic else { return };
+        self.traffic_targets.send_if_modified(|current| {
+            if current.len() == traffic.len() && traffic.targets_in(current) {
+                return false;
+            }
+            *current = Arc::new(traffic.targets());
+            true
+        });
+    }
+
     fn recompute_all(&mut self, touched: BTreeSet<ServiceRef>, at: Timestamp) {
-        let synced_now =
-            self.health.slices_listed.load(Ordering::Relaxed) && self.health.services_listed.load(Ordering::Relaxed);
+        let synced_now = self.slices_listed && self.services_listed;
         let before = self.tracker.pending_count();
         for svc in touched {
             let slices: Vec<&SliceRecord> = self
@@ -742,8 +964,10 @@ impl Core {
                 .collect();
             let exp = expect_service_with(&svc, self.services.get(&svc), &slices, &self.node, &self.semantics);
             let outcomes = self.tracker.update_service(&svc, exp, at);
+            self.note_traffic_outcomes(&outcomes, at);
             self.metrics.record_outcomes(&self.mode_label, &outcomes);
         }
+        self.watch_new_removals(at);
         if synced_now && !self.tracker.is_synced() {
             self.tracker.mark_synced(at);
             tracing::info!(
@@ -755,348 +979,18 @@ impl Core {
             crate::telemetry::release_freed_memory();
             // Settling takes a full read that starts after this point; a read under way now
             // started too early. Ask for one now rather than at the next resync.
-            self.share_pending();
-            self.requests.wakeup.notify_one();
+            self.share_plan(true);
         }
         if self.tracker.pending_count() > before || self.tracker.pending().any(|c| c.observed == at) {
-            // The dataplane loop reads the pending frontends when it wakes: share them first.
-            self.share_pending();
-            self.requests.wakeup.notify_one();
+            // The scheduler reads the pending frontends when it wakes.
+            self.share_plan(true);
         }
-    }
-}
-
-/// Whether `--mode auto` should look at the kernel again: once per resync interval, whatever
-/// triggers the reads.
-fn redetect_due(mode: Option<Mode>, since_last: Duration, resync: Duration) -> bool {
-    mode.is_none() && since_last >= resync
-}
-
-/// Reads the dataplane on kernel notifications, on new pending changes and on a timer.
-async fn dataplane_loop(
-    config: AgentConfig,
-    tx: mpsc::Sender<Input>,
-    requests: ReadRequests,
-    health: Arc<Health>,
-) -> anyhow::Result<()> {
-    let mut last_full = Instant::now();
-    let mut last_full_cost = Duration::ZERO;
-    let mut reader: Option<Box<dyn DataplaneReader>> = None;
-    let mut probe: Option<GenerationProbe> = None;
-    let (ntx, mut nrx) = mpsc::unbounded_channel::<Notification>();
-    let mut listener = Listener::new(config.resync_interval);
-    let mut seen: VecDeque<(u32, Timestamp)> = VecDeque::new();
-    let mut overrun = false;
-    let mut prev_started: Option<Timestamp> = None;
-    let mut trigger = ReadTrigger::Initial;
-    let mut last_detect = Instant::now();
-    loop {
-        health.beat();
-        if reader.is_none() {
-            let (mode, backend, netns) = (config.mode, config.backend, config.netns.clone());
-            let opened = tokio::task::spawn_blocking(move || dataplane::open_reader(mode, backend, &netns)).await?;
-            match opened {
-                Ok(r) => {
-                    tracing::info!(mode = %r.mode(), backend = r.backend(), "dataplane reader ready");
-                    reader = Some(r);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "no dataplane reader; pending changes stay unknown");
-                    let now = Timestamp::now();
-                    let meta = ReadingMeta {
-                        started: now,
-                        finished: now,
-                        programmed_at: now,
-                        error_bound: Duration::ZERO,
-                        trigger,
-                    };
-                    if tx.send(Input::ReaderUnavailable(e, meta)).await.is_err() {
-                        return Ok(());
-                    }
-                }
-            }
-        }
-        // An event-driven reader needs the notification thread and the generation probe; both
-        // are (re)opened whenever missing, after a reader rebuild too. While the thread is down
-        // the loop polls (`listening` is false).
-        if reader
-            .as_ref()
-            .is_some_and(|r| r.change_source() == ChangeSource::NfTablesEvents)
-        {
-            listener.ensure(Instant::now(), || nfnotify::spawn_listener(&config.netns, ntx.clone()));
-            if probe.is_none() {
-                probe = GenerationProbe::open(&config.netns)
-                    .map_err(|e| tracing::warn!(error = %e, "cannot query the nf_tables generation"))
-                    .ok();
-            }
-        }
-        let listening = listener.listening();
-        // With --mode auto, the mode is re-checked once per resync interval, on its own timer
-        // (a steady stream of nf_tables events must not keep it from running): kube-proxy may
-        // have been reconfigured (it cleans up the old mode's rules when it starts in the new one).
-        if redetect_due(config.mode, last_detect.elapsed(), config.resync_interval) {
-            last_detect = Instant::now();
-            if let Some(current) = reader.as_ref().map(|r| r.mode()) {
-                let netns = config.netns.clone();
-                let detected = tokio::task::spawn_blocking(move || dataplane::detect_mode(&netns)).await?;
-                if let Some((mode, _)) = detected.filter(|(m, _)| *m != current) {
-                    tracing::warn!(from = %current, to = %mode, "kube-proxy's mode changed; switching readers");
-                    reader = None;
-                    continue;
-                }
-            }
-        }
-        if let Some(mut r) = reader.take() {
-            let events = listening && r.change_source() == ChangeSource::NfTablesEvents;
-            let mut p = probe.take();
-            // Between full reads, read only the service ports with pending changes where the
-            // reader can (IPVS, nftables); a full read is due every `full_interval`, which grows
-            // with the cost of a full read so a large dataplane stays cheap to watch.
-            let full_interval = config.resync_interval.max(last_full_cost * 100);
-            let full_due = last_full.elapsed() >= full_interval
-                || trigger == ReadTrigger::Initial
-                || requests.full_wanted.load(Ordering::Relaxed);
-            let pending: ReadTargets = requests.targets.lock().map(|f| f.clone()).unwrap_or_default();
-            if !full_due && pending.is_empty() && r.can_read_targeted() {
-                // Nothing pending (a kernel change, or a timer): nothing to confirm until the next
-                // full read.
-                reader = Some(r);
-                probe = p_take_back(probe, p);
-                trigger = wait_for_trigger(
-                    poll_wait(&config, &reader, listening, &requests.count, last_full_cost),
-                    &requests.wakeup,
-                    &mut nrx,
-                    &mut seen,
-                    &mut overrun,
-                )
-                .await;
-                continue;
-            }
-            let targets = if full_due { Default::default() } else { pending };
-            let started = Timestamp::now();
-            let clock = Instant::now();
-            let (r_back, p_back, g1, (result, full), g2) = tokio::task::spawn_blocking(move || {
-                let g1 = p.as_mut().and_then(|p| p.current().ok());
-                // A reader with no targeted form (iptables-legacy) reads in full: that read
-                // counts as the full read it is, for its cost and for the next one's schedule.
-                let result = match targets.is_empty() {
-                    true => (r.read(), true),
-                    false => match r.read_targeted(&targets) {
-                        Some(read) => (read, false),
-                        None => (r.read(), true),
-                    },
-                };
-                let g2 = p.as_mut().and_then(|p| p.current().ok());
-                (r, p, g1, result, g2)
-            })
-            .await?;
-            let elapsed = clock.elapsed();
-            if full {
-                last_full = Instant::now();
-                last_full_cost = elapsed;
-            }
-            let finished = Timestamp::now();
-            // Notifications that arrived during the read: if any announces a generation other
-            // than the one read, the state moved on and must be read again right away.
-            let mut moved_on = false;
-            while let Ok(n) = nrx.try_recv() {
-                moved_on |= !matches!(n, Notification::Generation(g) if Some(g.generation) == g2 && g1 == g2);
-                note(&mut seen, &mut overrun, n);
-            }
-            let window = prev_started.map_or(Duration::ZERO, |p| {
-                Duration::from_secs_f64(finished.seconds_since(p).max(0.0))
-            });
-            // The state seen took effect when its generation was announced; when that is not
-            // known for sure, the read's end is a safe upper bound.
-            let (programmed_at, error_bound) = match (events, g1, g2) {
-                (true, Some(a), Some(b)) if a == b && !overrun => seen
-                    .iter()
-                    .find(|(g, _)| *g == b)
-                    .map_or((finished, window), |(_, at)| (*at, Duration::ZERO)),
-                _ => (finished, window),
-            };
-            overrun = false;
-            prev_started = Some(started);
-            let meta = ReadingMeta {
-                started,
-                finished,
-                programmed_at,
-                error_bound,
-                trigger,
-            };
-            let (mode, backend) = (r_back.mode(), r_back.backend().to_string());
-            let rebuild = matches!(&result, Err(ReadError::ToolMissing { .. } | ReadError::NotFound { .. }));
-            if let Err(e) = &result {
-                tracing::debug!(error = %e, "dataplane read failed");
-            }
-            if tx
-                .send(Input::Reading {
-                    mode,
-                    backend,
-                    result,
-                    meta,
-                    took: elapsed,
-                })
-                .await
-                .is_err()
-            {
-                return Ok(());
-            }
-            if !rebuild {
-                reader = Some(r_back);
-                probe = p_back;
-            }
-            if moved_on {
-                trigger = ReadTrigger::Event;
-                continue;
-            }
-        }
-        trigger = wait_for_trigger(
-            poll_wait(&config, &reader, listening, &requests.count, last_full_cost),
-            &requests.wakeup,
-            &mut nrx,
-            &mut seen,
-            &mut overrun,
-        )
-        .await;
-    }
-}
-
-/// Keeps the nf_tables notification thread running: when it stops (its socket failed), the
-/// loop polls, and the thread is started again after a backoff (1 s, doubling up to `max`).
-struct Listener {
-    handle: Option<std::thread::JoinHandle<()>>,
-    /// No start before this (after a stop or a failed start).
-    retry_at: Option<Instant>,
-    backoff: Duration,
-    max: Duration,
-}
-
-impl Listener {
-    fn new(max: Duration) -> Self {
-        Self {
-            handle: None,
-            retry_at: None,
-            backoff: Duration::from_secs(1),
-            max: max.max(Duration::from_secs(1)),
-        }
-    }
-
-    /// Whether the thread is running now.
-    fn listening(&self) -> bool {
-        self.handle.as_ref().is_some_and(|h| !h.is_finished())
-    }
-
-    /// Starts the thread if it is not running and its retry time has come.
-    fn ensure(&mut self, now: Instant, spawn: impl FnOnce() -> std::io::Result<std::thread::JoinHandle<()>>) {
-        if self.listening() {
-            return;
-        }
-        if self.handle.take().is_some() {
-            tracing::warn!(retry_in = ?self.backoff, "the nf_tables notification thread stopped; polling until it restarts");
-            self.retry_at = Some(now + self.backoff);
-            self.backoff = (self.backoff * 2).min(self.max);
-            return;
-        }
-        if self.retry_at.is_some_and(|at| now < at) {
-            return;
-        }
-        match spawn() {
-            Ok(h) => {
-                self.handle = Some(h);
-                self.backoff = Duration::from_secs(1);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?self.backoff, "cannot subscribe to nf_tables notifications; polling instead");
-                self.retry_at = Some(now + self.backoff);
-                self.backoff = (self.backoff * 2).min(self.max);
-            }
-        }
-    }
-}
-
-fn p_take_back(current: Option<GenerationProbe>, taken: Option<GenerationProbe>) -> Option<GenerationProbe> {
-    current.or(taken)
-}
-
-/// How long to wait for a trigger before polling.
-///
-/// While changes are pending, a reader that can only read in full (iptables-legacy: the
-/// kernel hands its table over whole) waits at least twice its last full read between polls,
-/// so a large table costs at most a third of a core instead of a busy one (2.5 s reads at 30k
-/// Services). Its measurement stays an upper bound: the poll window is the error bound.
-fn poll_wait(
-    config: &AgentConfig,
-    reader: &Option<Box<dyn DataplaneReader>>,
-    listening: bool,
-    pending_count: &AtomicUsize,
-    last_full_cost: Duration,
-) -> Duration {
-    let pending = pending_count.load(Ordering::Relaxed) > 0;
-    let reader = reader.as_ref().map(|r| (r.change_source(), r.can_read_targeted()));
-    poll_period(
-        config.poll_interval,
-        config.resync_interval,
-        reader,
-        listening,
-        pending,
-        last_full_cost,
-    )
-}
-
-/// [`poll_wait`] without the agent: `reader` is the reader's change source and whether it can
-/// read only the pending service ports.
-fn poll_period(
-    poll: Duration,
-    resync: Duration,
-    reader: Option<(ChangeSource, bool)>,
-    listening: bool,
-    pending: bool,
-    last_full_cost: Duration,
-) -> Duration {
-    match reader {
-        Some((ChangeSource::NfTablesEvents, _)) if listening => resync,
-        Some(_) if !pending => resync,
-        Some((_, true)) => poll,
-        Some((_, false)) => poll.max(last_full_cost * 2),
-        None => poll.max(Duration::from_secs(5)),
-    }
-}
-
-/// Waits for the next reason to read: a kernel notification, new pending changes, or a timer.
-async fn wait_for_trigger(
-    wait: Duration,
-    pending_wakeup: &Notify,
-    nrx: &mut mpsc::UnboundedReceiver<Notification>,
-    seen: &mut VecDeque<(u32, Timestamp)>,
-    overrun: &mut bool,
-) -> ReadTrigger {
-    tokio::select! {
-        Some(n) = nrx.recv() => {
-            note(seen, overrun, n);
-            ReadTrigger::Event
-        }
-        _ = pending_wakeup.notified() => ReadTrigger::Pending,
-        _ = tokio::time::sleep(wait) => ReadTrigger::Poll,
-    }
-}
-
-fn note(seen: &mut VecDeque<(u32, Timestamp)>, overrun: &mut bool, n: Notification) {
-    match n {
-        Notification::Generation(g) => {
-            if !seen.iter().any(|(s, _)| *s == g.generation) {
-                seen.push_back((g.generation, g.at));
-                if seen.len() > 256 {
-                    seen.pop_front();
-                }
-            }
-        }
-        Notification::Overrun(_) => *overrun = true,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn a_task_that_ends_without_error_fails_the_agent_loudly() {
@@ -1106,51 +1000,14 @@ mod tests {
         assert!(task_outcome(None).is_ok());
     }
 
-    /// Supervision: a notification thread that stops is noticed (the loop polls meanwhile) and
-    /// started again after a backoff that doubles up to the resync interval; a failed start too.
-    #[test]
-    fn the_notification_thread_is_restarted_with_backoff() {
-        let mut l = Listener::new(Duration::from_secs(4));
-        let t0 = Instant::now();
-        let quick = || Ok(std::thread::spawn(|| {}));
-        l.ensure(t0, quick);
-        let h = l.handle.as_ref().expect("started");
-        while !h.is_finished() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert!(!l.listening(), "a stopped thread is not listening: the loop polls");
-        l.ensure(t0, || panic!("noticed, not restarted at once"));
-        l.ensure(t0 + Duration::from_millis(500), || panic!("not before the backoff"));
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        l.ensure(t0 + Duration::from_secs(1), move || {
-            Ok(std::thread::spawn(move || {
-                let _ = rx.recv();
-            }))
-        });
-        assert!(l.listening(), "restarted after 1 s");
-        drop(tx);
-        // A failing start backs off 1 s, 2 s, 4 s, then stays at the bound.
-        let mut l = Listener::new(Duration::from_secs(4));
-        let fail = || Err(std::io::Error::other("no netlink"));
-        let mut at = t0;
-        for expected in [1, 2, 4, 4] {
-            l.ensure(at, fail);
-            assert_eq!(l.retry_at.unwrap() - at, Duration::from_secs(expected));
-            l.ensure(at + Duration::from_secs(expected) - Duration::from_millis(1), || {
-                panic!("too early")
-            });
-            at += Duration::from_secs(expected);
-        }
-    }
-    use super::*;
     use crate::expected::builders::slice;
 
-    fn core() -> (Core, tokio::sync::watch::Receiver<Arc<crate::publish::StatusDraft>>) {
+    fn core() -> Core {
         core_for("node-a")
     }
 
     /// A core with default settings and no API server or kernel behind it.
-    pub(super) fn core_for(node: &str) -> (Core, tokio::sync::watch::Receiver<Arc<crate::publish::StatusDraft>>) {
+    pub(super) fn core_for(node: &str) -> Core {
         let config = AgentConfig {
             node_name: node.into(),
             scope: WatchScope::default(),
@@ -1161,15 +1018,18 @@ mod tests {
             resync_interval: Duration::from_secs(30),
             change_timeout: Duration::from_secs(300),
             listen: "127.0.0.1:0".parse().unwrap(),
-            samples: None,
+            observer: None,
             status: None,
             max_holds: 1,
+            traffic_window: Duration::from_secs(60),
+            fault_report_removals_early: false,
         };
-        let (tx, rx) = tokio::sync::watch::channel(Arc::new(crate::publish::StatusDraft::default()));
-        let metrics = Metrics::new().unwrap();
-        (
-            Core::new(&config, metrics, Arc::default(), ReadRequests::default(), tx),
-            rx,
+        Core::new(
+            &config,
+            Metrics::new().unwrap(),
+            Arc::default(),
+            tokio::sync::watch::channel(ReadPlan::default()).0,
+            tokio::sync::watch::channel(0).0,
         )
     }
 
@@ -1190,17 +1050,124 @@ mod tests {
                 finished: Timestamp::from_millis(at + 1),
                 programmed_at: Timestamp::from_millis(at),
                 error_bound: Duration::ZERO,
-                trigger: ReadTrigger::Poll,
+                trigger: crate::tracker::ReadTrigger::Poll,
             },
             outcome: ReadingOutcome::Routed(Default::default()),
         });
+    }
+
+    /// The core as a state machine: a stream of inputs (lists, a slice update, readings) in, and
+    /// its effects out: the read plan the scheduler gets, the lag the observer sees, the status
+    /// draft the publisher pulls. No API server, no kernel.
+    #[test]
+    fn a_stream_of_inputs_yields_read_plans_lags_and_drafts() {
+        #[derive(Debug, Default)]
+        struct Seen(std::sync::Mutex<Vec<crate::tracker::LagSample>>);
+        impl LagObserver for Seen {
+            fn lag_measured(&self, sample: &crate::tracker::LagSample) {
+                self.0.lock().unwrap().push(sample.clone());
+            }
+        }
+        let seen = Arc::new(Seen::default());
+        let (plan_tx, plan) = tokio::sync::watch::channel(ReadPlan::default());
+        let mut core = core();
+        core.plan = plan_tx;
+        core.observer = Some(seen.clone());
+        let t = Timestamp::from_millis;
+        let (svc, spec) = crate::expected::builders::svc("ns1/svc1");
+        let two = |rv: u64, ips: &[&str]| {
+            let mut b = slice("ns1/svc1");
+            for ip in ips {
+                b = b.endpoint(ip);
+            }
+            let mut record = b.build();
+            record.resource_version = rv;
+            SliceItem {
+                id: ("ns1".into(), "svc1-a".into()),
+                resource_version: rv,
+                record: Ok((record, vec![])),
+            }
+        };
+        let reading = |at: i64, eps: &[&str]| Input::Reading {
+            mode: Mode::Iptables,
+            backend: "nft".into(),
+            result: Ok(DataplaneSnapshot {
+                services: vec![crate::dataplane::ServiceRoutes {
+                    name: Some(crate::model::ServicePortName::new("ns1", "svc1", "p80")),
+                    protocol: Some(crate::model::Protocol::Tcp),
+                    frontends: ["172.30.0.41:80".to_string()].into(),
+                    endpoints: eps.iter().map(|e| format!("{e}:80").parse().unwrap()).collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            meta: ReadingMeta {
+                started: t(at),
+                finished: t(at + 1),
+                programmed_at: t(at),
+                error_bound: Duration::ZERO,
+                trigger: crate::tracker::ReadTrigger::Event,
+            },
+            took: Duration::from_millis(1),
+        };
+        core.handle(Input::Service(WatchMsg::InitStart));
+        core.handle(Input::Service(WatchMsg::InitItem(ServiceItem {
+            service: svc,
+            spec: Some(spec),
+            resource_version: 3,
+        })));
+        core.handle(Input::Service(WatchMsg::InitDone(t(0))));
+        core.handle(Input::Slice(WatchMsg::InitStart));
+        core.handle(Input::Slice(WatchMsg::InitItem(two(5, &["10.180.0.1", "10.180.0.2"]))));
+        core.handle(Input::Slice(WatchMsg::InitDone(t(10))));
+        core.share_plan(false);
+        assert!(
+            plan.borrow().full_wanted,
+            "after the lists, a full read settles the tracker"
+        );
+        let woken = plan.borrow().wake;
+        assert!(woken >= 1, "the lists' end wakes the scheduler");
+        core.handle(reading(20, &["10.180.0.1", "10.180.0.2"]));
+        core.share_plan(false);
+        assert_eq!(
+            *plan.borrow(),
+            ReadPlan {
+                wake: woken,
+                ..Default::default()
+            },
+            "settled: nothing to read"
+        );
+        assert_eq!(core.draft().observed_resource_version, 5);
+
+        // 10.180.0.2 leaves the slice: the scheduler is woken for its service port.
+        core.handle(Input::Slice(WatchMsg::Apply(two(6, &["10.180.0.1"]), t(10))));
+        core.share_plan(false);
+        let p = plan.borrow().clone();
+        assert_eq!((p.pending, p.full_wanted), (1, false));
+        assert!(p.wake > woken, "new pending changes wake the scheduler");
+        assert!(p.targets.frontends.contains("172.30.0.41:80"), "{p:?}");
+        // The kernel still routes it: still pending, nothing measured.
+        core.handle(reading(30, &["10.180.0.1", "10.180.0.2"]));
+        assert!(seen.0.lock().unwrap().is_empty());
+        assert_eq!(core.draft().status.pending_count, 1);
+        // It is gone from the kernel: one lag, 30 ms after the change was observed.
+        core.handle(reading(40, &["10.180.0.1"]));
+        core.share_plan(false);
+        let lags = seen.0.lock().unwrap().clone();
+        assert_eq!(lags.len(), 1, "{lags:?}");
+        assert_eq!(lags[0].kind, crate::model::ChangeKind::Removed);
+        assert_eq!(lags[0].key.endpoint, "10.180.0.2:80".parse().unwrap());
+        assert_eq!(plan.borrow().pending, 0);
+        let draft = core.draft();
+        assert_eq!((draft.status.pending_count, draft.status.lag_samples), (0, 1));
+        assert_eq!(draft.observed_resource_version, 6);
     }
 
     /// Issue 15 item 3: during a 410 relist the agent must not publish the relist's version
     /// before the tracker has applied the list.
     #[test]
     fn item3_a_relist_raises_the_observed_version_only_when_applied() {
-        let (mut core, rx) = core();
+        let mut core = core();
         let t = Timestamp::from_millis;
         core.handle(Input::Service(WatchMsg::InitStart));
         core.handle(Input::Service(WatchMsg::InitDone(t(0))));
@@ -1208,58 +1175,20 @@ mod tests {
         core.handle(Input::Slice(WatchMsg::InitItem(item("a", 5, "10.180.0.1"))));
         core.handle(Input::Slice(WatchMsg::InitDone(t(0))));
         clean_read(&mut core, 10);
-        core.publish();
-        assert_eq!(rx.borrow().observed_resource_version, 5);
+        assert_eq!(core.draft().observed_resource_version, 5);
         // A relist after 410 Gone: the slice changed at version 9.
         core.handle(Input::Slice(WatchMsg::InitStart));
         core.handle(Input::Slice(WatchMsg::InitItem(item("a", 9, "10.180.0.2"))));
-        core.publish();
         assert_eq!(
-            rx.borrow().observed_resource_version,
+            core.draft().observed_resource_version,
             5,
             "published a version whose change the tracker has not applied"
         );
         core.handle(Input::Slice(WatchMsg::InitDone(t(20))));
-        core.publish();
-        assert_eq!(rx.borrow().observed_resource_version, 9);
-    }
-
-    /// Issue 15 item 6: re-detection ran only on poll-triggered reads, so a steady stream of
-    /// nf_tables events kept it from ever running. It now has its own timer.
-    #[test]
-    fn item6_mode_redetection_runs_on_its_own_timer() {
-        let resync = Duration::from_secs(30);
-        assert!(redetect_due(None, Duration::from_secs(31), resync));
-        assert!(!redetect_due(None, Duration::from_secs(5), resync));
-        assert!(
-            !redetect_due(Some(Mode::Nftables), Duration::from_secs(600), resync),
-            "a given mode is not re-detected"
-        );
-    }
-
-    #[test]
-    fn polled_full_reads_leave_the_core_idle_two_thirds_of_the_time() {
-        let (poll, resync) = (Duration::from_secs(1), Duration::from_secs(30));
-        let legacy = Some((ChangeSource::Poll, false));
-        let ipvs = Some((ChangeSource::Poll, true));
-        let cheap = Duration::from_millis(3);
-        let costly = Duration::from_millis(2500);
-        // iptables-legacy at 30k Services: a 2.5 s read is followed by 5 s of rest.
-        assert_eq!(poll_period(poll, resync, legacy, false, true, costly), costly * 2);
-        assert_eq!(poll_period(poll, resync, legacy, false, true, cheap), poll);
-        // Targeted polls (IPVS) stay at the poll interval whatever a full read costs.
-        assert_eq!(poll_period(poll, resync, ipvs, false, true, costly), poll);
-        // Nothing pending: resync; notifications: resync; no reader yet: retry within 5 s.
-        assert_eq!(poll_period(poll, resync, legacy, false, false, costly), resync);
-        let events = Some((ChangeSource::NfTablesEvents, true));
-        assert_eq!(poll_period(poll, resync, events, true, true, cheap), resync);
-        assert_eq!(poll_period(poll, resync, events, false, true, cheap), poll);
-        assert_eq!(
-            poll_period(poll, resync, None, false, true, cheap),
-            Duration::from_secs(5)
-        );
+        assert_eq!(core.draft().observed_resource_version, 9);
     }
 }
 
 #[cfg(test)]
 mod invariant;
+mod schedule;

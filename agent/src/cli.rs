@@ -4,8 +4,8 @@ use anyhow::Context;
 
 use crate::agent::{self, AgentConfig};
 use crate::config::{
-    AgentArgs, BackendArg, Cli, Command, DataplaneArgs, InspectArgs, IsolateArgs, ModeArg, OutputFormat, RestoreArgs,
-    SimArgs, StatusArgs, WaitArgs,
+    AdviseArgs, AgentArgs, BackendArg, Cli, Command, DataplaneArgs, InspectArgs, IsolateArgs, ModeArg, OutputFormat,
+    RestoreArgs, StatusArgs, SwitchArgs, WaitArgs,
 };
 use crate::dataplane::{iptables::Backend, Mode};
 use crate::k8s::WatchScope;
@@ -46,7 +46,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => run_agent(args, &cluster).await,
         Command::Inspect(args) => run_inspect(args).await,
-        Command::Sim(args) => run_sim(args).await,
         Command::Crd => {
             print!("{}", crate::crd::crd_yaml());
             Ok(())
@@ -54,6 +53,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Isolate(args) => run_isolate(args, &cluster).await,
         Command::Restore(args) => run_restore(args, &cluster).await,
         Command::Status(args) => run_status(args, &cluster).await,
+        Command::Advise(args) => run_advise(args, &cluster).await,
+        Command::Switch(args) => run_switch(args, &cluster).await,
     }
 }
 
@@ -75,7 +76,7 @@ async fn run_agent(args: AgentArgs, cluster: &ClusterArgs) -> anyhow::Result<()>
         resync_interval: args.resync_interval,
         change_timeout: args.change_timeout,
         listen: args.listen,
-        samples: None,
+        observer: None,
         status: args.publish_status.then_some(crate::agent::StatusConfig {
             status_interval: args.status_interval,
             heartbeat_interval: args.heartbeat_interval,
@@ -83,6 +84,8 @@ async fn run_agent(args: AgentArgs, cluster: &ClusterArgs) -> anyhow::Result<()>
             burst: args.status_burst,
         }),
         max_holds: args.max_holds,
+        traffic_window: args.traffic_window,
+        fault_report_removals_early: false,
     };
     agent::run(cluster_client(cluster).await?, config, metrics).await
 }
@@ -104,52 +107,6 @@ async fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         OutputFormat::Table => print!("{}", report.to_table()),
     }
-    Ok(())
-}
-
-async fn run_sim(args: SimArgs) -> anyhow::Result<()> {
-    let opts = crate::sim::scenario::SimOptions {
-        nodes: usize::from(args.nodes),
-        proxy_mode: args.proxy_mode,
-        delay: crate::sim::node::Delay {
-            base: args.delay,
-            jitter: args.jitter,
-        },
-        slow: {
-            let nodes = usize::from(args.nodes);
-            let given = args.slow.clone().unwrap_or_else(|| match nodes {
-                1 => vec![],
-                n => vec![format!("node-{n}=1s")],
-            });
-            let slow = crate::config::parse_slow(&given).map_err(anyhow::Error::msg)?;
-            if let Some(bad) = slow.keys().find(|n| !(1..=nodes).any(|i| **n == format!("node-{i}"))) {
-                anyhow::bail!("--slow {bad}: the simulated cluster has node-1 … node-{nodes}");
-            }
-            slow
-        },
-        grace: args.grace,
-        timeout: args.timeout,
-        metrics_port: args.metrics_port,
-        keep: args.keep,
-    };
-    let keep = opts.keep;
-    // Dropping the simulation on Ctrl-C removes its namespaces and stops its tasks. With
-    // --keep, the simulation itself waits for Ctrl-C after printing the table.
-    let report = if keep {
-        crate::sim::scenario::run(opts).await?
-    } else {
-        tokio::select! {
-            r = crate::sim::scenario::run(opts) => r?,
-            _ = crate::telemetry::stop_signal() => anyhow::bail!("interrupted; the simulated cluster was removed"),
-        }
-    };
-    if !keep {
-        println!("{}", report.table());
-    }
-    if !report.all_converged() {
-        anyhow::bail!("not every node converged before the timeout (rows with '-')");
-    }
-    println!("every node converged; the agents' lags are never earlier than the kernel truth (AGENT - TRUTH >= 0)");
     Ok(())
 }
 
@@ -284,6 +241,56 @@ async fn run_restore(args: RestoreArgs, cluster: &ClusterArgs) -> anyhow::Result
     finish(&report, &format!("restore of {ns}/{}", args.pod))
 }
 
+async fn run_switch(args: SwitchArgs, cluster: &ClusterArgs) -> anyhow::Result<()> {
+    use crate::switch::{selector_text, SwitchRequest};
+    let client = cluster_client(cluster).await?;
+    let ns = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let req = SwitchRequest {
+        namespace: ns.clone(),
+        service: args.service.clone(),
+        selector: crate::switch::selector_map(&args.selector),
+        force: args.force,
+        rollback_on_timeout: args.rollback_on_timeout,
+    };
+    let mut progress = crate::isolate::Progress::default();
+    let report = crate::switch::switch(&client, &req, &hold_options(&args.wait), &mut progress).await?;
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Table => print!("{}", report.table()),
+    }
+    let what = format!("Service {ns}/{} to {}", args.service, selector_text(&req.selector));
+    if report.complete {
+        if args.output == OutputFormat::Table {
+            println!(
+                "cutover of {what} complete on every node after {:.1}s",
+                report.waited_seconds
+            );
+        }
+        return Ok(());
+    }
+    let rolled_back = if report.rolled_back {
+        format!(
+            "; rolled back: the selector is {} again",
+            selector_text(&report.old_selector)
+        )
+    } else {
+        String::new()
+    };
+    let api = if report.changed_in_api {
+        ""
+    } else {
+        " (the API does not show the change yet: is the EndpointSlice controller running?)"
+    };
+    anyhow::bail!(
+        "cutover of {what} timed out after {:.0}s{api}; still waiting on: {}{rolled_back}",
+        report.waited_seconds,
+        report.waiting_on().join(", ")
+    )
+}
+
 async fn run_status(args: StatusArgs, cluster: &ClusterArgs) -> anyhow::Result<()> {
     let client = cluster_client(cluster).await?;
     match args.pod {
@@ -313,6 +320,27 @@ async fn run_status(args: StatusArgs, cluster: &ClusterArgs) -> anyhow::Result<(
             }
             println!("converged everywhere");
         }
+    }
+    Ok(())
+}
+
+async fn run_advise(args: AdviseArgs, cluster: &ClusterArgs) -> anyhow::Result<()> {
+    use crate::advise::LagSource;
+    let client = cluster_client(cluster).await?;
+    let source = match args.prometheus {
+        Some(url) => LagSource::Prometheus {
+            url,
+            window: args.prometheus_window,
+        },
+        None => LagSource::NodeConvergences,
+    };
+    let report = crate::advise::advise(&client, args.namespace.as_deref(), &source).await?;
+    if let Some(why) = &report.no_data_reason {
+        eprintln!("warning: no measured lag, every verdict is no-data (holds excepted): {why}");
+    }
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Table => print!("{}", report.to_table()),
     }
     Ok(())
 }

@@ -24,8 +24,9 @@ pub struct Cli {
         global = true
     )]
     pub log_format: LogFormat,
-    /// The kubeconfig file for `agent`, `isolate`, `restore` and `status` (default: KUBECONFIG,
-    /// ~/.kube/config, or the in-cluster config), as kubectl's `--kubeconfig`.
+    /// The kubeconfig file for `agent`, `isolate`, `restore`, `status`, `switch` and `advise`
+    /// (default: KUBECONFIG, ~/.kube/config, or the in-cluster config), as kubectl's
+    /// `--kubeconfig`.
     #[arg(long, global = true)]
     pub kubeconfig: Option<std::path::PathBuf>,
     /// The kubeconfig context to use, as kubectl's `--context`.
@@ -41,9 +42,6 @@ pub enum Command {
     Agent(AgentArgs),
     /// Show what this node's kube-proxy dataplane routes right now, read from the kernel.
     Inspect(InspectArgs),
-    /// Run a simulated cluster (nodes as network namespaces, kube-proxy emulators, one agent
-    /// per node), delete and isolate a pod, and print each node's measured lag next to the truth.
-    Sim(SimArgs),
     /// Print the NodeConvergence CustomResourceDefinition (YAML).
     Crd,
     /// Relabel a pod out of its Services and wait until every node stopped routing to it.
@@ -52,6 +50,12 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Show every node's convergence state, or one pod's.
     Status(StatusArgs),
+    /// Set each workload's preStop and grace period beside the measured removal lag: a verdict
+    /// and the hold that replaces a guessed sleep.
+    Advise(AdviseArgs),
+    /// Blue/green cutover: change a Service's selector and wait until every node routes only
+    /// to the new set of pods.
+    Switch(SwitchArgs),
 }
 
 #[derive(Clone, Debug, Args)]
@@ -109,6 +113,29 @@ pub struct RestoreArgs {
 }
 
 #[derive(Clone, Debug, Args)]
+pub struct SwitchArgs {
+    /// The Service whose selector changes.
+    pub service: String,
+    /// Its namespace (default: the kubeconfig context's).
+    #[arg(short, long, env = "KUBE_CONVERGE_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// The new selector, KEY=VALUE[,KEY=VALUE...] (it replaces the old one), e.g. track=green.
+    #[arg(long, value_parser = parse_selector)]
+    pub selector: String,
+    /// Switch even when the new selector matches no ready pod (that takes the Service down).
+    #[arg(long)]
+    pub force: bool,
+    /// On timeout, put the old selector back (the exit code stays non-zero).
+    #[arg(long)]
+    pub rollback_on_timeout: bool,
+    /// Output format of the per-node result.
+    #[arg(short = 'o', long, env = "KUBE_CONVERGE_OUTPUT", value_enum, default_value = "table")]
+    pub output: OutputFormat,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Clone, Debug, Args)]
 pub struct StatusArgs {
     /// Show this pod's convergence on every node instead of the node summary.
     pub pod: Option<String>,
@@ -117,51 +144,20 @@ pub struct StatusArgs {
 }
 
 #[derive(Clone, Debug, Args)]
-pub struct SimArgs {
-    /// Number of nodes.
-    #[arg(long, env = "KUBE_CONVERGE_SIM_NODES", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub nodes: u16,
-    /// kube-proxy mode of the simulated nodes.
-    #[arg(long, env = "KUBE_CONVERGE_SIM_PROXY_MODE", value_enum, default_value = "iptables")]
-    pub proxy_mode: crate::sim::node::ProxyMode,
-    /// Base delay of every node's kube-proxy before it programs a change.
-    #[arg(long, env = "KUBE_CONVERGE_SIM_DELAY", value_parser = parse_duration, default_value = "100ms")]
-    pub delay: Duration,
-    /// Random extra delay per sync, up to this much.
-    #[arg(long, env = "KUBE_CONVERGE_SIM_JITTER", value_parser = parse_duration, default_value = "200ms")]
-    pub jitter: Duration,
-    /// Make a node slow: NODE=DELAY, added to its base delay (repeatable; `none` for no slow
-    /// node). Default: the last node, by 1s, when there are several.
-    #[arg(long, env = "KUBE_CONVERGE_SIM_SLOW", value_delimiter = ',')]
-    pub slow: Option<Vec<String>>,
-    /// Grace period of the deleted pod.
-    #[arg(long, env = "KUBE_CONVERGE_SIM_GRACE", value_parser = parse_duration, default_value = "5s")]
-    pub grace: Duration,
-    /// Give up waiting for convergence after this long.
-    #[arg(long, env = "KUBE_CONVERGE_SIM_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
-    pub timeout: Duration,
-    /// First port of the agents' /metrics on 127.0.0.1 (node-1 gets this one, node-2 the next…).
-    #[arg(long, env = "KUBE_CONVERGE_SIM_METRICS_PORT", default_value_t = 9108)]
-    pub metrics_port: u16,
-    /// Keep the cluster running after the table (for dashboards), until Ctrl-C.
-    #[arg(long, env = "KUBE_CONVERGE_SIM_KEEP")]
-    pub keep: bool,
-}
-
-/// Parses `NODE=DELAY` entries of `--slow`.
-pub fn parse_slow(entries: &[String]) -> Result<std::collections::BTreeMap<String, Duration>, String> {
-    let mut out = std::collections::BTreeMap::new();
-    for e in entries
-        .iter()
-        .map(|e| e.trim())
-        .filter(|e| !e.is_empty() && *e != "none")
-    {
-        let (node, d) = e
-            .split_once('=')
-            .ok_or_else(|| format!("--slow {e:?}: expected NODE=DELAY, e.g. node-3=1s"))?;
-        out.insert(node.to_string(), parse_duration(d)?);
-    }
-    Ok(out)
+pub struct AdviseArgs {
+    /// Only workloads in this namespace (default: every namespace).
+    #[arg(short, long, env = "KUBE_CONVERGE_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Take the lag quantiles from this Prometheus (http://HOST:PORT[/PREFIX]), which scrapes
+    /// the agents, instead of the NodeConvergence objects (whose p99.9 is only an estimate).
+    #[arg(long, env = "KUBE_CONVERGE_PROMETHEUS")]
+    pub prometheus: Option<String>,
+    /// The range of the Prometheus queries (a PromQL duration).
+    #[arg(long, env = "KUBE_CONVERGE_PROMETHEUS_WINDOW", default_value = "7d", value_parser = crate::advise::parse_promql_window)]
+    pub prometheus_window: String,
+    /// Output format (`json`: stable field names, see the README).
+    #[arg(short = 'o', long, env = "KUBE_CONVERGE_OUTPUT", value_enum, default_value = "table")]
+    pub output: OutputFormat,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -229,6 +225,10 @@ pub struct AgentArgs {
     /// Publish this node's NodeConvergence status (needed by holds and `isolate`).
     #[arg(long, env = "KUBE_CONVERGE_PUBLISH_STATUS", default_value_t = true, action = clap::ArgAction::Set)]
     pub publish_status: bool,
+    /// Count new connections that still reach a removed endpoint (conntrack events), while its
+    /// removal is pending and for this long after it converged; `0s` turns the check off.
+    #[arg(long, env = "KUBE_CONVERGE_TRAFFIC_WINDOW", value_parser = parse_duration, default_value = "60s")]
+    pub traffic_window: Duration,
     /// Concurrent /v1/hold requests served at most (more get 429).
     #[arg(long, env = "KUBE_CONVERGE_MAX_HOLDS", value_parser = parse_positive, default_value = "64")]
     pub max_holds: usize,
@@ -373,6 +373,19 @@ pub fn parse_label(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// A Service selector: `KEY=VALUE[,KEY=VALUE...]`, each a valid label, no key twice.
+pub fn parse_selector(s: &str) -> Result<String, String> {
+    let mut keys = std::collections::BTreeSet::new();
+    for part in s.split(',') {
+        let label = parse_label(part.trim())?;
+        let key = label.split_once('=').map_or(label.as_str(), |(k, _)| k).to_string();
+        if !keys.insert(key.clone()) {
+            return Err(format!("{s:?} names {key:?} twice: a selector has one value per key"));
+        }
+    }
+    Ok(s.split(',').map(str::trim).collect::<Vec<_>>().join(","))
+}
+
 /// A label selector the API server would accept (kube-proxy's own terms are added to it).
 pub fn parse_label_selector(s: &str) -> Result<String, String> {
     crate::selector::LabelSelector::parse(s).map(|_| s.trim().to_string())
@@ -406,6 +419,53 @@ mod tests {
         assert_eq!(parse_label_key("app"), Ok("app".into()));
         assert!(parse_label_key("").is_err());
         assert!(parse_label_key("bad key").is_err());
+    }
+
+    #[test]
+    fn switch_selectors_are_checked_before_anything_is_patched() {
+        assert_eq!(parse_selector("track=green"), Ok("track=green".into()));
+        assert_eq!(
+            parse_selector("app=web, example.com/track=green"),
+            Ok("app=web,example.com/track=green".into())
+        );
+        for bad in [
+            "",
+            "track",
+            "track=green,",
+            "track=gr een",
+            "a=1,a=2",
+            "in(x)",
+            "app!=web",
+        ] {
+            assert!(parse_selector(bad).is_err(), "{bad:?} accepted");
+        }
+        let cli = Cli::try_parse_from([
+            "kube-converge",
+            "switch",
+            "web",
+            "-n",
+            "demo",
+            "--selector",
+            "track=green",
+            "--timeout",
+            "30s",
+            "--rollback-on-timeout",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        let Command::Switch(a) = cli.command else {
+            panic!("not switch")
+        };
+        assert_eq!((a.service.as_str(), a.selector.as_str()), ("web", "track=green"));
+        assert!(a.rollback_on_timeout && !a.force && a.output == OutputFormat::Json);
+        assert_eq!(a.wait.timeout, Duration::from_secs(30));
+        let err = Cli::try_parse_from(["kube-converge", "switch", "web", "--selector", "bad key=x"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            Cli::try_parse_from(["kube-converge", "switch", "web"]).is_err(),
+            "--selector is required"
+        );
     }
 
     #[test]

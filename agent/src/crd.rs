@@ -86,6 +86,10 @@ pub struct NodeConvergenceStatus {
     /// The most recent converged changes with their lags (bounded).
     #[serde(default)]
     pub recent: Vec<ConvergedEndpoint>,
+    /// New connections this node sent to recently removed endpoints (conntrack), while each
+    /// removal is pending and for the traffic window after it converged (bounded).
+    #[serde(default)]
+    pub traffic: Vec<RemovedEndpointTraffic>,
     /// When the agent last wrote this status (RFC 3339).
     #[serde(default)]
     pub heartbeat_time: String,
@@ -110,6 +114,25 @@ pub struct PendingEndpoint {
     /// pending, unknown or timed_out.
     pub state: String,
     pub observed_time: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RemovedEndpointTraffic {
+    pub namespace: String,
+    pub service: String,
+    pub port: String,
+    pub protocol: String,
+    /// `ip:port` (`[ip]:port` for IPv6).
+    pub endpoint: String,
+    pub ip: String,
+    pub reason: String,
+    /// Connections before this node's kernel dropped the endpoint (the lag's cost).
+    pub before_converged: u64,
+    /// Connections after the agent reported it dropped: must be 0 (a false converged).
+    pub after_converged: u64,
+    /// The removal has converged on this node.
+    pub converged: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]

@@ -11,8 +11,10 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 
-use crate::dataplane::iptables::{self, legacy, nft, xt, NatTable};
-use crate::dataplane::nftnl::{self, NftRule, NftTable};
+use crate::dataplane::iptables::{self, legacy, nft_backend, xt, NatTable};
+use crate::dataplane::netlink::{self, RecvBuf};
+use crate::dataplane::nf_tables_ffi::{self, NftRule, NftTable};
+use crate::dataplane::nf_tables_shape::{libnftnl_survives, Parse};
 use crate::dataplane::{ipvs, nfnotify, nftables};
 use crate::expected::{self, Semantics, SliceRecord};
 use crate::k8s;
@@ -82,253 +84,49 @@ struct NfTablesStream {
     table: NftTable,
 }
 
-const NLMSG_HDRLEN: usize = 16;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_NEWSET: u16 = 9;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 
-/// Splits `data` into netlink messages with the checks `NftConn` makes on a received datagram,
-/// and hands each to libnftnl by its type. Like `NftConn`'s receive buffer, the copy is 8-byte
-/// aligned and has room beyond the last message.
+/// Splits `data` into netlink messages as `NftConn` splits a datagram it received (in an
+/// aligned receive buffer) and hands each to the FFI layer's decoder for its type, when
+/// libnftnl would survive it (`nf_tables_shape`).
 fn nf_tables_stream(data: &[u8]) -> NfTablesStream {
-    let mut words = vec![0u64; data.len().div_ceil(8) + 8];
-    let mut aligned = Vec::with_capacity(words.len() * 8);
-    aligned.extend_from_slice(data);
-    aligned.resize(words.len() * 8, 0);
-    for (w, b) in words.iter_mut().zip(aligned.chunks_exact(8)) {
-        *w = u64::from_ne_bytes(b.try_into().unwrap_or_default());
-    }
+    let buf = RecvBuf::holding(data);
     let mut out = NfTablesStream {
         rules: Vec::new(),
         table: NftTable::default(),
     };
-    let mut off = 0;
-    while off + NLMSG_HDRLEN <= data.len() {
-        let len = u32::from_ne_bytes(data[off..off + 4].try_into().unwrap_or_default()) as usize;
-        let kind = u16::from_ne_bytes([data[off + 4], data[off + 5]]);
-        if len < NLMSG_HDRLEN || len > data.len() - off {
-            break;
-        }
-        let hdr = words.as_ptr().cast::<u8>().wrapping_add(off).cast::<libc::nlmsghdr>();
-        if !libnftnl_survives(&data[off..off + len], kind & 0xff) {
-            off += (len + 3) & !3;
+    for msg in netlink::messages(&buf.as_bytes()[..data.len()]).map_while(Result::ok) {
+        let parse = match msg.kind & 0xff {
+            NFT_MSG_NEWRULE => Parse::Rule,
+            NFT_MSG_NEWSET => Parse::Set,
+            NFT_MSG_NEWSETELEM => Parse::SetElems,
+            _ => continue,
+        };
+        if !libnftnl_survives(msg.bytes(), parse) {
             continue;
         }
-        match kind & 0xff {
+        match msg.kind & 0xff {
             NFT_MSG_NEWRULE => {
-                if let Ok(rule) = nftnl::decode_rule(hdr) {
+                if let Ok(rule) = nf_tables_ffi::decode_rule(msg) {
                     out.rules.push(rule);
                 }
             }
             NFT_MSG_NEWSET => {
-                if let Ok(set) = nftnl::decode_set_header(hdr) {
+                if let Ok(set) = nf_tables_ffi::decode_set_header(msg) {
                     out.table.sets.push(set);
                 }
             }
             NFT_MSG_NEWSETELEM => {
-                if let (Ok(elems), Some(set)) = (nftnl::decode_elems(hdr), out.table.sets.last_mut()) {
+                if let (Ok(elems), Some(set)) = (nf_tables_ffi::decode_elems(msg), out.table.sets.last_mut()) {
                     set.elems.extend(elems);
                 }
             }
             _ => {}
         }
-        off += (len + 3) & !3;
     }
     out
-}
-
-/// How libnftnl expects an attribute to look. libnftnl 1.2 ends the process (`exit(1)`, "nf_tables
-/// kernel ABI is broken") when an attribute it knows has the wrong size for its type, and
-/// dereferences NULL for an expression without a name: it trusts the kernel. The fuzzer would
-/// find those at once and nothing past them, so messages libnftnl would not survive are not
-/// handed to it (the agent trusts the kernel's messages as libnftnl does; see fuzz/README.md).
-/// The checks are stricter than libnftnl's where that is simpler: a skipped input costs nothing.
-#[derive(Clone, Copy)]
-enum Attr {
-    /// A NUL-terminated string.
-    Str,
-    U8,
-    U32,
-    U64,
-    Binary,
-    /// Nested attributes of these kinds (by type number, from 1).
-    Nested(&'static [Attr]),
-    /// A list of expressions (`NFTA_LIST_ELEM`s of name and data).
-    Exprs,
-    /// `nft_data`: a value of at most 64 bytes, or a verdict.
-    Data,
-    /// A list of `NFTA_LIST_ELEM`s, each nested attributes of these kinds.
-    List(&'static [Attr]),
-    /// Anything: libnftnl does not look at it.
-    Ignored,
-    /// Something not handed to libnftnl at all (a single expression, which libnftnl
-    /// allocates by a name it does not check for).
-    Refused,
-}
-
-use Attr::*;
-
-const RULE_ATTRS: &[Attr] = &[
-    Str,
-    Str,
-    U64,
-    Exprs,
-    Nested(&[U32, U32]),
-    U64,
-    Binary,
-    Ignored,
-    U32,
-    U32,
-    U32,
-];
-const SET_ATTRS: &[Attr] = &[
-    Str,
-    Str,
-    U32,
-    U32,
-    U32,
-    U32,
-    U32,
-    U32,
-    Nested(&[U32, List(&[U32])]),
-    U32,
-    U64,
-    U32,
-    Binary,
-    Ignored,
-    U32,
-    U64,
-    Refused,
-    Exprs,
-    // NFTA_SET_TYPE and NFTA_SET_COUNT: newer than libnftnl 1.2, which skips them.
-    Ignored,
-    Ignored,
-];
-const ELEM_ATTRS: &[Attr] = &[Data, Data, U32, U64, U64, Binary, Refused, Ignored, Str, Data, Exprs];
-const SET_ELEM_LIST_ATTRS: &[Attr] = &[Str, Str, List(ELEM_ATTRS), U32];
-const VERDICT_ATTRS: &[Attr] = &[U32, Str, U32];
-
-/// The data attributes of the expressions the readers understand and of the others kube-proxy
-/// writes; other expressions are not handed on.
-fn expression_attrs(name: &[u8]) -> Option<&'static [Attr]> {
-    Some(match name {
-        b"payload\0" => &[U32; 8],
-        b"meta\0" => &[U32; 3],
-        b"cmp\0" => &[U32, U32, Data],
-        b"immediate\0" => &[U32, Data],
-        b"bitwise\0" => &[U32, U32, U32, Data, Data, U32, Data],
-        b"lookup\0" => &[Str, U32, U32, U32, U32],
-        b"numgen\0" => &[U32, U32, U32, U32, Str, U32],
-        b"nat\0" => &[U32; 7],
-        b"match\0" | b"target\0" => &[Str, U32, Binary],
-        b"counter\0" => &[U64, U64],
-        b"ct\0" => &[U32, U32, U8, U32],
-        b"fib\0" => &[U32; 3],
-        b"masq\0" => &[U32; 3],
-        b"reject\0" => &[U32, U8],
-        b"dynset\0" => &[Str, U32, U32, U32, U32, U64, Refused, Ignored, U32, Exprs],
-        _ => return None,
-    })
-}
-
-/// The attributes in `b`, or `None` when one of them does not fit.
-fn attrs(mut b: &[u8]) -> Option<Vec<(u16, &[u8])>> {
-    let mut out = Vec::new();
-    while !b.is_empty() {
-        let len = usize::from(u16::from_ne_bytes([*b.first()?, *b.get(1)?]));
-        let kind = u16::from_ne_bytes([*b.get(2)?, *b.get(3)?]) & 0x3fff;
-        if len < 4 || len > b.len() {
-            return None;
-        }
-        out.push((kind, &b[4..len]));
-        b = &b[len.next_multiple_of(4).min(b.len())..];
-    }
-    Some(out)
-}
-
-/// Whether no attribute kind appears twice (libnftnl keeps the last, the checks here the first).
-fn unique(all: &[(u16, &[u8])]) -> bool {
-    let mut kinds: Vec<u16> = all.iter().map(|(k, _)| *k).collect();
-    kinds.sort_unstable();
-    kinds.windows(2).all(|w| w[0] != w[1])
-}
-
-fn attrs_fit(b: &[u8], kinds: &[Attr]) -> bool {
-    attrs(b).is_some_and(|all| {
-        unique(&all)
-            && all
-                .iter()
-                .all(|(kind, payload)| match kinds.get(usize::from(*kind).wrapping_sub(1)) {
-                    Some(a) => attr_fits(*a, payload),
-                    None => false,
-                })
-    })
-}
-
-fn attr_fits(a: Attr, p: &[u8]) -> bool {
-    match a {
-        Str => p.last() == Some(&0),
-        U8 => p.len() == 1,
-        U32 => p.len() == 4,
-        U64 => p.len() == 8,
-        Binary | Ignored => true,
-        Refused => false,
-        Nested(kinds) => attrs_fit(p, kinds),
-        List(kinds) => attrs(p).is_some_and(|all| all.iter().all(|(k, e)| *k == 1 && attrs_fit(e, kinds))),
-        // With neither a value nor a verdict, libnftnl reads an uninitialised data type.
-        Data => attrs(p).is_some_and(|all| {
-            unique(&all)
-                && all.iter().any(|(k, _)| *k == 1 || *k == 2)
-                && all.iter().all(|(k, v)| match k {
-                    1 => v.len() <= 64,
-                    2 => attrs_fit(v, VERDICT_ATTRS) && verdict_has_its_chain(v),
-                    _ => true,
-                })
-        }),
-        Exprs => attrs(p).is_some_and(|all| {
-            all.iter().all(|(k, e)| {
-                let Some(parts) = attrs(e) else { return false };
-                let name = parts.iter().find(|(k, _)| *k == 1).map(|(_, n)| *n);
-                let kinds = name.and_then(expression_attrs);
-                *k == 1
-                    && unique(&parts)
-                    && kinds.is_some_and(|kinds| {
-                        parts.iter().all(|(k, v)| match k {
-                            1 => true,
-                            2 => attrs_fit(v, kinds),
-                            _ => true,
-                        })
-                    })
-            })
-        }),
-    }
-}
-
-/// A jump or goto names its chain: libnftnl copies the name without looking whether it is
-/// there.
-fn verdict_has_its_chain(v: &[u8]) -> bool {
-    let all = attrs(v).unwrap_or_default();
-    let code = all.iter().find(|(k, _)| *k == 1).map(|(_, c)| c);
-    let jumps = code.is_some_and(|c| {
-        [nftnl::NFT_JUMP, nftnl::NFT_GOTO]
-            .map(i32::to_be_bytes)
-            .contains(&<[u8; 4]>::try_from(&c[..]).unwrap_or_default())
-    });
-    code.is_some() && (!jumps || all.iter().any(|(k, _)| *k == 2))
-}
-
-/// Whether libnftnl can parse this message without ending the process.
-fn libnftnl_survives(msg: &[u8], kind: u16) -> bool {
-    let Some(body) = msg.get(NLMSG_HDRLEN + 4..) else {
-        return false;
-    };
-    let top = match kind {
-        NFT_MSG_NEWRULE => RULE_ATTRS,
-        NFT_MSG_NEWSET => SET_ATTRS,
-        NFT_MSG_NEWSETELEM => SET_ELEM_LIST_ATTRS,
-        _ => return true,
-    };
-    attrs_fit(body, top)
 }
 
 /// kube-proxy's nftables-mode table from nf_tables messages, followed as the nftables reader
@@ -336,7 +134,7 @@ fn libnftnl_survives(msg: &[u8], kind: u16) -> bool {
 pub fn nftables_table(data: &[u8]) {
     let NfTablesStream { rules, mut table } = nf_tables_stream(data);
     table.rules = rules;
-    let _ = nftnl::numgen_keys(&table.rules);
+    let _ = nf_tables_ffi::numgen_keys(&table.rules);
     let _ = nftables::routes_from_table(&table, false);
     let _ = nftables::routes_from_table(&table, true);
 }
@@ -347,7 +145,7 @@ pub fn iptables_nft_rules(data: &[u8]) {
     let rules = nf_tables_stream(data).rules;
     for v6 in [false, true] {
         let mut table = NatTable::default();
-        nft::add_rules(&mut table, &rules, v6);
+        nft_backend::add_rules(&mut table, &rules, v6);
         let _ = iptables::walk(&table);
     }
 }
@@ -409,39 +207,5 @@ pub fn endpoint_slices_json(data: &[u8]) {
         let slices: Vec<&SliceRecord> = records.iter().collect();
         let spec = spec.as_ref().filter(|(s, _)| s == service).map(|(_, spec)| spec);
         let _ = expected::expect_service_with(service, spec, &slices, &view.node, &semantics);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// What the kernel really sends (the seeds are captured from it) passes the checks that
-    /// keep libnftnl alive: they refuse only what a kernel does not send.
-    #[test]
-    fn kernel_messages_pass_the_libnftnl_checks() {
-        let corpus = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus");
-        let dirs = ["nftables_table", "iptables_nft_rules"].map(|t| format!("{corpus}/{t}"));
-        let mut messages = 0;
-        for entry in dirs.iter().flat_map(|d| std::fs::read_dir(d).unwrap()) {
-            let path = entry.unwrap().path();
-            if !path.file_name().unwrap().to_string_lossy().starts_with("seed-") {
-                continue;
-            }
-            let data = std::fs::read(&path).unwrap();
-            let mut off = 0;
-            while off + NLMSG_HDRLEN <= data.len() {
-                let len = u32::from_ne_bytes(data[off..off + 4].try_into().unwrap()) as usize;
-                let kind = u16::from_ne_bytes([data[off + 4], data[off + 5]]);
-                assert!(
-                    libnftnl_survives(&data[off..off + len], kind & 0xff),
-                    "{}: message at {off} (type {kind:#x}) refused",
-                    path.display()
-                );
-                messages += 1;
-                off += (len + 3) & !3;
-            }
-        }
-        assert!(messages > 100, "only {messages} messages in the seeds");
     }
 }

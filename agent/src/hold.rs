@@ -110,7 +110,8 @@ impl NodeState {
         }
     }
 
-    fn done(self) -> bool {
+    /// Nothing left to wait for on this node (converged, or skipped by an explicit option).
+    pub fn done(self) -> bool {
         matches!(self, NodeState::Converged | NodeState::Skipped)
     }
 }
@@ -127,6 +128,13 @@ pub struct NodeSummary {
     /// still lists it.
     pub lag_seconds: Option<f64>,
     pub end_to_end_seconds: Option<f64>,
+    /// New connections this node still sent to the pod after its removal, before it converged
+    /// (the lag's cost), from the node's live-traffic check; `None` when it reports none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections_before_converged: Option<u64>,
+    /// The same after the node reported the removal programmed: must be 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections_after_converged: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -170,6 +178,7 @@ impl HoldReport {
             "LAG".into(),
             "E2E".into(),
             "HEARTBEAT".into(),
+            "CONNS BEFORE/AFTER".into(),
         ]];
         for n in &self.nodes {
             rows.push([
@@ -179,6 +188,10 @@ impl HoldReport {
                 secs(n.lag_seconds),
                 secs(n.end_to_end_seconds),
                 n.heartbeat_age_seconds.map_or("-".into(), |a| format!("{a:.0}s ago")),
+                match (n.connections_before_converged, n.connections_after_converged) {
+                    (Some(b), Some(a)) => format!("{b}/{a}"),
+                    _ => "-".into(),
+                },
             ]);
         }
         crate::table::render(&rows)
@@ -209,7 +222,8 @@ pub struct Subject {
     pub ips: Vec<IpAddr>,
 }
 
-fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+/// Every address of the pod (dual-stack: one per family), `podIP` first.
+pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     let status = pod.status.as_ref();
     let mut ips: Vec<IpAddr> = status
         .and_then(|s| s.pod_ips.as_ref())
@@ -500,6 +514,8 @@ pub fn verdict(
             observed_resource_version: 0,
             lag_seconds: None,
             end_to_end_seconds: None,
+            connections_before_converged: None,
+            connections_after_converged: None,
         };
         let status = world.convergences.get(name);
         summary.state = if !ready && opts.skip_not_ready {
@@ -545,6 +561,10 @@ pub fn verdict(
                 if let Some(e) = r.end_to_end_seconds {
                     summary.end_to_end_seconds = Some(summary.end_to_end_seconds.map_or(e, |l| l.max(e)));
                 }
+            }
+            for t in st.traffic.iter().filter(|t| ip_strings.contains(&t.ip)) {
+                *summary.connections_before_converged.get_or_insert(0) += t.before_converged;
+                *summary.connections_after_converged.get_or_insert(0) += t.after_converged;
             }
         }
         summaries.push(summary);
@@ -847,6 +867,23 @@ impl Feed {
         opts: &HoldOptions,
         mut progress: impl FnMut(&HoldReport),
     ) -> Result<HoldReport, HoldError> {
+        self.wait_with(opts, |world, now, waited| {
+            let report = verdict(subject, target, world, opts, now, waited);
+            progress(&report);
+            let converged = report.converged;
+            (report, converged)
+        })
+        .await
+    }
+
+    /// Evaluates `evaluate(world, now, waited)` on every change of the world (and at least every
+    /// `opts.poll`) until it answers done or `opts.timeout` has passed; returns its last answer.
+    /// [`Feed::wait`] for one pod, `switch` for a set of them.
+    pub async fn wait_with<R>(
+        &self,
+        opts: &HoldOptions,
+        mut evaluate: impl FnMut(&World, Timestamp, Duration) -> (R, bool),
+    ) -> Result<R, HoldError> {
         let start = Instant::now();
         self.synced(opts.timeout.max(Duration::from_secs(5))).await?;
         let mut last = None;
@@ -855,12 +892,11 @@ impl Feed {
             // Between a relist and its floor the world is not complete: no verdict from it.
             match self.snapshot() {
                 Ok(Some(world)) => {
-                    let report = verdict(subject, target, &world, opts, Timestamp::now(), start.elapsed());
-                    progress(&report);
-                    if report.converged {
-                        return Ok(report);
+                    let (answer, done) = evaluate(&world, Timestamp::now(), start.elapsed());
+                    if done {
+                        return Ok(answer);
                     }
-                    last = Some(report);
+                    last = Some(answer);
                 }
                 Ok(None) => {}
                 Err(e) => return Err(HoldError::Watch(e)),

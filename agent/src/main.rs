@@ -1,3 +1,4 @@
+#![deny(unsafe_code)]
 use clap::Parser;
 
 // The agent's heap is many small long-lived entries plus large short-lived peaks (full reads,
@@ -12,15 +13,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// partly used pages (lower peak and RSS in the footprint benchmark). `_RJEM_MALLOC_CONF`
 /// overrides these at run time.
 #[used]
+#[allow(unsafe_code)] // jemalloc reads its options from this exported `const char *`
 #[export_name = "_rjem_malloc_conf"]
-static MALLOC_CONF: ConfString =
-    ConfString(c"background_thread:true,narenas:1,dirty_decay_ms:5000,muzzy_decay_ms:5000".as_ptr());
-
-/// A C string pointer (`const char *`) in a static.
-#[repr(transparent)]
-struct ConfString(*const std::ffi::c_char);
-// SAFETY: it points to a string literal that is never written.
-unsafe impl Sync for ConfString {}
+static MALLOC_CONF: &u8 = &b"background_thread:true,narenas:1,dirty_decay_ms:5000,muzzy_decay_ms:5000\0"[0];
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {

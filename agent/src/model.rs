@@ -1,6 +1,7 @@
 //! Domain vocabulary shared by every module: endpoint keys, service port names, protocols,
 //! timestamps and change reasons. Nothing here knows about Kubernetes types or the kernel.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
@@ -343,6 +344,21 @@ impl TriggerSource {
 pub struct Trigger {
     pub time: Timestamp,
     pub source: TriggerSource,
+}
+
+/// What a targeted read is asked to cover: the service ports with pending changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReadTargets {
+    /// Their frontends (`ip:port`, `*:nodePort`).
+    pub frontends: BTreeSet<String>,
+    /// The service ports themselves.
+    pub ports: BTreeSet<(ServicePortName, Protocol)>,
+}
+
+impl ReadTargets {
+    pub fn is_empty(&self) -> bool {
+        self.frontends.is_empty() && self.ports.is_empty()
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ impl NetNs {
         Self::default()
     }
 
+    #[allow(unsafe_code)] // ioctl(2), which std does not wrap
     pub fn open(path: &Path) -> Result<Self, NetnsError> {
         let file = File::open(path).map_err(|source| NetnsError::OpenFailed {
             path: path.into(),
@@ -54,6 +55,7 @@ impl NetNs {
     }
 
     /// A command that will run inside the namespace.
+    #[allow(unsafe_code)] // pre_exec and setns(2)
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(program);
         if let Some(target) = &self.target {
@@ -74,6 +76,7 @@ impl NetNs {
 
     /// Runs `f` on a short-lived thread that has entered the namespace, e.g. to open a netlink
     /// socket there.
+    #[allow(unsafe_code)] // setns(2), which std does not wrap
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, NetnsError> {
         let Some(target) = self.target.clone() else {
             return Ok(f());

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::Api;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::crd::{
     ConvergedEndpoint, NodeConvergence, NodeConvergenceSpec, NodeConvergenceStatus, PendingEndpoint, StaleEndpoint,
@@ -106,15 +106,35 @@ fn stale_entry(k: &EndpointKey) -> StaleEndpoint {
     }
 }
 
+/// Removed endpoints listed with their connection counts, at most (the most recent removals
+/// of a large rollout are enough to read the cost).
+const MAX_TRAFFIC_LISTED: usize = 100;
+
+fn traffic_entry(t: &crate::traffic::EndpointTraffic) -> crate::crd::RemovedEndpointTraffic {
+    let k = &t.key;
+    crate::crd::RemovedEndpointTraffic {
+        namespace: k.port_name.service.namespace.clone(),
+        service: k.port_name.service.name.clone(),
+        port: k.port_name.port.clone(),
+        protocol: k.protocol.as_str().into(),
+        endpoint: k.endpoint.to_string(),
+        ip: k.endpoint.ip().to_string(),
+        reason: t.reason.as_str().into(),
+        before_converged: t.before_converged,
+        after_converged: t.after_converged,
+        converged: t.converged,
+    }
+}
+
 /// Builds the draft from the core's state.
 pub fn draft(
     tracker: &Tracker,
     lags: &RecentLags,
-    mode: &str,
-    backend: &str,
+    (mode, backend): (&str, &str),
     health: (&str, Option<String>),
     (observed_resource_version, observed_service_resource_version): (u64, u64),
     scope: &WatchScope,
+    traffic: &[crate::traffic::EndpointTraffic],
 ) -> StatusDraft {
     let pending: Vec<PendingEndpoint> = tracker.pending().take(MAX_PENDING_LISTED).map(pending_entry).collect();
     let count = tracker.pending_count();
@@ -146,6 +166,12 @@ pub fn draft(
             lag_p99_seconds: lags.percentile(0.99),
             lag_samples: lags.lags.len() as u32,
             recent: lags.recent.iter().cloned().collect(),
+            // Violations first, so that they are never cut.
+            traffic: {
+                let mut t: Vec<_> = traffic.iter().collect();
+                t.sort_by_key(|t| std::cmp::Reverse(t.after_converged));
+                t.into_iter().take(MAX_TRAFFIC_LISTED).map(traffic_entry).collect()
+            },
             heartbeat_time: String::new(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
         },
@@ -200,15 +226,21 @@ impl WriteBudget {
     }
 }
 
+/// The publisher's request for a status draft, answered by the agent's core.
+pub type DraftRequest = tokio::sync::oneshot::Sender<Arc<StatusDraft>>;
+
 impl Publisher {
-    pub async fn run(self, mut drafts: watch::Receiver<Arc<StatusDraft>>) -> anyhow::Result<()> {
+    /// Writes the status on its own schedule: woken by `changed` (or the heartbeat), it waits
+    /// out the status interval and its write budget, then pulls a fresh draft through `pull`
+    /// and writes it if it differs from the last one written (or a heartbeat is due).
+    pub async fn run(self, mut changed: watch::Receiver<u64>, pull: mpsc::Sender<DraftRequest>) -> anyhow::Result<()> {
         let mut written: Option<Arc<StatusDraft>> = None;
         let mut last_write: Option<Instant> = None;
         let mut budget = WriteBudget::new(self.burst.max(1), self.budget_interval, Instant::now());
         loop {
             let heartbeat_due = last_write.map_or_else(Instant::now, |t| t + self.heartbeat_interval);
             tokio::select! {
-                changed = drafts.changed() => if changed.is_err() { return Ok(()) },
+                c = changed.changed() => if c.is_err() { return Ok(()) },
                 _ = tokio::time::sleep_until(heartbeat_due.into()) => {}
             }
             // Coalesce: no more than one write per status interval, and within the budget.
@@ -217,7 +249,12 @@ impl Publisher {
             }
             let allowed = budget.next_allowed(Instant::now());
             tokio::time::sleep_until(allowed.into()).await;
-            let draft = drafts.borrow_and_update().clone();
+            changed.borrow_and_update();
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if pull.send(reply).await.is_err() {
+                return Ok(());
+            }
+            let Ok(draft) = answer.await else { return Ok(()) };
             let heartbeat = last_write.is_none_or(|t| t.elapsed() >= self.heartbeat_interval);
             if !heartbeat && written.as_deref() == Some(&*draft) {
                 continue;

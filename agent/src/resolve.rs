@@ -3,14 +3,56 @@
 //! iptables chain hash of a known port, else from a known frontend. Whatever cannot be
 //! attributed still counts as routed for its address (safety first).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::dataplane::iptables::port_proto_hash;
-use crate::dataplane::DataplaneSnapshot;
+use crate::dataplane::{DataplaneSnapshot, ReadScope};
 use crate::expected::ServiceExpectation;
+use crate::kube_proxy_names::port_proto_hash;
 use crate::model::{Protocol, ServicePortName, ServiceRef};
-use crate::tracker::RoutedView;
+use crate::tracker::{RoutedView, Tracker};
+
+/// Turns dataplane snapshots into the tracker's routed views, in one place: it names each
+/// rule's service port (through the catalogue of the known Services, rebuilt only when some
+/// Service's frontends changed), and gives a targeted read what it cannot see itself from the
+/// last full read: routes to unknown services, and whether stray rules were unreadable.
+#[derive(Debug, Default)]
+pub struct Resolver {
+    /// The catalogue, with the tracker's frontends generation it was built at.
+    catalog: Option<(u64, ServiceCatalog)>,
+    /// Unattributed routes of the last full read.
+    last_unattributed: HashSet<(Protocol, SocketAddr)>,
+    /// The last full read found unattributed rules it could not read.
+    last_unattributed_uncertain: bool,
+}
+
+impl Resolver {
+    pub fn resolve(&mut self, tracker: &Tracker, snap: &DataplaneSnapshot) -> RoutedView {
+        let generation = tracker.frontends_generation();
+        if self.catalog.as_ref().is_none_or(|(g, _)| *g != generation) {
+            // Building it hashes every port: far too often to do per reading under churn.
+            self.catalog = Some((generation, ServiceCatalog::build(tracker.services())));
+        }
+        let catalog = &self.catalog.as_ref().expect("built above").1;
+        let mut view = catalog.view(snap);
+        match &snap.scope {
+            None => {
+                self.last_unattributed = view.unattributed.clone();
+                self.last_unattributed_uncertain = view.unattributed_uncertain;
+            }
+            Some(scope) => {
+                view.inherit_from_last_full_read(self.last_unattributed_uncertain);
+                view.scope = Some(match scope {
+                    ReadScope::Frontends(read) => tracker.ports_served_only_by(read),
+                    ReadScope::Ports(ports) => ports.iter().cloned().collect(),
+                });
+                view.unattributed.extend(self.last_unattributed.iter().copied());
+            }
+        }
+        view
+    }
+}
 
 const ALL_PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 

@@ -42,6 +42,9 @@ pub struct Metrics {
     pub status_writes: IntCounterVec,
     pub malformed: IntCounterVec,
     pub liveness_failures: IntCounter,
+    pub connections_after_removal: IntCounterVec,
+    pub traffic_check_available: IntGauge,
+    pub traffic_events_lost: IntCounter,
     pub info: GaugeVec,
 }
 
@@ -108,6 +111,21 @@ impl Metrics {
                 "liveness_failures_total",
                 "/healthz answers that failed because the dataplane loop made no progress within its bound.",
             ))?,
+            connections_after_removal: IntCounterVec::new(
+                opts(
+                    "connections_after_removal_total",
+                    "New connections this node still sent to a removed endpoint (conntrack), by removal reason and phase: before_converged (the lag's cost) or after_converged (after the agent reported the removal programmed: a safety violation).",
+                ),
+                &["reason", "phase"],
+            )?,
+            traffic_check_available: IntGauge::with_opts(opts(
+                "traffic_check_available",
+                "1 while conntrack events can be read (the live-traffic check works), 0 when they cannot (see /readyz), -1 before the first removal needed them.",
+            ))?,
+            traffic_events_lost: IntCounter::with_opts(opts(
+                "traffic_events_lost_total",
+                "Times the conntrack event socket overflowed: some connections were not counted.",
+            ))?,
             info: GaugeVec::new(opts("info", "Agent information: dataplane mode, backend and version."), &["mode", "backend", "version"])?,
             registry,
         };
@@ -131,6 +149,9 @@ impl Metrics {
             Box::new(m.status_writes.clone()),
             Box::new(m.malformed.clone()),
             Box::new(m.liveness_failures.clone()),
+            Box::new(m.connections_after_removal.clone()),
+            Box::new(m.traffic_check_available.clone()),
+            Box::new(m.traffic_events_lost.clone()),
             Box::new(m.info.clone()),
         ];
         for c in collectors {
@@ -142,8 +163,7 @@ impl Metrics {
             m.pending.with_label_values(&[state]).set(0);
         }
         for kind in [
-            "tool_missing",
-            "tool_failed",
+            "generation_changed",
             "unparseable",
             "netns",
             "netlink",
@@ -174,6 +194,12 @@ impl Metrics {
         for state in ["active", "inactive"] {
             m.draining_connections.with_label_values(&[state]).set(0);
         }
+        for reason in ["deleted", "isolated", "unready", "service_deleted"] {
+            for phase in ["before_converged", "after_converged"] {
+                m.connections_after_removal.with_label_values(&[reason, phase]);
+            }
+        }
+        m.traffic_check_available.set(-1);
         m.set_info("unknown", "unknown");
         for lag in ["lag", "end_to_end"] {
             m.lag_clamped.with_label_values(&[lag]);
@@ -313,6 +339,7 @@ pub fn init_logging(format: LogFormat, default_level: &str) {
 /// where it counts as the agent's RSS until the next peak reuses it. The agent binary's Rust
 /// heap is jemalloc's (main.rs), but libnftnl's rule objects still come from glibc's malloc.
 /// Costs a few milliseconds.
+#[allow(unsafe_code)] // one libc call with no preconditions
 pub fn release_freed_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns unused pages of glibc's own heaps to the kernel.

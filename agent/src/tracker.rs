@@ -15,7 +15,8 @@ use serde::Serialize;
 
 use crate::expected::ServiceExpectation;
 use crate::model::{
-    ChangeKind, ChangeReason, EndpointKey, Protocol, ServicePortName, ServiceRef, Timestamp, Trigger, TriggerSource,
+    ChangeKind, ChangeReason, EndpointKey, Protocol, ReadTargets, ServicePortName, ServiceRef, Timestamp, Trigger,
+    TriggerSource,
 };
 
 /// How a dataplane reading was triggered.
@@ -588,7 +589,7 @@ impl Tracker {
     }
 
     /// The service ports with pending changes and their frontends, for targeted reads.
-    pub fn pending_targets(&self) -> crate::dataplane::ReadTargets {
+    pub fn pending_targets(&self) -> ReadTargets {
         let ports: BTreeSet<(ServicePortName, Protocol)> = self
             .pending
             .values()
@@ -600,7 +601,7 @@ impl Tracker {
             .flatten()
             .cloned()
             .collect();
-        crate::dataplane::ReadTargets { frontends, ports }
+        ReadTargets { frontends, ports }
     }
 
     /// Whether a pending change belongs to a service port whose frontends are not known (its

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Pod, Service};
+use kc_sim::apiserver::FakeApiServer;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use kube::runtime::watcher;
 use kube::{Api, Client};
-use kube_converge::sim::apiserver::FakeApiServer;
 use serde_json::json;
 
 async fn client(api: &FakeApiServer) -> Client {

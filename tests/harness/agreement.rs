@@ -1,5 +1,5 @@
 //! One scenario suite for the API semantics kube-converge relies on, run against the real
-//! kube-apiserver and against the fake one (`kube_converge::sim::apiserver`). The real server
+//! kube-apiserver and against the fake one (`kc_sim::apiserver`). The real server
 //! must pass every check. The fake must agree, except where `FAKE_DIFFERS` documents that it
 //! differs. There the fake must really differ, so the list stays true.
 

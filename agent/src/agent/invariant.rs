@@ -26,6 +26,7 @@ use crate::dataplane::{DataplaneSnapshot, ReadError, ServiceRoutes};
 use crate::expected::{expect_service, Conditions, ServicePortSpec, SliceEndpoint, SlicePort};
 use crate::hold::{verdict, HoldOptions, HoldTarget, Subject, World, WorldNode, WorldService, WorldSlice};
 use crate::model::{EndpointKey, Protocol, ServicePortName};
+use crate::tracker::ReadTrigger;
 
 const NODES: usize = 2;
 const PODS: usize = 4;
@@ -182,7 +183,8 @@ impl Proxy {
 
 struct Agent {
     core: Core,
-    status: tokio::sync::watch::Receiver<Arc<crate::publish::StatusDraft>>,
+    /// The last status draft the publisher pulled.
+    status: crate::publish::StatusDraft,
     at: usize,
 }
 
@@ -285,7 +287,8 @@ impl Sim {
 
     /// A fresh agent core that lists the API as it is now.
     fn start_agent(&mut self, n: usize) -> Agent {
-        let (mut core, status) = super::tests::core_for(&node_name(n));
+        let mut core = super::tests::core_for(&node_name(n));
+        let status = crate::publish::StatusDraft::default();
         let at = self.tick();
         core.handle(Input::Service(WatchMsg::InitStart));
         core.handle(Input::Service(WatchMsg::InitItem(ServiceItem {
@@ -472,7 +475,8 @@ impl Sim {
             }
         }
         for a in &mut self.agents {
-            a.core.publish();
+            // The publisher may pull a draft at any moment: here, after every step.
+            a.status = a.core.draft();
         }
     }
 
@@ -516,7 +520,7 @@ impl Sim {
                 .iter()
                 .enumerate()
                 .map(|(n, a)| {
-                    let mut st: NodeConvergenceStatus = a.status.borrow().status.clone();
+                    let mut st: NodeConvergenceStatus = a.status.status.clone();
                     st.heartbeat_time = heartbeat.clone();
                     (node_name(n), st)
                 })

@@ -6,15 +6,17 @@
 //! encoded here by hand on a netlink-sys socket: the family needs four attributes each way.
 
 use std::collections::BTreeSet;
-use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
-use netlink_sys::{protocols::NETLINK_GENERIC, Socket};
+use netlink_sys::protocols::NETLINK_GENERIC;
 
+use super::netlink::{
+    self, put_attribute as encode_nla, LazyConnection, NetlinkError, NetlinkSocket, NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP,
+};
+use super::wire::{be16_at, ip_from, protocol_from_number, protocol_number, u16_at, u32_at, PROTOCOLS};
 use super::{
     ChangeSource, DataplaneReader, DataplaneSnapshot, Draining, Mode, ReadError, ReadScope, ReadTargets, ServiceRoutes,
 };
-use crate::model::Protocol;
 use crate::netns::NetNs;
 
 const GENL_ID_CTRL: u16 = 0x10;
@@ -36,12 +38,6 @@ const DEST_WEIGHT: u16 = 4;
 const DEST_ACTIVE: u16 = 7;
 const DEST_INACTIVE: u16 = 8;
 const DEST_AF: u16 = 11;
-const NLA_F_NESTED: u16 = 0x8000;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 
 /// A netlink attribute: type and payload.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,28 +46,13 @@ pub struct Nla {
     pub data: Vec<u8>,
 }
 
-pub fn encode_nla(out: &mut Vec<u8>, kind: u16, data: &[u8]) {
-    out.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(data);
-    out.resize(out.len().next_multiple_of(4), 0);
-}
-
-pub fn parse_nlas(mut buf: &[u8]) -> Vec<Nla> {
-    let mut out = Vec::new();
-    while buf.len() >= 4 {
-        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
-        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
-        if len < 4 || len > buf.len() {
-            break;
-        }
-        out.push(Nla {
+pub fn parse_nlas(buf: &[u8]) -> Vec<Nla> {
+    netlink::attributes(buf)
+        .map(|(kind, data)| Nla {
             kind,
-            data: buf[4..len].to_vec(),
-        });
-        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
-    }
-    out
+            data: data.to_vec(),
+        })
+        .collect()
 }
 
 fn attr(nlas: &[Nla], kind: u16) -> Option<&[u8]> {
@@ -79,27 +60,22 @@ fn attr(nlas: &[Nla], kind: u16) -> Option<&[u8]> {
 }
 
 fn u16_ne(b: Option<&[u8]>) -> Option<u16> {
-    Some(u16::from_ne_bytes(b?.get(..2)?.try_into().ok()?))
+    u16_at(b?, 0)
 }
 
 fn u32_ne(b: Option<&[u8]>) -> Option<u32> {
-    Some(u32::from_ne_bytes(b?.get(..4)?.try_into().ok()?))
+    u32_at(b?, 0)
 }
 
 fn port_be(b: Option<&[u8]>) -> Option<u16> {
-    Some(u16::from_be_bytes(b?.get(..2)?.try_into().ok()?))
+    be16_at(b?, 0)
 }
 
+/// An address of family `af`: IPVS pads IPv4 addresses to 16 bytes.
 fn addr(af: u16, b: Option<&[u8]>) -> Option<IpAddr> {
-    let b = b?;
-    match af as i32 {
-        libc::AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
-            *b.first()?,
-            *b.get(1)?,
-            *b.get(2)?,
-            *b.get(3)?,
-        ))),
-        libc::AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(b.get(..16)?).ok()?))),
+    match i32::from(af) {
+        libc::AF_INET => ip_from(b?.get(..4)?),
+        libc::AF_INET6 => ip_from(b?.get(..16)?),
         _ => None,
     }
 }
@@ -155,12 +131,10 @@ pub fn decode_dest(payload: &[Nla], service_af: u16) -> Option<Destination> {
 
 /// A generic netlink connection to the IPVS family.
 pub struct IpvsConn {
-    sock: Socket,
-    family: u16,
-    seq: u32,
-    /// The receive buffer, kept across requests: a full read makes one request per virtual
+    /// Its receive buffer is kept across requests: a full read makes one request per virtual
     /// server, and a fresh 256 KiB buffer each time was most of the read's user-space cost.
-    buf: Vec<u8>,
+    sock: NetlinkSocket,
+    family: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,95 +143,51 @@ pub enum IpvsError {
         "IPVS is not available in this kernel (Protocol not available: the generic netlink family \"IPVS\" \
          does not exist; is the ip_vs module loaded?)"
     )]
-    NotAvailable,
+    FamilyNotFound,
+    #[error("opening the IPVS netlink socket: {0}")]
+    OpenFailed(#[source] NetlinkError),
     #[error("IPVS netlink: {0}")]
-    Io(#[from] io::Error),
+    RequestFailed(#[from] NetlinkError),
 }
 
 impl IpvsConn {
     pub fn open(netns: &NetNs) -> Result<Self, IpvsError> {
-        let sock = netns
-            .run(|| -> io::Result<Socket> {
-                let mut s = Socket::new(NETLINK_GENERIC)?;
-                s.bind_auto()?;
-                Ok(s)
-            })
-            .map_err(io::Error::other)??;
-        sock.connect(&netlink_sys::SocketAddr::new(0, 0))?;
-        super::set_recv_deadline(&sock, super::KERNEL_REPLY_DEADLINE)?;
+        let sock = NetlinkSocket::open(netns, NETLINK_GENERIC, 256 * 1024).map_err(IpvsError::OpenFailed)?;
         let mut conn = Self {
             sock,
             family: GENL_ID_CTRL,
-            seq: 0,
-            buf: vec![0u8; 256 * 1024],
         };
         let mut name = Vec::new();
         encode_nla(&mut name, CTRL_ATTR_FAMILY_NAME, b"IPVS\0");
         let replies = match conn.request(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, NLM_F_ACK, &name) {
             Ok(r) => r,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Err(IpvsError::NotAvailable),
+            Err(e) if e.refused_with() == Some(libc::ENOENT) => return Err(IpvsError::FamilyNotFound),
             Err(e) => return Err(e.into()),
         };
         conn.family = replies
             .iter()
             .find_map(|r| u16_ne(attr(r, CTRL_ATTR_FAMILY_ID)))
-            .ok_or(IpvsError::NotAvailable)?;
+            .ok_or(IpvsError::FamilyNotFound)?;
         Ok(conn)
     }
 
     /// Sends one request and collects the attributes of every reply until DONE or the ACK.
-    fn request(&mut self, family: u16, cmd: u8, flags: u16, attrs: &[u8]) -> io::Result<Vec<Vec<Nla>>> {
-        self.seq = self.seq.wrapping_add(1);
-        let len = 16 + 4 + attrs.len();
-        let mut msg = Vec::with_capacity(len);
-        msg.extend_from_slice(&(len as u32).to_ne_bytes());
-        msg.extend_from_slice(&family.to_ne_bytes());
-        msg.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
-        msg.extend_from_slice(&self.seq.to_ne_bytes());
-        msg.extend_from_slice(&0u32.to_ne_bytes());
+    fn request(&mut self, family: u16, cmd: u8, flags: u16, attrs: &[u8]) -> Result<Vec<Vec<Nla>>, NetlinkError> {
+        let seq = self.sock.next_seq();
+        let mut msg = netlink::header(netlink::NLMSG_HDRLEN + 4 + attrs.len(), family, flags, seq);
         msg.extend_from_slice(&[cmd, 1, 0, 0]);
         msg.extend_from_slice(attrs);
-        self.sock.send(&msg, 0)?;
         let mut out = Vec::new();
-        let buf = &mut self.buf;
-        loop {
-            let n = self.sock.recv(&mut &mut buf[..], 0)?;
-            let mut off = 0;
-            while off + 16 <= n {
-                let mlen = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or_default()) as usize;
-                let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-                let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().unwrap_or_default());
-                if mlen < 16 || off + mlen > n {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
-                }
-                let body = &buf[off + 16..off + mlen];
-                off += mlen.next_multiple_of(4);
-                if seq != self.seq {
-                    continue;
-                }
-                match kind {
-                    NLMSG_DONE => return Ok(out),
-                    NLMSG_ERROR => {
-                        let Some(raw) = body.get(..4) else {
-                            return Err(io::Error::new(
-                                io::ErrorKind::InvalidData,
-                                "truncated netlink error message",
-                            ));
-                        };
-                        let errno = i32::from_ne_bytes(raw.try_into().unwrap_or_default());
-                        return match super::netlink_error(errno) {
-                            None => Ok(out),
-                            Some(e) => Err(e),
-                        };
-                    }
-                    _ if body.len() >= 4 => out.push(parse_nlas(&body[4..])),
-                    _ => {}
-                }
+        self.sock.request(&msg, |reply| {
+            if let Some(attrs) = reply.payload().get(4..) {
+                out.push(parse_nlas(attrs));
             }
-        }
+            Ok::<(), NetlinkError>(())
+        })?;
+        Ok(out)
     }
 
-    pub fn services(&mut self) -> io::Result<Vec<VirtualServer>> {
+    pub fn services(&mut self) -> Result<Vec<VirtualServer>, NetlinkError> {
         let mut attrs = Vec::new();
         encode_nla(&mut attrs, IPVS_CMD_ATTR_SERVICE | NLA_F_NESTED, &[]);
         stable_dump(
@@ -271,7 +201,7 @@ impl IpvsConn {
 
     /// The virtual server for `frontend` and `protocol`, asked for by key (one hashed lookup in
     /// the kernel instead of a dump of every virtual server); `None` when there is none.
-    pub fn service(&mut self, frontend: SocketAddr, protocol: u16) -> io::Result<Option<VirtualServer>> {
+    pub fn service(&mut self, frontend: SocketAddr, protocol: u16) -> Result<Option<VirtualServer>, NetlinkError> {
         let mut attrs = Vec::new();
         encode_nla(
             &mut attrs,
@@ -283,20 +213,19 @@ impl IpvsConn {
                 // Safety: another virtual server's answer would leave the asked one looking
                 // unrouted; fail the read instead.
                 Some(vs) if (vs.addr, vs.port, vs.protocol) != (Some(frontend.ip()), frontend.port(), protocol) => {
-                    Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("asked IPVS for {frontend}, it answered with another virtual server"),
-                    ))
+                    Err(NetlinkError::DecodeFailed(format!(
+                        "asked IPVS for {frontend}, it answered with another virtual server"
+                    )))
                 }
                 vs => Ok(vs),
             },
             // ESRCH: no such virtual server.
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(None),
+            Err(e) if e.refused_with() == Some(libc::ESRCH) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    pub fn destinations(&mut self, vs: &VirtualServer) -> io::Result<Vec<Destination>> {
+    pub fn destinations(&mut self, vs: &VirtualServer) -> Result<Vec<Destination>, NetlinkError> {
         let mut key = Vec::new();
         for n in &vs.key {
             encode_nla(&mut key, n.kind, &n.data);
@@ -321,7 +250,7 @@ const MAX_DUMPS: usize = 4;
 /// gone. Two dumps in a row that agree on `key` had no such deletion (the deleted entry would
 /// be in the first and not the second). Without agreement after [`MAX_DUMPS`], the union of all
 /// counts: an entry seen in any of them is kept (a false "routed" only costs time).
-fn stable_dump<T, K: Ord>(mut dump: impl FnMut() -> io::Result<Vec<T>>, key: impl Fn(&T) -> K) -> io::Result<Vec<T>> {
+fn stable_dump<T, K: Ord, E>(mut dump: impl FnMut() -> Result<Vec<T>, E>, key: impl Fn(&T) -> K) -> Result<Vec<T>, E> {
     let keys = |v: &[T]| v.iter().map(&key).collect::<std::collections::BTreeSet<K>>();
     let mut union: std::collections::BTreeMap<K, T> = std::collections::BTreeMap::new();
     let mut last: Option<std::collections::BTreeSet<K>> = None;
@@ -355,15 +284,6 @@ fn service_key(frontend: SocketAddr, protocol: u16) -> Vec<u8> {
     key
 }
 
-fn protocol(n: u16) -> Option<Protocol> {
-    match n {
-        6 => Some(Protocol::Tcp),
-        17 => Some(Protocol::Udp),
-        132 => Some(Protocol::Sctp),
-        _ => None,
-    }
-}
-
 /// Turns virtual servers and their destinations into routed service ports (names come from
 /// the agent's catalog by frontend; the kernel does not know them).
 pub fn routes(servers: &[(VirtualServer, Vec<Destination>)]) -> (Vec<ServiceRoutes>, Draining) {
@@ -383,7 +303,7 @@ pub fn routes(servers: &[(VirtualServer, Vec<Destination>)]) -> (Vec<ServiceRout
             ServiceRoutes {
                 name: None,
                 chain_id: None,
-                protocol: protocol(vs.protocol),
+                protocol: protocol_from_number(vs.protocol),
                 frontends: BTreeSet::from([frontend]),
                 endpoints: dests.iter().filter(|d| d.weight > 0).map(|d| d.addr).collect(),
                 uncertain: false,
@@ -394,13 +314,14 @@ pub fn routes(servers: &[(VirtualServer, Vec<Destination>)]) -> (Vec<ServiceRout
 }
 
 pub struct IpvsReader {
-    netns: NetNs,
-    conn: Option<IpvsConn>,
+    conn: LazyConnection<IpvsConn>,
 }
 
 impl IpvsReader {
     pub fn new(netns: NetNs) -> Self {
-        Self { netns, conn: None }
+        Self {
+            conn: LazyConnection::new(netns),
+        }
     }
 
     /// Whether the kernel has IPVS with at least one virtual server (for mode detection).
@@ -456,28 +377,18 @@ impl IpvsReader {
     /// One service dump, then destinations of every virtual server (or only of those serving
     /// `only`): the destination dumps are the expensive part.
     fn read_matching(&mut self, only: Option<&BTreeSet<String>>) -> Result<DataplaneSnapshot, ReadError> {
-        let conn = match &mut self.conn {
-            Some(c) => c,
-            None => self.conn.insert(IpvsConn::open(&self.netns).map_err(|e| match e {
-                IpvsError::NotAvailable => ReadError::NotFound { detail: e.to_string() },
-                IpvsError::Io(source) => ReadError::Netlink {
-                    what: "opening the IPVS netlink socket".into(),
-                    source,
-                },
-            })?),
-        };
         // No virtual server at all: kube-proxy cleaning up (a mode switch), never "routes
         // nothing". A targeted read checks it only when none of its frontends was found.
         let mut table_empty = false;
-        let result = (|| -> io::Result<Vec<(VirtualServer, Vec<Destination>)>> {
+        let read = |conn: &mut IpvsConn| -> Result<Vec<(VirtualServer, Vec<Destination>)>, IpvsError> {
             let servers = match only.map(by_address) {
                 // Only ClusterIP-style frontends: look each one up by key, for every protocol
                 // (a frontend does not say its protocol).
                 Some(Some(addrs)) => {
                     let mut found = Vec::new();
                     for a in addrs {
-                        for p in [libc::IPPROTO_TCP, libc::IPPROTO_UDP, libc::IPPROTO_SCTP] {
-                            found.extend(conn.service(a, p as u16)?);
+                        for p in PROTOCOLS {
+                            found.extend(conn.service(a, u16::from(protocol_number(p)))?);
                         }
                     }
                     if found.is_empty() {
@@ -500,13 +411,13 @@ impl IpvsReader {
                 match conn.destinations(&vs) {
                     Ok(d) => out.push((vs, d)),
                     // The virtual server was deleted between the two requests.
-                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) || e.raw_os_error() == Some(libc::ENOENT) => {}
-                    Err(e) => return Err(e),
+                    Err(e) if matches!(e.refused_with(), Some(libc::ESRCH | libc::ENOENT)) => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
             Ok(out)
-        })();
-        match result {
+        };
+        match self.conn.with(IpvsConn::open, read) {
             // kube-proxy always has virtual servers (the `kubernetes` Service).
             Ok(_) if table_empty => Err(ReadError::NotFound {
                 detail: "no IPVS virtual servers (kube-proxy switching modes or recreating them?)".into(),
@@ -521,13 +432,15 @@ impl IpvsReader {
                     ..Default::default()
                 })
             }
-            Err(source) => {
-                self.conn = None;
-                Err(ReadError::Netlink {
-                    what: "reading IPVS virtual servers".into(),
-                    source,
-                })
-            }
+            Err(e @ IpvsError::FamilyNotFound) => Err(ReadError::NotFound { detail: e.to_string() }),
+            Err(IpvsError::OpenFailed(source)) => Err(ReadError::ReadFailed {
+                what: "opening the IPVS netlink socket".into(),
+                source: source.into(),
+            }),
+            Err(IpvsError::RequestFailed(source)) => Err(ReadError::ReadFailed {
+                what: "reading IPVS virtual servers".into(),
+                source: source.into(),
+            }),
         }
     }
 }
@@ -544,14 +457,14 @@ mod tests {
             .into_iter()
             .rev()
             .collect::<Vec<_>>();
-        let got = stable_dump(|| Ok(script.pop().unwrap()), |x: &i32| *x).unwrap();
+        let got = stable_dump(|| Ok::<_, ()>(script.pop().unwrap()), |x: &i32| *x).unwrap();
         assert_eq!(got, [1, 2, 3], "the first dump skipped 2");
         // Never two alike: everything seen counts.
         let mut n = 0;
         let got = stable_dump(
             || {
                 n += 1;
-                Ok(vec![n])
+                Ok::<_, ()>(vec![n])
             },
             |x: &i32| *x,
         )

@@ -2,18 +2,26 @@
 //! behind the `DataplaneReader` trait. Readers report what they see, including what they could
 //! not understand; they never guess that an endpoint is gone.
 
+pub mod conntrack;
 pub mod iptables;
 pub mod ipvs;
+pub mod netlink;
+pub mod nf_dnat;
+// The libnftnl FFI: raw pointers throughout, each use under a SAFETY line.
+#[allow(unsafe_code)]
+pub mod nf_tables_ffi;
+pub(crate) mod nf_tables_shape;
 pub mod nfnotify;
 pub mod nftables;
-pub mod nftnl;
+pub mod wire;
+
+/// The old name of [`nf_tables_ffi`], kept for `agent/tests/nftables_kernel.rs`.
+pub use nf_tables_ffi as nftnl;
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::str::FromStr;
-use std::time::Duration;
 
 use serde::Serialize;
 
@@ -111,20 +119,7 @@ pub struct DataplaneSnapshot {
     pub warnings: Vec<String>,
 }
 
-/// What a targeted read is asked to cover: the service ports with pending changes.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ReadTargets {
-    /// Their frontends (`ip:port`, `*:nodePort`).
-    pub frontends: BTreeSet<String>,
-    /// The service ports themselves.
-    pub ports: BTreeSet<(ServicePortName, Protocol)>,
-}
-
-impl ReadTargets {
-    pub fn is_empty(&self) -> bool {
-        self.frontends.is_empty() && self.ports.is_empty()
-    }
-}
+pub use crate::model::ReadTargets;
 
 /// What a targeted read covered.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,34 +140,32 @@ pub struct Draining {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    #[error("running {program}: {source} (install the package that provides it, e.g. `apt-get install iptables`)")]
-    ToolMissing { program: String, source: std::io::Error },
-    #[error("{program} failed ({status}): {stderr} (the agent needs CAP_NET_ADMIN and the host network namespace)")]
-    ToolFailed {
-        program: String,
-        status: String,
-        stderr: String,
-    },
-    #[error("parsing the output of {program}: {reason}")]
-    Unparseable { program: String, reason: String },
-    #[error("{0}")]
-    Netns(#[from] crate::netns::NetnsError),
+    #[error("decoding {what}: {reason}")]
+    DecodeFailed { what: String, reason: String },
+    #[error(transparent)]
+    EnterNetnsFailed(#[from] crate::netns::NetnsError),
     #[error("{what}: {source}")]
-    Netlink { what: String, source: std::io::Error },
+    ReadFailed {
+        what: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("no kube-proxy rules found: {detail}")]
     NotFound { detail: String },
+    /// The nf_tables ruleset changed during every attempt to read it: the reading may mix two
+    /// rulesets, so it confirms nothing.
+    #[error("the nf_tables ruleset kept changing during the read (generation {before} -> {after})")]
+    GenerationChanged { before: u32, after: u32 },
 }
 
 impl ReadError {
     /// A short, fixed label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            ReadError::ToolMissing { .. } => "tool_missing",
-            ReadError::ToolFailed { .. } => "tool_failed",
-            ReadError::Unparseable { .. } => "unparseable",
-            ReadError::Netns(_) => "netns",
-            ReadError::Netlink { .. } => "netlink",
+            ReadError::DecodeFailed { .. } => "unparseable",
+            ReadError::EnterNetnsFailed(_) => "netns",
+            ReadError::ReadFailed { .. } => "netlink",
             ReadError::NotFound { .. } => "not_found",
+            ReadError::GenerationChanged { .. } => "generation_changed",
         }
     }
 }
@@ -305,98 +298,9 @@ pub fn has_cap_net_admin(status: &str) -> bool {
         .is_none_or(|caps| caps & (1 << 12) != 0)
 }
 
-/// The error an `NLMSG_ERROR` reply carries: `None` for 0 (an ACK), else the negated errno.
-/// A value that is not a negative errno (positive, or `i32::MIN`, whose negation overflows) is
-/// a protocol error, never a panic.
-pub fn netlink_error(raw: i32) -> Option<std::io::Error> {
-    match raw {
-        0 => None,
-        r if r < 0 && r != i32::MIN => Some(std::io::Error::from_raw_os_error(-r)),
-        _ => Some(std::io::Error::from_raw_os_error(libc::EPROTO)),
-    }
-}
-
-/// How long the kernel may take to answer one netlink request before the read fails (and the
-/// affected changes are unknown) instead of stopping the dataplane loop forever.
-pub const KERNEL_REPLY_DEADLINE: Duration = Duration::from_secs(5);
-
-/// Gives every `recv` on `sock` a deadline (`SO_RCVTIMEO`): past it, `recv` fails with
-/// `WouldBlock`. Replies that arrive later carry an old sequence number and are skipped.
-pub fn set_recv_deadline(sock: &impl AsRawFd, deadline: Duration) -> std::io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: deadline.as_secs().min(i32::MAX as u64) as libc::time_t,
-        tv_usec: deadline.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: a valid socket descriptor, and a timeval of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// The receive deadline set on `sock`, if any.
-pub fn recv_deadline(sock: &impl AsRawFd) -> std::io::Result<Option<Duration>> {
-    let mut tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
-    let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
-    // SAFETY: a valid socket descriptor, and a timeval buffer of the size passed.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&mut tv as *mut libc::timeval).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let d = Duration::from_secs(tv.tv_sec as u64) + Duration::from_micros(tv.tv_usec as u64);
-    Ok((!d.is_zero()).then_some(d))
-}
-
 #[cfg(test)]
 mod deadline_tests {
     use super::*;
-
-    /// A netlink request whose reply never comes no longer blocks forever.
-    #[test]
-    fn a_recv_with_no_reply_fails_at_the_deadline() {
-        let mut sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER).unwrap();
-        sock.bind_auto().unwrap();
-        assert_eq!(recv_deadline(&sock).unwrap(), None);
-        set_recv_deadline(&sock, Duration::from_millis(200)).unwrap();
-        assert_eq!(recv_deadline(&sock).unwrap(), Some(Duration::from_millis(200)));
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 4096];
-            let r = sock.recv(&mut &mut buf[..], 0);
-            let _ = tx.send(r.map_err(|e| e.kind()));
-        });
-        let got = rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("recv returned within the deadline");
-        assert!(matches!(got, Err(std::io::ErrorKind::WouldBlock)), "{got:?}");
-    }
-
-    /// Hostile or broken replies: an errno whose negation overflows is an error, not a panic.
-    #[test]
-    fn netlink_errors_decode_without_overflow() {
-        assert!(netlink_error(0).is_none());
-        assert_eq!(netlink_error(-libc::ENOENT).unwrap().raw_os_error(), Some(libc::ENOENT));
-        assert_eq!(netlink_error(i32::MIN).unwrap().raw_os_error(), Some(libc::EPROTO));
-        assert_eq!(netlink_error(5).unwrap().raw_os_error(), Some(libc::EPROTO));
-    }
 
     #[test]
     fn cap_net_admin_is_read_from_the_effective_set() {
@@ -413,9 +317,9 @@ mod deadline_tests {
     #[test]
     fn readers_connections_have_the_deadline() {
         let ns = crate::netns::NetNs::current();
-        let conn = nftnl::NftConn::open(&ns).unwrap();
-        assert_eq!(conn.recv_deadline().unwrap(), Some(KERNEL_REPLY_DEADLINE));
+        let conn = nf_tables_ffi::NftConn::open(&ns).unwrap();
+        assert_eq!(conn.recv_deadline().unwrap(), Some(netlink::KERNEL_REPLY_DEADLINE));
         let probe = nfnotify::GenerationProbe::open(&ns).unwrap();
-        assert_eq!(probe.recv_deadline().unwrap(), Some(KERNEL_REPLY_DEADLINE));
+        assert_eq!(probe.recv_deadline().unwrap(), Some(netlink::KERNEL_REPLY_DEADLINE));
     }
 }

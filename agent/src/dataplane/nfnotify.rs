@@ -5,8 +5,9 @@
 
 use std::io;
 
-use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+use netlink_sys::protocols::NETLINK_NETFILTER;
 
+use super::netlink::{self, NetlinkError, NetlinkSocket, NLMSG_HDRLEN, NLM_F_ACK};
 use crate::model::Timestamp;
 use crate::netns::NetNs;
 
@@ -15,9 +16,6 @@ const NFT_MSG_NEWGEN: u16 = 15;
 const NFT_MSG_GETGEN: u16 = 16;
 const NFTA_GEN_ID: u16 = 1;
 const NFNLGRP_NFTABLES: u32 = 7;
-const NLMSG_ERROR: u16 = 2;
-const NLM_F_REQUEST: u16 = 1;
-const NLMSG_HDRLEN: usize = 16;
 const NFGENMSG_LEN: usize = 4;
 
 /// A committed nf_tables generation and when the agent learned of it.
@@ -27,93 +25,62 @@ pub struct GenerationEvent {
     pub at: Timestamp,
 }
 
-/// Returns the generation ids announced in one netlink datagram, in order, or the negative
-/// errno of an `NLMSG_ERROR` reply.
-pub fn parse_generations(buf: &[u8]) -> Result<Vec<u32>, i32> {
+/// The generation id a `NFT_MSG_NEWGEN` message announces; `None` for any other message.
+fn generation_of(msg: &netlink::Message<'_>) -> Option<u32> {
+    if msg.kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
+        return None;
+    }
+    netlink::attributes(msg.payload().get(NFGENMSG_LEN..)?)
+        .filter(|(kind, _)| *kind == NFTA_GEN_ID)
+        .find_map(|(_, data)| Some(u32::from_be_bytes(*data.first_chunk::<4>()?)))
+}
+
+/// Returns the generation ids announced in one netlink datagram, in order, or the kernel's
+/// error of an `NLMSG_ERROR` message. A malformed message ends the walk.
+pub fn parse_generations(buf: &[u8]) -> Result<Vec<u32>, NetlinkError> {
     let mut out = Vec::new();
-    let mut off = 0;
-    while off + NLMSG_HDRLEN <= buf.len() {
-        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or_default()) as usize;
-        let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-        if len < NLMSG_HDRLEN || off + len > buf.len() {
-            break;
-        }
-        let msg = &buf[off..off + len];
-        if kind == NLMSG_ERROR && msg.len() >= NLMSG_HDRLEN + 4 {
-            let errno = i32::from_ne_bytes(msg[16..20].try_into().unwrap_or_default());
-            if errno != 0 {
-                return Err(errno);
+    for msg in netlink::messages(buf).map_while(Result::ok) {
+        if msg.kind == netlink::NLMSG_ERROR {
+            if let Some(e) = msg.error()? {
+                return Err(NetlinkError::RequestRefused(e));
             }
         }
-        if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
-            let mut a = NLMSG_HDRLEN + NFGENMSG_LEN;
-            while a + 4 <= msg.len() {
-                let alen = u16::from_ne_bytes([msg[a], msg[a + 1]]) as usize;
-                let atype = u16::from_ne_bytes([msg[a + 2], msg[a + 3]]) & 0x3fff;
-                if alen < 4 || a + alen > msg.len() {
-                    break;
-                }
-                if atype == NFTA_GEN_ID && alen >= 8 {
-                    out.push(u32::from_be_bytes(msg[a + 4..a + 8].try_into().unwrap_or_default()));
-                }
-                a += (alen + 3) & !3;
-            }
-        }
-        off += (len + 3) & !3;
+        out.extend(generation_of(&msg));
     }
     Ok(out)
 }
 
-fn open_socket(netns: &NetNs) -> io::Result<Socket> {
-    netns
-        .run(|| -> io::Result<Socket> {
-            let mut sock = Socket::new(NETLINK_NETFILTER)?;
-            sock.bind_auto()?;
-            Ok(sock)
-        })
-        .map_err(io::Error::other)?
-}
-
 /// Asks the kernel for the current nf_tables generation.
 pub struct GenerationProbe {
-    sock: Socket,
-    seq: u32,
+    sock: NetlinkSocket,
 }
 
 impl GenerationProbe {
-    pub fn open(netns: &NetNs) -> io::Result<Self> {
-        let sock = open_socket(netns)?;
-        sock.connect(&SocketAddr::new(0, 0))?;
-        super::set_recv_deadline(&sock, super::KERNEL_REPLY_DEADLINE)?;
-        Ok(Self { sock, seq: 1 })
+    pub fn open(netns: &NetNs) -> Result<Self, NetlinkError> {
+        Ok(Self {
+            sock: NetlinkSocket::open(netns, NETLINK_NETFILTER, 8192)?,
+        })
     }
 
     /// The receive deadline of the probe's socket.
     pub fn recv_deadline(&self) -> io::Result<Option<std::time::Duration>> {
-        super::recv_deadline(&self.sock)
+        self.sock.recv_deadline()
     }
 
-    pub fn current(&mut self) -> io::Result<u32> {
-        self.seq = self.seq.wrapping_add(1);
-        let mut req = Vec::with_capacity(NLMSG_HDRLEN + NFGENMSG_LEN);
-        req.extend_from_slice(&((NLMSG_HDRLEN + NFGENMSG_LEN) as u32).to_ne_bytes());
-        req.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
-        req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-        req.extend_from_slice(&self.seq.to_ne_bytes());
-        req.extend_from_slice(&0u32.to_ne_bytes());
+    pub fn current(&mut self) -> Result<u32, NetlinkError> {
+        let seq = self.sock.next_seq();
+        let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN;
+        // Acknowledged, so that the request ends with the ACK after the answer.
+        let mut req = netlink::header(NLMSG_HDRLEN + NFGENMSG_LEN, kind, NLM_F_ACK, seq);
         req.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
-        self.sock.send(&req, 0)?;
-        let mut buf = vec![0u8; 8192];
-        loop {
-            let n = self.sock.recv(&mut &mut buf[..], 0)?;
-            match parse_generations(&buf[..n]) {
-                Ok(gens) if !gens.is_empty() => return Ok(gens[gens.len() - 1]),
-                Ok(_) => continue,
-                Err(errno) => {
-                    return Err(super::netlink_error(errno).unwrap_or_else(|| io::Error::other("netlink error 0")))
-                }
-            }
-        }
+        let mut generation = None;
+        self.sock.request(&req, |msg| {
+            generation = generation_of(&msg).or(generation);
+            Ok::<(), NetlinkError>(())
+        })?;
+        generation.ok_or(NetlinkError::DecodeFailed(
+            "no generation in the kernel's answer".into(),
+        ))
     }
 }
 
@@ -131,7 +98,7 @@ pub fn spawn_listener(
     netns: &NetNs,
     tx: tokio::sync::mpsc::UnboundedSender<Notification>,
 ) -> io::Result<std::thread::JoinHandle<()>> {
-    let sock = open_socket(netns)?;
+    let sock = netlink::bound_socket(netns, NETLINK_NETFILTER).map_err(io::Error::other)?;
     sock.add_membership(NFNLGRP_NFTABLES)?;
     let _ = sock.set_rx_buf_sz(4 * 1024 * 1024);
     std::thread::Builder::new().name("nf-notify".into()).spawn(move || {
@@ -175,15 +142,14 @@ mod tests {
     use super::*;
 
     fn newgen(gen: u32) -> Vec<u8> {
-        let mut m = Vec::new();
-        let len = (NLMSG_HDRLEN + NFGENMSG_LEN + 8) as u32;
-        m.extend_from_slice(&len.to_ne_bytes());
-        m.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN).to_ne_bytes());
-        m.extend_from_slice(&[0; 10]);
+        let mut m = netlink::header(
+            NLMSG_HDRLEN + NFGENMSG_LEN + 8,
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN,
+            0,
+            0,
+        );
         m.extend_from_slice(&[0, 0, 0, 0]);
-        m.extend_from_slice(&8u16.to_ne_bytes());
-        m.extend_from_slice(&NFTA_GEN_ID.to_ne_bytes());
-        m.extend_from_slice(&gen.to_be_bytes());
+        netlink::put_attribute(&mut m, NFTA_GEN_ID, &gen.to_be_bytes());
         m
     }
 
@@ -194,22 +160,20 @@ mod tests {
         other[4] = 3; // some other nftables message type
         buf.extend(other);
         buf.extend(newgen(42));
-        assert_eq!(parse_generations(&buf), Ok(vec![41, 42]));
+        assert_eq!(parse_generations(&buf).unwrap(), [41, 42]);
         assert_eq!(
-            parse_generations(&buf[..10]),
-            Ok(vec![]),
+            parse_generations(&buf[..10]).unwrap(),
+            [] as [u32; 0],
             "a truncated header is ignored"
         );
     }
 
     #[test]
     fn reports_netlink_errors() {
-        let mut m = Vec::new();
-        m.extend_from_slice(&36u32.to_ne_bytes());
-        m.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
-        m.extend_from_slice(&[0; 10]);
+        let mut m = netlink::header(36, netlink::NLMSG_ERROR, 0, 0);
         m.extend_from_slice(&(-1i32).to_ne_bytes());
         m.extend_from_slice(&[0; 16]);
-        assert_eq!(parse_generations(&m), Err(-1));
+        let err = parse_generations(&m).unwrap_err();
+        assert_eq!(err.refused_with(), Some(1));
     }
 }

@@ -11,9 +11,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
-use super::nftnl::{
-    self, Expr, NftConn, NftElem, NftTable, NftnlError, NFT_DATA_VERDICT, NFT_GOTO, NFT_JUMP, NFT_NAT_DNAT,
+use super::netlink::{LazyConnection, NetlinkError};
+use super::nf_dnat::{dnat_targets, Registers};
+use super::nf_tables_ffi::{
+    self, Expr, NfTablesError, NftConn, NftElem, NftTable, NFT_DATA_VERDICT, NFT_GOTO, NFT_JUMP, NFT_NAT_DNAT,
 };
+use super::wire::{be16_at, ip_from, protocol_from_number, protocol_number, PROTOCOLS};
 use super::{ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError, ReadScope, ReadTargets, ServiceRoutes};
 use crate::model::{Protocol, ServicePortName};
 use crate::netns::NetNs;
@@ -60,41 +63,21 @@ fn parse_chain(chain: &str) -> Option<(String, ServicePortName, Protocol)> {
     Some((base.to_string(), spn, protocol))
 }
 
-fn protocol_from_number(n: u8) -> Option<Protocol> {
-    match n {
-        6 => Some(Protocol::Tcp),
-        17 => Some(Protocol::Udp),
-        132 => Some(Protocol::Sctp),
-        _ => None,
-    }
-}
-
-fn protocol_number(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => 6,
-        Protocol::Udp => 17,
-        Protocol::Sctp => 132,
-    }
-}
-
-fn port_from(bytes: &[u8]) -> Option<u16> {
-    (bytes.len() >= 2).then(|| u16::from_be_bytes([bytes[0], bytes[1]]))
-}
-
 /// Decodes a map key: `addr . proto . port` (service-ips) or `proto . port` (service-nodeports),
 /// each field padded to 4 bytes.
 fn frontend(map: &str, key: &[u8], v6: bool) -> Option<(String, Option<Protocol>)> {
     let alen = if v6 { 16 } else { 4 };
     match map {
         "service-ips" if key.len() >= alen + 8 => {
-            let ip = nftnl::ip_from(&key[..alen])?;
-            let proto = protocol_from_number(key[alen]);
-            let port = port_from(&key[alen + 4..])?;
+            let ip = ip_from(&key[..alen])?;
+            let proto = protocol_from_number(u16::from(key[alen]));
+            let port = be16_at(key, alen + 4)?;
             Some((SocketAddr::new(ip, port).to_string(), proto))
         }
-        "service-nodeports" if key.len() >= 8 => {
-            Some((format!("*:{}", port_from(&key[4..])?), protocol_from_number(key[0])))
-        }
+        "service-nodeports" if key.len() >= 8 => Some((
+            format!("*:{}", be16_at(key, 4)?),
+            protocol_from_number(u16::from(key[0])),
+        )),
         _ => None,
     }
 }
@@ -107,10 +90,10 @@ fn frontend_elems(
     map: &str,
     frontends: &BTreeSet<String>,
     v6: bool,
-) -> Result<Vec<NftElem>, NftnlError> {
+) -> Result<Vec<NftElem>, NfTablesError> {
     let mut out = Vec::new();
     for f in frontends {
-        for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+        for proto in PROTOCOLS {
             let Some(key) = frontend_key(map, f, proto, v6) else {
                 continue;
             };
@@ -148,11 +131,11 @@ fn frontend_key(map: &str, frontend: &str, proto: Protocol, v6: bool) -> Option<
 
 /// Follows the graph of one table and returns the routed service ports.
 pub fn routes_from_table(table: &NftTable, v6: bool) -> (Vec<ServiceRoutes>, Vec<String>) {
-    let mut chains: HashMap<&str, Vec<&nftnl::NftRule>> = HashMap::new();
+    let mut chains: HashMap<&str, Vec<&nf_tables_ffi::NftRule>> = HashMap::new();
     for r in &table.rules {
         chains.entry(r.chain.as_str()).or_default().push(r);
     }
-    let sets: HashMap<&str, &nftnl::NftSet> = table.sets.iter().map(|s| (s.name.as_str(), s)).collect();
+    let sets: HashMap<&str, &nf_tables_ffi::NftSet> = table.sets.iter().map(|s| (s.name.as_str(), s)).collect();
     let mut groups: BTreeMap<String, ServiceRoutes> = BTreeMap::new();
     let mut warnings = Vec::new();
     let mut reached = HashSet::new();
@@ -196,8 +179,8 @@ pub fn routes_from_table(table: &NftTable, v6: bool) -> (Vec<ServiceRoutes>, Vec
 /// Whatever such rules may send traffic to counts as routed (unattributed), and a target that
 /// cannot be read makes the group uncertain.
 fn stray_dnats(
-    chains: &HashMap<&str, Vec<&nftnl::NftRule>>,
-    sets: &HashMap<&str, &nftnl::NftSet>,
+    chains: &HashMap<&str, Vec<&nf_tables_ffi::NftRule>>,
+    sets: &HashMap<&str, &nf_tables_ffi::NftSet>,
     reached: &HashSet<String>,
     warnings: &mut Vec<String>,
 ) -> Vec<ServiceRoutes> {
@@ -232,8 +215,8 @@ fn stray_dnats(
 }
 
 fn follow(
-    chains: &HashMap<&str, Vec<&nftnl::NftRule>>,
-    sets: &HashMap<&str, &nftnl::NftSet>,
+    chains: &HashMap<&str, Vec<&nf_tables_ffi::NftRule>>,
+    sets: &HashMap<&str, &nf_tables_ffi::NftSet>,
     start: &str,
     group: &mut ServiceRoutes,
     warnings: &mut Vec<String>,
@@ -244,81 +227,11 @@ fn follow(
     reached.extend(seen);
 }
 
-/// Registers as the reader can tell them, in 32-bit units: immediates (by the register number
-/// the rule names) and registers loaded from a data map. Any other write to a register
-/// forgets what overlaps it, so a DNAT never reads a value that was overwritten in between.
-#[derive(Default)]
-struct Regs<'a> {
-    imm: HashMap<u32, &'a [u8]>,
-    mapped: HashMap<u32, &'a str>,
-}
-
-/// The 32-bit units a write of `len` bytes to register `r` covers.
-/// Saturates at the top: a payload write names no register (`u32::MAX`), and the kernel's
-/// numbers are not trusted to leave room for the length.
-fn span(r: u32, len: usize) -> std::ops::Range<u32> {
-    let start = reg32(r);
-    let units = u32::try_from(len.div_ceil(4).max(1)).unwrap_or(u32::MAX);
-    start..start.saturating_add(units)
-}
-
-/// Expressions that write no register.
-const NO_REGISTER_WRITE: &[&str] = &[
-    "counter",
-    "log",
-    "limit",
-    "quota",
-    "notrack",
-    "objref",
-    "last",
-    "connlimit",
-    "reject",
-    "masq",
-    "dynset",
-    "range",
-];
-
-impl<'a> Regs<'a> {
-    /// Forgets every value overlapping a write of `len` bytes to `r`.
-    fn clobber(&mut self, r: u32, len: usize) {
-        let w = span(r, len);
-        let overlaps = |s: std::ops::Range<u32>| s.start < w.end && w.start < s.end;
-        self.imm.retain(|r2, d| !overlaps(span(*r2, d.len())));
-        // A map value is at most an IPv6 address and a port: 20 bytes.
-        self.mapped.retain(|r2, _| !overlaps(span(*r2, 20)));
-    }
-
-    /// Tracks what `expr` does to the registers.
-    fn apply(&mut self, expr: &'a Expr) {
-        match expr {
-            Expr::Immediate { dreg, data } => {
-                self.clobber(*dreg, data.len());
-                self.imm.insert(*dreg, data);
-            }
-            Expr::Lookup { set, dreg: Some(r), .. } if *r != 0 => {
-                self.clobber(*r, 20);
-                self.mapped.insert(*r, set.as_str());
-            }
-            Expr::Numgen { dreg, .. } => self.clobber(*dreg, 4),
-            Expr::Payload { dreg, len, .. } => self.clobber(*dreg, *len as usize),
-            Expr::Meta { dreg: Some(r), .. } => self.clobber(*r, 16),
-            Expr::Bitwise { dreg, .. } => self.clobber(*dreg, 16),
-            Expr::Other(name) if !NO_REGISTER_WRITE.contains(&name.as_str()) => {
-                // An expression that may load a register (ct, hash, fib, rt, exthdr, socket,
-                // byteorder, anything unknown): nothing loaded before can be trusted.
-                self.imm.clear();
-                self.mapped.clear();
-            }
-            _ => {}
-        }
-    }
-}
-
 /// Follows `start` and what it jumps to, skipping the chains in `skip` (already covered),
 /// recording every chain it walks in `seen`.
 fn follow_from(
-    chains: &HashMap<&str, Vec<&nftnl::NftRule>>,
-    sets: &HashMap<&str, &nftnl::NftSet>,
+    chains: &HashMap<&str, Vec<&nf_tables_ffi::NftRule>>,
+    sets: &HashMap<&str, &nf_tables_ffi::NftSet>,
     start: &str,
     group: &mut ServiceRoutes,
     warnings: &mut Vec<String>,
@@ -333,7 +246,7 @@ fn follow_from(
         for rule in chains.get(chain.as_str()).into_iter().flatten() {
             // Registers loaded from a data map: kube-proxy v1.37 DNATs in the service chain
             // with `dnat ip addr . port to numgen random mod N map { 0 : a . p, … }`.
-            let mut regs = Regs::default();
+            let mut regs = Registers::default();
             for expr in &rule.exprs {
                 match expr {
                     Expr::Verdict {
@@ -342,12 +255,8 @@ fn follow_from(
                     } if *code == NFT_GOTO || *code == NFT_JUMP => {
                         stack.push(next.clone());
                     }
-                    Expr::Nat {
-                        kind,
-                        addr_reg: Some(r),
-                        ..
-                    } if *kind == NFT_NAT_DNAT && regs.mapped.contains_key(r) => {
-                        match dnat_map_targets(expr, sets.get(regs.mapped[r]).copied()) {
+                    Expr::Nat { kind, .. } if *kind == NFT_NAT_DNAT => {
+                        match dnat_targets(expr, &regs, |name| sets.get(name).copied()) {
                             Ok(targets) => group.endpoints.extend(targets),
                             Err(why) => {
                                 group.uncertain = true;
@@ -369,15 +278,6 @@ fn follow_from(
                         }
                     },
                     Expr::Lookup { .. } => {}
-                    Expr::Nat { kind, .. } if *kind == NFT_NAT_DNAT => match nftnl::dnat_target(expr, &regs.imm) {
-                        Ok(a) => {
-                            group.endpoints.insert(a);
-                        }
-                        Err(why) => {
-                            group.uncertain = true;
-                            warnings.push(format!("chain {chain}: {why}"));
-                        }
-                    },
                     Expr::Nat { .. }
                     | Expr::Immediate { .. }
                     | Expr::Numgen { .. }
@@ -403,70 +303,6 @@ fn follow_from(
     }
 }
 
-/// A register as a 32-bit register number: nf_tables' 16-byte registers 1..=4 start at the
-/// 32-bit registers 8, 12, 16 and 20 (`NFT_REG32_00` = 8); nft loads a map's concatenated
-/// value into `reg 1` and names the port's part `reg 9`.
-fn reg32(r: u32) -> u32 {
-    match r {
-        1..=4 => 8 + (r - 1) * 4,
-        _ => r,
-    }
-}
-
-/// Every endpoint a DNAT whose address and port come from a data map can choose: each
-/// element's value is `address . port` (4 or 16 bytes, then the port in the next 32-bit
-/// register). Anything else (no such map, a range, an address without a port, a value of
-/// another layout) cannot be justified and is an error.
-fn dnat_map_targets(expr: &Expr, set: Option<&nftnl::NftSet>) -> Result<Vec<std::net::SocketAddr>, String> {
-    let Expr::Nat {
-        addr_reg: Some(addr),
-        addr_max_reg,
-        proto_reg,
-        proto_max_reg,
-        ..
-    } = expr
-    else {
-        return Err("not a DNAT from registers".into());
-    };
-    let Some(set) = set else {
-        return Err("DNAT through a map that is not in the table".into());
-    };
-    if addr_max_reg.is_some_and(|m| m != *addr) || proto_max_reg.is_some_and(|m| Some(m) != *proto_reg) {
-        return Err(format!(
-            "DNAT through map {} to a range: which endpoint is chosen is not known",
-            set.name
-        ));
-    }
-    let Some(proto) = proto_reg else {
-        return Err(format!("DNAT through map {} without a port", set.name));
-    };
-    let mut out = Vec::new();
-    for e in &set.elems {
-        let Some(data) = e.data.as_deref() else {
-            return Err(format!("map {}: an element without a value", set.name));
-        };
-        let alen = match data.len() {
-            8 => 4,
-            20 => 16,
-            n => return Err(format!("map {}: a {n}-byte value is not address . port", set.name)),
-        };
-        // The port is loaded into the 32-bit register right after the address's.
-        if reg32(*addr).checked_add(alen as u32 / 4) != Some(reg32(*proto)) {
-            return Err(format!(
-                "map {}: the port register does not follow the address",
-                set.name
-            ));
-        }
-        let ip = nftnl::ip_from(&data[..alen]).ok_or_else(|| format!("map {}: bad address", set.name))?;
-        let port = u16::from_be_bytes([data[alen], data[alen + 1]]);
-        out.push(std::net::SocketAddr::new(ip, port));
-    }
-    if out.is_empty() {
-        return Err(format!("DNAT through map {} with no elements", set.name));
-    }
-    Ok(out)
-}
-
 /// A family without kube-proxy's table, or whose table has no `service-ips` map (kube-proxy
 /// always creates it): nothing there can be read as "not routed".
 fn lacks_kube_proxy_rules(table: Option<&NftTable>) -> bool {
@@ -474,13 +310,14 @@ fn lacks_kube_proxy_rules(table: Option<&NftTable>) -> bool {
 }
 
 pub struct NftablesReader {
-    netns: NetNs,
-    conn: Option<NftConn>,
+    conn: LazyConnection<NftConn>,
 }
 
 impl NftablesReader {
     pub fn new(netns: NetNs) -> Self {
-        Self { netns, conn: None }
+        Self {
+            conn: LazyConnection::new(netns),
+        }
     }
 
     /// Whether a kube-proxy table exists in either family (for mode detection).
@@ -488,116 +325,108 @@ impl NftablesReader {
         let Ok(mut conn) = NftConn::open(netns) else {
             return false;
         };
-        [nftnl::NFPROTO_IPV4, nftnl::NFPROTO_IPV6]
+        [nf_tables_ffi::NFPROTO_IPV4, nf_tables_ffi::NFPROTO_IPV6]
             .into_iter()
             // One GETTABLE per family: detection runs on every resync and must stay cheap.
             .any(|f| matches!(conn.table_exists(f, TABLE), Ok(true)))
     }
 
     fn dump(&mut self, family: u16) -> Result<Option<NftTable>, ReadError> {
-        let conn = match &mut self.conn {
-            Some(c) => c,
-            None => self
-                .conn
-                .insert(NftConn::open(&self.netns).map_err(|e| ReadError::Netlink {
-                    what: "opening an nf_tables netlink socket".into(),
-                    source: e,
-                })?),
-        };
-        let mut last = None;
-        // A dump that overlaps a ruleset commit is retried, as nft does.
-        for _ in 0..5 {
-            match conn.table(family, TABLE) {
-                Ok(t) => return Ok(t),
-                Err(NftnlError::Interrupted) => last = Some(NftnlError::Interrupted),
-                Err(e) => {
-                    self.conn = None;
-                    return Err(ReadError::Unparseable {
-                        program: "nf_tables netlink dump".into(),
-                        reason: e.to_string(),
-                    });
+        // The error, and whether it came five times in a row.
+        let dump = |conn: &mut NftConn| {
+            // A dump that overlaps a ruleset commit is retried, as nft does.
+            for _ in 0..5 {
+                match conn.table(family, TABLE) {
+                    Ok(t) => return Ok(t),
+                    Err(NfTablesError::DumpInterrupted) => continue,
+                    Err(e) => return Err((e, false)),
                 }
             }
-        }
-        Err(ReadError::Unparseable {
-            program: "nf_tables netlink dump".into(),
-            reason: format!(
-                "{} five times in a row",
-                last.map_or("failed".into(), |e| e.to_string())
-            ),
+            Err((NfTablesError::DumpInterrupted, true))
+        };
+        let open = |netns: &NetNs| NftConn::open(netns).map_err(|e| (e, false));
+        self.conn.with(open, dump).map_err(|(e, repeated)| match e {
+            NfTablesError::RequestFailed(
+                source @ NetlinkError::OpenFailed(_) | source @ NetlinkError::EnterNetnsFailed(_),
+            ) => ReadError::ReadFailed {
+                what: "opening an nf_tables netlink socket".into(),
+                source: source.into(),
+            },
+            e if repeated => ReadError::DecodeFailed {
+                what: "nf_tables netlink dump".into(),
+                reason: format!("{e} five times in a row"),
+            },
+            e => ReadError::DecodeFailed {
+                what: "nf_tables netlink dump".into(),
+                reason: e.to_string(),
+            },
         })
     }
 }
 
-impl NftablesReader {
-    /// Reads only what serves `frontends`: the two dispatch maps, then the chains and verdict
-    /// maps reachable from their matching elements. A handful of requests instead of one per
-    /// service (the kernel looks sets up by name, so a full read grows with the square of the
-    /// number of services).
-    fn targeted(
-        &mut self,
-        family: u16,
-        v6: bool,
-        frontends: &BTreeSet<String>,
-    ) -> Result<Option<NftTable>, NftnlError> {
-        let conn = match &mut self.conn {
-            Some(c) => c,
-            None => self.conn.insert(NftConn::open(&self.netns).map_err(NftnlError::Io)?),
-        };
-        if !conn.table_exists(family, TABLE)? {
-            return Ok(None);
-        }
-        let mut table = NftTable::default();
-        let mut pending: Vec<String> = Vec::new();
-        for map in ENTRY_MAPS {
-            let Some(mut set) = conn.set_header(family, TABLE, map)? else {
-                if map == ENTRY_MAPS[0] {
-                    return Ok(None);
-                }
-                continue;
-            };
-            // Ask the kernel for the frontends' elements one by one: dumping a map of 10k
-            // Services to keep a few of them cost ~20 ms a read. Kernels that cannot look up
-            // one element get the dump.
-            set.elems = match frontend_elems(conn, family, map, frontends, v6) {
-                Ok(elems) => elems,
-                Err(NftnlError::Io(_)) => match conn.set(family, TABLE, map)? {
-                    Some(full) => full
-                        .elems
-                        .into_iter()
-                        .filter(|e| frontend(map, &e.key, v6).is_some_and(|(f, _)| frontends.contains(&f)))
-                        .collect(),
-                    None => continue,
-                },
-                Err(e) => return Err(e),
-            };
-            pending.extend(set.elems.iter().filter_map(|e| e.verdict.as_ref()?.1.clone()));
-            table.sets.push(set);
-        }
-        let mut seen = HashSet::new();
-        while let Some(chain) = pending.pop() {
-            if !seen.insert(chain.clone()) {
-                continue;
-            }
-            for rule in conn.chain_rules(family, TABLE, &chain)? {
-                for expr in &rule.exprs {
-                    match expr {
-                        Expr::Verdict { chain: Some(next), .. } => pending.push(next.clone()),
-                        // Verdict maps and data maps (DNAT targets) alike.
-                        Expr::Lookup { set, dreg: Some(_), .. } if seen.insert(format!("set:{set}")) => {
-                            if let Some(s) = conn.set(family, TABLE, set)? {
-                                pending.extend(s.elems.iter().filter_map(|e| e.verdict.as_ref()?.1.clone()));
-                                table.sets.push(s);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                table.rules.push(rule);
-            }
-        }
-        Ok(Some(table))
+/// Reads only what serves `frontends`: the two dispatch maps, then the chains and verdict
+/// maps reachable from their matching elements. A handful of requests instead of one per
+/// service (the kernel looks sets up by name, so a full read grows with the square of the
+/// number of services).
+fn targeted(
+    conn: &mut NftConn,
+    family: u16,
+    v6: bool,
+    frontends: &BTreeSet<String>,
+) -> Result<Option<NftTable>, NfTablesError> {
+    if !conn.table_exists(family, TABLE)? {
+        return Ok(None);
     }
+    let mut table = NftTable::default();
+    let mut pending: Vec<String> = Vec::new();
+    for map in ENTRY_MAPS {
+        let Some(mut set) = conn.set_header(family, TABLE, map)? else {
+            if map == ENTRY_MAPS[0] {
+                return Ok(None);
+            }
+            continue;
+        };
+        // Ask the kernel for the frontends' elements one by one: dumping a map of 10k
+        // Services to keep a few of them cost ~20 ms a read. Kernels that cannot look up
+        // one element get the dump.
+        set.elems = match frontend_elems(conn, family, map, frontends, v6) {
+            Ok(elems) => elems,
+            Err(NfTablesError::RequestFailed(e)) if e.is_transport() => match conn.set(family, TABLE, map)? {
+                Some(full) => full
+                    .elems
+                    .into_iter()
+                    .filter(|e| frontend(map, &e.key, v6).is_some_and(|(f, _)| frontends.contains(&f)))
+                    .collect(),
+                None => continue,
+            },
+            Err(e) => return Err(e),
+        };
+        pending.extend(set.elems.iter().filter_map(|e| e.verdict.as_ref()?.1.clone()));
+        table.sets.push(set);
+    }
+    let mut seen = HashSet::new();
+    while let Some(chain) = pending.pop() {
+        if !seen.insert(chain.clone()) {
+            continue;
+        }
+        for rule in conn.chain_rules(family, TABLE, &chain)? {
+            for expr in &rule.exprs {
+                match expr {
+                    Expr::Verdict { chain: Some(next), .. } => pending.push(next.clone()),
+                    // Verdict maps and data maps (DNAT targets) alike.
+                    Expr::Lookup { set, dreg: Some(_), .. } if seen.insert(format!("set:{set}")) => {
+                        if let Some(s) = conn.set(family, TABLE, set)? {
+                            pending.extend(s.elems.iter().filter_map(|e| e.verdict.as_ref()?.1.clone()));
+                            table.sets.push(s);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            table.rules.push(rule);
+        }
+    }
+    Ok(Some(table))
 }
 
 impl DataplaneReader for NftablesReader {
@@ -623,8 +452,14 @@ impl DataplaneReader for NftablesReader {
             scope: Some(ReadScope::Frontends(frontends.clone())),
             ..Default::default()
         };
-        for (family, v6) in [(nftnl::NFPROTO_IPV4, false), (nftnl::NFPROTO_IPV6, true)] {
-            match self.targeted(family, v6, frontends) {
+        for (family, v6) in [
+            (nf_tables_ffi::NFPROTO_IPV4, false),
+            (nf_tables_ffi::NFPROTO_IPV6, true),
+        ] {
+            match self
+                .conn
+                .with(NftConn::open, |conn| targeted(conn, family, v6, frontends))
+            {
                 Ok(Some(table)) => {
                     let (services, warnings) = routes_from_table(&table, v6);
                     snap.services.extend(services);
@@ -640,7 +475,6 @@ impl DataplaneReader for NftablesReader {
                     }
                 }
                 Err(e) => {
-                    self.conn = None;
                     snap.warnings.push(format!("targeted nf_tables read: {e}"));
                     if v6 {
                         snap.unreadable_v6 = true;
@@ -657,7 +491,10 @@ impl DataplaneReader for NftablesReader {
         let mut snap = DataplaneSnapshot::default();
         let mut found = false;
         let mut first_error = None;
-        for (family, v6) in [(nftnl::NFPROTO_IPV4, false), (nftnl::NFPROTO_IPV6, true)] {
+        for (family, v6) in [
+            (nf_tables_ffi::NFPROTO_IPV4, false),
+            (nf_tables_ffi::NFPROTO_IPV6, true),
+        ] {
             match self.dump(family) {
                 Ok(Some(table)) if !lacks_kube_proxy_rules(Some(&table)) => {
                     found = true;
@@ -715,7 +552,7 @@ mod tests {
             ("service-nodeports", "*:30080", false),
             ("service-nodeports", "*:30080", true),
         ] {
-            for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+            for proto in PROTOCOLS {
                 let key = frontend_key(map, f, proto, v6).unwrap();
                 assert_eq!(frontend(map, &key, v6), Some((f.to_string(), Some(proto))), "{map} {f}");
             }
@@ -731,7 +568,7 @@ mod tests {
             [10, 0, 0, 1, 17, 0, 0, 0, 0, 80, 0, 0]
         );
     }
-    use nftnl::{NftElem, NftRule, NftSet};
+    use nf_tables_ffi::{NftElem, NftRule, NftSet};
 
     fn rule(chain: &str, exprs: Vec<Expr>) -> NftRule {
         NftRule {
@@ -770,24 +607,9 @@ mod tests {
     }
 
     fn dnat(ip: [u8; 4], port: u16) -> Vec<Expr> {
-        vec![
-            Expr::Other("meta".into()),
-            Expr::Immediate {
-                dreg: 1,
-                data: ip.to_vec(),
-            },
-            Expr::Immediate {
-                dreg: 2,
-                data: port.to_be_bytes().to_vec(),
-            },
-            Expr::Nat {
-                kind: NFT_NAT_DNAT,
-                addr_reg: Some(1),
-                addr_max_reg: Some(1),
-                proto_reg: Some(2),
-                proto_max_reg: Some(2),
-            },
-        ]
+        let mut exprs = vec![Expr::Other("meta".into())];
+        exprs.extend(crate::dataplane::nf_dnat::builders::dnat_to(&ip, port));
+        exprs
     }
 
     const SVC: &str = "service-ULMVA6XW-ns1/svc1/tcp/p80";
@@ -903,7 +725,7 @@ mod tests {
     fn data_map(name: &str, values: &[([u8; 4], u16)]) -> NftSet {
         NftSet {
             name: name.into(),
-            flags: nftnl::NFT_SET_ANONYMOUS | nftnl::NFT_SET_MAP,
+            flags: nf_tables_ffi::NFT_SET_ANONYMOUS | nf_tables_ffi::NFT_SET_MAP,
             data_type: None,
             elems: values
                 .iter()
@@ -1004,42 +826,6 @@ mod tests {
             svc.uncertain && !svc.endpoints.contains(&"10.180.0.9:80".parse().unwrap()),
             "{svc:?}"
         );
-    }
-
-    /// Found by fuzzing (`fuzz/`, target `nftables_table`): a payload write (no dreg, read as
-    /// `u32::MAX`) and a map DNAT from the highest register number overflowed the register
-    /// arithmetic, a panic in debug builds.
-    #[test]
-    fn registers_at_the_top_of_the_range_do_not_overflow() {
-        let write = Expr::Payload {
-            base: 1,
-            offset: 16,
-            len: 4,
-            dreg: u32::MAX,
-        };
-        let (s, w) = routes_from_table(&service_with(map_dnat(vec![write])), false);
-        let svc = s.iter().find(|g| g.name.is_some()).unwrap();
-        assert!(
-            !svc.uncertain && svc.endpoints.len() == 2,
-            "a payload write loads no register: {svc:?} {w:?}"
-        );
-        let top = vec![
-            Expr::Lookup {
-                set: "__map9".into(),
-                sreg: 1,
-                dreg: Some(u32::MAX),
-            },
-            Expr::Nat {
-                kind: NFT_NAT_DNAT,
-                addr_reg: Some(u32::MAX),
-                addr_max_reg: Some(u32::MAX),
-                proto_reg: Some(9),
-                proto_max_reg: Some(9),
-            },
-        ];
-        let (s, _) = routes_from_table(&service_with(top), false);
-        let svc = s.iter().find(|g| g.name.is_some()).unwrap();
-        assert!(svc.uncertain, "{svc:?}");
     }
 
     /// Found by review: a stray chain's map DNAT, and an endpoint chain a stray chain jumps to,

@@ -1,39 +1,12 @@
 //! Shared harness for real-kernel tests: throw-away network namespaces and prerequisite checks.
 #![allow(dead_code)] // each test binary uses a different subset of the harness
 
+mod prereq;
+#[allow(unused_imports)] // not every test binary uses the checks
+pub use prereq::*;
+
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
-
-/// Returns false (the test should return early, reported on stderr) when a prerequisite is
-/// missing; under `CI=true` a missing prerequisite fails the test instead.
-pub fn require(tools: &[&str]) -> bool {
-    let mut missing = Vec::new();
-    if unsafe { libc_geteuid() } != 0 {
-        missing.push("root (network namespaces need CAP_SYS_ADMIN)".to_string());
-    }
-    for t in tools {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file()))
-            .unwrap_or(false);
-        if !found {
-            missing.push(format!("{t} (apt-get install iptables iproute2)"));
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("real-kernel test prerequisites missing: {}", missing.join(", "));
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{msg}");
-    }
-    eprintln!("SKIPPED: {msg}");
-    false
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
 
 /// A network namespace deleted on drop.
 pub struct Netns {
@@ -133,25 +106,22 @@ pub fn pair(name: &str, eps: &[&str]) -> (String, Vec<String>) {
     (name.to_string(), eps.iter().map(|e| e.to_string()).collect())
 }
 
-/// Options for a small simulated cluster in tests, or `None` (skipped locally, a failure under
-/// CI=true) when root or tools are missing.
+/// Options for a small simulated cluster in tests. Its callers are `#[ignore = "needs root…"]`;
+/// run anyway without root or tools, it fails with what is missing. `Option` so callers read
+/// as a guard.
 pub fn sim_options(
-    mode: kube_converge::sim::node::ProxyMode,
+    mode: kc_sim::node::ProxyMode,
     nodes: usize,
     slow: &[(&str, u64)],
-) -> Option<kube_converge::sim::scenario::SimOptions> {
+) -> Option<kc_sim::scenario::SimOptions> {
     use std::time::Duration;
-    if let Err(e) = kube_converge::sim::scenario::preflight(mode) {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{e}");
-        }
-        eprintln!("SKIPPED: {e}");
-        return None;
+    if let Err(e) = kc_sim::scenario::preflight(mode) {
+        panic!("{e}");
     }
-    Some(kube_converge::sim::scenario::SimOptions {
+    Some(kc_sim::scenario::SimOptions {
         nodes,
         proxy_mode: mode,
-        delay: kube_converge::sim::node::Delay {
+        delay: kc_sim::node::Delay {
             base: Duration::from_millis(50),
             jitter: Duration::from_millis(100),
         },
@@ -163,5 +133,7 @@ pub fn sim_options(
         timeout: Duration::from_secs(30),
         metrics_port: 0,
         keep: false,
+        traffic_rate: 50,
+        faulty_agents: false,
     })
 }

@@ -11,12 +11,11 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::xt;
 use super::{NatTable, Rule, Verdict};
+use crate::dataplane::wire::{ip_from, protocol_from_number, u16_at, u32_at};
 use crate::dataplane::ReadError;
-use crate::model::Protocol;
 use crate::netns::NetNs;
 
 const SO_GET_INFO: libc::c_int = 64;
@@ -69,28 +68,11 @@ const IPV6: EntryLayout = EntryLayout {
     size: 168,
 };
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
 /// A NUL-terminated name in a fixed-size field.
 fn name_at(b: &[u8], at: usize, len: usize) -> Option<&str> {
     let field = b.get(at..at + len)?;
     let end = field.iter().position(|&c| c == 0).unwrap_or(len);
     std::str::from_utf8(&field[..end]).ok()
-}
-
-fn protocol_from_number(n: u16) -> Option<Protocol> {
-    match n {
-        6 => Some(Protocol::Tcp),
-        17 => Some(Protocol::Udp),
-        132 => Some(Protocol::Sctp),
-        _ => None,
-    }
 }
 
 /// One entry's header fields and its match/target area.
@@ -180,10 +162,7 @@ pub(crate) fn decode(blob: &[u8], hook_entry: &[(usize, &str)], v6: bool) -> Nat
         let invflags = b.get(l.invflags).copied().unwrap_or(0);
         let dmsk = b.get(l.dmsk..l.dmsk + l.addr_len).unwrap_or_default();
         if invflags & INV_DSTIP == 0 && !dmsk.is_empty() && dmsk.iter().all(|&m| m == 0xff) {
-            rule.destination = b.get(l.dst..l.dst + l.addr_len).and_then(|d| match d.len() {
-                4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(d).ok()?))),
-                _ => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(d).ok()?))),
-            });
+            rule.destination = b.get(l.dst..l.dst + l.addr_len).and_then(ip_from);
         }
         let proto_set = l.flags.is_none_or(|f| b.get(f).is_some_and(|v| v & IP6T_F_PROTO != 0));
         if proto_set && invflags & INV_PROTO == 0 {
@@ -258,6 +237,7 @@ fn has_nat_table(v6: bool) -> bool {
 type HookEntries = Vec<(usize, &'static str)>;
 
 /// The raw nat table and the built-in chain offsets, read in the current network namespace.
+#[allow(unsafe_code)] // socket(2) and getsockopt(2), which std does not wrap
 fn read_blob(v6: bool) -> io::Result<Option<(Vec<u8>, HookEntries)>> {
     if !has_nat_table(v6) {
         return Ok(None);
@@ -317,11 +297,11 @@ pub(super) fn table(netns: &NetNs, v6: bool) -> Result<Option<NatTable>, ReadErr
     let family = if v6 { "ip6tables" } else { "iptables" };
     let blob = netns
         .run(move || read_blob(v6))?
-        .map_err(|source| ReadError::Netlink {
+        .map_err(|source| ReadError::ReadFailed {
             what: format!(
                 "reading the {family}-legacy nat table (getsockopt on a raw socket: the agent needs CAP_NET_ADMIN and CAP_NET_RAW in the host network namespace)"
             ),
-            source,
+            source: source.into(),
         })?;
     Ok(blob.map(|(bytes, hooks)| decode(&bytes, &hooks, v6)))
 }
@@ -330,6 +310,7 @@ pub(super) fn table(netns: &NetNs, v6: bool) -> Result<Option<NatTable>, ReadErr
 mod tests {
     use super::super::xt::builders;
     use super::*;
+    use crate::model::Protocol;
 
     /// Builds a blob the way the kernel lays it out, for IPv4.
     #[derive(Default)]

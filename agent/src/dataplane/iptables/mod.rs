@@ -1,7 +1,7 @@
 //! Reader for kube-proxy's iptables mode (IPv4 and IPv6, iptables-nft and iptables-legacy).
 //!
 //! It reads the `nat` table from the kernel with no userland tool (chain by chain over
-//! nf_tables netlink for the nft backend, `nft.rs`; the legacy table's binary blob,
+//! nf_tables netlink for the nft backend, `nft_backend.rs`; the legacy table's binary blob,
 //! `legacy.rs`) and follows the chain graph from `KUBE-SERVICES` and `KUBE-NODEPORTS` through
 //! `KUBE-FW-*`, `KUBE-EXT-*`, `KUBE-SVC-*` and `KUBE-SVL-*` to the `KUBE-SEP-*` chains' DNAT
 //! targets. A SEP chain that no reachable chain jumps to does not count: kube-proxy leaves such
@@ -10,14 +10,13 @@
 //! understand makes its service port `unknown`, never "not routed".
 
 pub(crate) mod legacy;
-pub(crate) mod nft;
+pub(crate) mod nft_backend;
 mod save;
 pub mod xt;
 
+use crate::kube_proxy_names::port_proto_hash;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-
-use sha2::{Digest, Sha256};
 
 use super::{ChangeSource, DataplaneReader, DataplaneSnapshot, Mode, ReadError, ReadScope, ReadTargets, ServiceRoutes};
 use crate::model::{Protocol, ServicePortName};
@@ -42,28 +41,6 @@ impl Backend {
     pub fn save_program(self, ipv6: bool) -> String {
         format!("{}-{}-save", if ipv6 { "ip6tables" } else { "iptables" }, self.as_str())
     }
-}
-
-/// kube-proxy's `portProtoHash`: base32(sha256(spn + proto))[:16], shared by the SVC, SVL, EXT
-/// and FW chains of one service port.
-pub fn port_proto_hash(spn: &ServicePortName, protocol: Protocol) -> String {
-    let digest = Sha256::digest(format!("{spn}{protocol}").as_bytes());
-    base32_16(&digest[..10])
-}
-
-pub(crate) fn base32_16(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let mut out = String::with_capacity(16);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for &b in bytes {
-        acc = (acc << 8) | u32::from(b);
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(ALPHABET[((acc >> bits) & 31) as usize] as char);
-        }
-    }
-    out
 }
 
 /// Where a rule sends the packets it matches, as far as reaching endpoints goes.
@@ -313,7 +290,7 @@ pub fn detect_backend(netns: &NetNs) -> Option<Backend> {
 pub struct IptablesReader {
     backend: Backend,
     netns: NetNs,
-    nft: nft::NatReader,
+    nft: nft_backend::NatReader,
     /// Chain hashes the last full read reached from the entry chains. A targeted read relies on
     /// kube-proxy's chain names only for these, or for chains it finds.
     known_ids: HashSet<String>,
@@ -322,7 +299,7 @@ pub struct IptablesReader {
 impl IptablesReader {
     pub fn new(backend: Backend, netns: NetNs) -> Self {
         Self {
-            nft: nft::NatReader::new(netns.clone()),
+            nft: nft_backend::NatReader::new(netns.clone()),
             backend,
             netns,
             known_ids: HashSet::new(),

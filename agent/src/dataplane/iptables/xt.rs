@@ -5,25 +5,15 @@
 //! kernel says `__be`. A blob that does not fit its layout decodes to "not understood", never to
 //! a guess.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
+
+use crate::dataplane::wire::{be16_at, ip_from, u16_at, u32_at};
 
 const NF_NAT_RANGE_MAP_IPS: u32 = 1;
 const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
 const XT_TCP_INV_DSTPT: u8 = 0x02;
 const XT_UDP_INV_DSTPT: u8 = 0x02;
 const XT_SCTP_DEST_PORTS: u32 = 0x02;
-
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn be16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
 
 /// `struct xt_comment_info { char comment[256]; }`: the text up to the first NUL.
 pub fn comment(info: &[u8]) -> Option<String> {
@@ -70,6 +60,8 @@ pub enum Dnat {
 /// Decodes a `DNAT` target's info of revision `rev` (0: IPv4 multi-range compat, 1:
 /// `nf_nat_range`, 2: `nf_nat_range2`) for an IPv4 or IPv6 rule.
 pub fn dnat(rev: u32, info: &[u8], ipv6: bool) -> Dnat {
+    // An address of `len` bytes at `at`.
+    let ip = |at: usize, len: usize| ip_from(info.get(at..at.checked_add(len)?)?);
     let decoded = match rev {
         // nf_nat_ipv4_multi_range_compat: u32 rangesize, then one nf_nat_ipv4_range:
         // u32 flags, __be32 min_ip, __be32 max_ip, __be16 min port, __be16 max port.
@@ -77,32 +69,21 @@ pub fn dnat(rev: u32, info: &[u8], ipv6: bool) -> Dnat {
             if u32_at(info, 0)? != 1 {
                 return None;
             }
-            let ip = |at: usize| -> Option<IpAddr> {
-                Some(IpAddr::V4(Ipv4Addr::from(
-                    <[u8; 4]>::try_from(info.get(at..at + 4)?).ok()?,
-                )))
-            };
             Some((
                 u32_at(info, 4)?,
-                ip(8)?,
-                ip(12)?,
+                ip(8, 4)?,
+                ip(12, 4)?,
                 be16_at(info, 16)?,
                 be16_at(info, 18)?,
             ))
         })(),
         // nf_nat_range(2): u32 flags, nf_inet_addr min (16 bytes), max (16), __be16 min port, max.
         1 | 2 => (|| {
-            let ip = |at: usize| -> Option<IpAddr> {
-                Some(if ipv6 {
-                    IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(info.get(at..at + 16)?).ok()?))
-                } else {
-                    IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(info.get(at..at + 4)?).ok()?))
-                })
-            };
+            let len = if ipv6 { 16 } else { 4 };
             Some((
                 u32_at(info, 0)?,
-                ip(4)?,
-                ip(20)?,
+                ip(4, len)?,
+                ip(20, len)?,
                 be16_at(info, 36)?,
                 be16_at(info, 38)?,
             ))

@@ -7,8 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use kube_converge::sim::node::{Delay, ProxyMode};
-use kube_converge::sim::scenario::{SimCluster, SimOptions};
+use kc_sim::node::{Delay, ProxyMode};
+use kc_sim::scenario::{SimCluster, SimOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::main(flavor = "multi_thread")]
@@ -28,6 +28,8 @@ async fn main() -> anyhow::Result<()> {
         timeout: Duration::from_secs(120),
         metrics_port: 0,
         keep: false,
+        traffic_rate: 0,
+        faulty_agents: false,
     };
     let sim = SimCluster::start(&opts).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 
 use super::controller;
 use super::patch;
-use crate::model::Timestamp;
+use kube_converge::model::Timestamp;
 
 /// (plural, group/version, kind, namespaced, has a status subresource)
 pub type ResourceInfo = (&'static str, &'static str, &'static str, bool, bool);
@@ -28,6 +28,10 @@ pub const RESOURCES: &[ResourceInfo] = &[
         false,
         true,
     ),
+    // Workloads, for `advise` (stored as given: no controller runs them).
+    ("deployments", "apps/v1", "Deployment", true, true),
+    ("statefulsets", "apps/v1", "StatefulSet", true, true),
+    ("daemonsets", "apps/v1", "DaemonSet", true, true),
 ];
 
 pub fn resource_of_kind(kind: &str) -> Option<ResourceInfo> {

@@ -5,10 +5,8 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
-use sha2::{Digest, Sha256};
-
-use crate::dataplane::iptables::port_proto_hash;
-use crate::model::{Protocol, ServicePortName};
+use kube_converge::kube_proxy_names::{endpoint_hash, nft_hash_and_truncate, port_proto_hash};
+use kube_converge::model::{Protocol, ServicePortName};
 
 /// One service port as kube-proxy would program it.
 #[derive(Clone, Debug)]
@@ -23,8 +21,7 @@ pub struct EmulatedServicePort {
 
 /// `KUBE-SEP-` hash: base32(sha256(spn + proto + endpoint))[:16].
 pub fn sep_chain(spn: &ServicePortName, protocol: Protocol, endpoint: SocketAddr) -> String {
-    let digest = Sha256::digest(format!("{spn}{protocol}{endpoint}").as_bytes());
-    format!("KUBE-SEP-{}", crate::dataplane::iptables::base32_16(&digest[..10]))
+    format!("KUBE-SEP-{}", endpoint_hash(spn, protocol, endpoint))
 }
 
 fn host_cidr(ip: IpAddr) -> String {
@@ -121,6 +118,16 @@ pub fn render_nat(services: &[EmulatedServicePort], comments: bool, deleted_chai
         "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
     );
     let mut out = String::from("*nat\n");
+    // kube-proxy's jumps into its rules from the built-in chains (it ensures them with `-C`/`-I`;
+    // here the emulated node has no other rules there, so they are declared, flushed and set
+    // again on every sync): traffic of the node itself (OUTPUT) and through it (PREROUTING).
+    for builtin in ["PREROUTING", "OUTPUT"] {
+        let _ = writeln!(out, ":{builtin} ACCEPT [0:0]");
+        let _ = writeln!(
+            rules,
+            "-A {builtin} -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+        );
+    }
     // Declaring a chain in `--noflush` mode flushes it; kube-proxy flushes stale chains before `-X`.
     for ch in chains.iter().chain(deleted_chains) {
         let _ = writeln!(out, ":{ch} - [0:0]");
@@ -136,7 +143,7 @@ pub fn render_nat(services: &[EmulatedServicePort], comments: bool, deleted_chai
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::iptables::routes_from_save;
+    use kube_converge::dataplane::iptables::routes_from_save;
 
     #[test]
     fn sep_names_match_kube_proxy() {
@@ -176,9 +183,7 @@ mod tests {
 
 /// kube-proxy's nftables `hashAndTruncate`: base32(sha256(name))[:8] + "-" + name.
 pub fn nft_chain_base(name: &str) -> String {
-    let digest = Sha256::digest(name.as_bytes());
-    let h = crate::dataplane::iptables::base32_16(&digest[..10]);
-    format!("{}-{name}", &h[..8])
+    nft_hash_and_truncate(name)
 }
 
 fn nft_port_base(svc: &EmulatedServicePort) -> String {
@@ -270,6 +275,11 @@ pub fn render_nft_as(
     let _ = writeln!(
         o,
         "flush chain {t} nat-prerouting\nadd rule {t} nat-prerouting jump services"
+    );
+    // The node's own connections (kube-proxy's nat-output chain).
+    let _ = writeln!(
+        o,
+        "add chain {t} nat-output {{ type nat hook output priority -100 ; }}\nflush chain {t} nat-output\nadd rule {t} nat-output jump services"
     );
     let _ = writeln!(o, "add rule {t} mark-for-masquerade mark set mark or 0x4000");
     let _ = writeln!(
@@ -374,7 +384,12 @@ pub fn nft_load_transactions(rendered: &str, per_tx: usize) -> Vec<String> {
 /// Loads a whole benchmark ruleset into `netns` with `program` (`nft`, `iptables-*-restore`,
 /// `ipvsadm`) reading `rules` on stdin; nftables rulesets go in several transactions
 /// ([`nft_load_transactions`]), with the same result.
-pub fn load_ruleset(netns: &crate::netns::NetNs, program: &str, args: &[&str], rules: String) -> anyhow::Result<()> {
+pub fn load_ruleset(
+    netns: &kube_converge::netns::NetNs,
+    program: &str,
+    args: &[&str],
+    rules: String,
+) -> anyhow::Result<()> {
     use std::io::Write as _;
     let transactions = if program == "nft" {
         nft_load_transactions(&rules, 20_000)

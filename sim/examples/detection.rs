@@ -12,11 +12,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use kc_sim::node::{Delay, GroundTruth, ProxyMode};
+use kc_sim::scenario::{SimCluster, SimEvent, SimOptions};
+use kc_sim::store::Part;
 use kube_converge::dataplane::nfnotify::{spawn_listener, Notification};
 use kube_converge::model::{ChangeKind, EndpointKey, Timestamp};
-use kube_converge::sim::node::{Delay, GroundTruth, ProxyMode};
-use kube_converge::sim::scenario::{SimCluster, SimEvent, SimOptions};
-use kube_converge::sim::store::Part;
 use serde_json::json;
 
 fn pct(v: &mut [f64], q: f64) -> f64 {
@@ -46,6 +46,8 @@ async fn main() -> anyhow::Result<()> {
         timeout: Duration::from_secs(60),
         metrics_port: 0,
         keep: false,
+        traffic_rate: 0,
+        faulty_agents: false,
     };
     let mut sim = SimCluster::start(&opts).await?;
     let cluster = sim.cluster().clone();

@@ -14,14 +14,14 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use kc_sim::emulate::{load_ruleset, render_nat, render_nft, EmulatedServicePort};
+use kc_sim::node::NetnsGuard;
 use kube_converge::dataplane::iptables::{Backend, IptablesReader};
 use kube_converge::dataplane::ipvs::IpvsReader;
 use kube_converge::dataplane::nftables::NftablesReader;
 use kube_converge::dataplane::{DataplaneReader, ReadTargets};
-use kube_converge::emulate::{load_ruleset, render_nat, render_nft, EmulatedServicePort};
 use kube_converge::model::{Protocol, ServicePortName};
 use kube_converge::netns::NetNs;
-use kube_converge::sim::node::NetnsGuard;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 fn median(mut v: Vec<Duration>) -> Duration {

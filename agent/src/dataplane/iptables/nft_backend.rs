@@ -11,12 +11,14 @@ use std::collections::{BTreeSet, HashMap};
 
 use super::xt::{self, Dnat};
 use super::{NatTable, Rule, Verdict, ENTRY_CHAINS, GROUP_PREFIXES};
-use crate::dataplane::nftnl::{
-    self, Expr, NftConn, NftRule, NftnlError, NFT_CMP_EQ, NFT_GOTO, NFT_JUMP, NFT_META_L4PROTO, NFT_NAT_DNAT,
+use crate::dataplane::netlink::LazyConnection;
+use crate::dataplane::nf_dnat::{dnat_targets, Registers};
+use crate::dataplane::nf_tables_ffi::{
+    self, Expr, NfTablesError, NftConn, NftRule, NFT_CMP_EQ, NFT_GOTO, NFT_JUMP, NFT_META_L4PROTO, NFT_NAT_DNAT,
     NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER,
 };
+use crate::dataplane::wire::{ip_from, protocol_from_number};
 use crate::dataplane::ReadError;
-use crate::model::Protocol;
 use crate::netns::NetNs;
 
 const TABLE: &str = "nat";
@@ -34,9 +36,9 @@ enum Loaded {
 
 fn family(v6: bool) -> u16 {
     if v6 {
-        nftnl::NFPROTO_IPV6
+        nf_tables_ffi::NFPROTO_IPV6
     } else {
-        nftnl::NFPROTO_IPV4
+        nf_tables_ffi::NFPROTO_IPV4
     }
 }
 
@@ -61,7 +63,7 @@ fn rule_from_nft(r: &NftRule, v6: bool) -> Rule {
         ..Default::default()
     };
     let mut regs: HashMap<u32, Loaded> = HashMap::new();
-    let mut immediates: HashMap<u32, &[u8]> = HashMap::new();
+    let mut registers = Registers::default();
     for expr in &r.exprs {
         match expr {
             Expr::Payload {
@@ -92,16 +94,15 @@ fn rule_from_nft(r: &NftRule, v6: bool) -> Rule {
                 regs.insert(*dreg, Loaded::Other);
             }
             Expr::Cmp { sreg, op, data } if *op == NFT_CMP_EQ => match regs.get(sreg) {
-                Some(Loaded::DestinationAddress) => rule.destination = nftnl::ip_from(data),
-                Some(Loaded::L4Protocol) => rule.protocol = data.first().and_then(|p| protocol_from_number(*p)),
+                Some(Loaded::DestinationAddress) => rule.destination = ip_from(data),
+                Some(Loaded::L4Protocol) => {
+                    rule.protocol = data.first().and_then(|p| protocol_from_number(u16::from(*p)))
+                }
                 Some(Loaded::DestinationPort) if data.len() == 2 => {
                     rule.dport = Some(u16::from_be_bytes([data[0], data[1]]));
                 }
                 _ => {}
             },
-            Expr::Immediate { dreg, data } => {
-                immediates.insert(*dreg, data);
-            }
             Expr::Match { name, info, .. } => match name.as_str() {
                 "comment" => rule.comment = xt::comment(info),
                 "tcp" | "udp" | "sctp" => rule.dport = rule.dport.or(xt::destination_port(name, info)),
@@ -116,8 +117,10 @@ fn rule_from_nft(r: &NftRule, v6: bool) -> Rule {
             } if *code == NFT_JUMP || *code == NFT_GOTO => rule.verdict = Verdict::Jump(chain.clone()),
             // A native DNAT (as nft writes it): address and port from immediates.
             Expr::Nat { kind, .. } if *kind == NFT_NAT_DNAT => {
-                rule.verdict = Verdict::Dnat(match nftnl::dnat_target(expr, &immediates) {
-                    Ok(a) => Dnat::To(a),
+                // iptables-nft keeps no sets: a DNAT through a map is not understood.
+                rule.verdict = Verdict::Dnat(match dnat_targets(expr, &registers, |_| None).as_deref() {
+                    Ok([a]) => Dnat::To(*a),
+                    Ok(_) => Dnat::NotUnderstood("native DNAT to several endpoints".into()),
                     Err(why) => Dnat::NotUnderstood(format!("native {why}")),
                 });
             }
@@ -127,17 +130,10 @@ fn rule_from_nft(r: &NftRule, v6: bool) -> Rule {
             }
             _ => {}
         }
+        // What the expression wrote, after what it read.
+        registers.apply(expr);
     }
     rule
-}
-
-fn protocol_from_number(n: u8) -> Option<Protocol> {
-    match n {
-        6 => Some(Protocol::Tcp),
-        17 => Some(Protocol::Udp),
-        132 => Some(Protocol::Sctp),
-        _ => None,
-    }
 }
 
 /// Adds decoded rules to `table`; every chain a rule jumps to exists (the kernel refuses jumps
@@ -159,19 +155,13 @@ pub(crate) fn add_rules(table: &mut NatTable, rules: &[NftRule], v6: bool) {
 
 /// One nf_tables connection for the reads of iptables-nft's nat tables.
 pub(super) struct NatReader {
-    netns: NetNs,
-    conn: Option<NftConn>,
+    conn: LazyConnection<NftConn>,
 }
 
 impl NatReader {
     pub(super) fn new(netns: NetNs) -> Self {
-        Self { netns, conn: None }
-    }
-
-    fn conn(&mut self) -> Result<&mut NftConn, NftnlError> {
-        match self.conn {
-            Some(ref mut c) => Ok(c),
-            None => Ok(self.conn.insert(NftConn::open(&self.netns)?)),
+        Self {
+            conn: LazyConnection::new(netns),
         }
     }
 
@@ -181,25 +171,21 @@ impl NatReader {
     /// for every message it fills (quadratic: 9.3 s at 10,000 Services against 1.8 s).
     pub(super) fn table(&mut self, v6: bool) -> Result<Option<NatTable>, ReadError> {
         let name = if v6 { "ip6 nat" } else { "ip nat" };
-        let result = self
-            .conn()
-            .and_then(|c| c.table_exists(family(v6), TABLE))
-            .and_then(|exists| {
-                if !exists {
-                    return Ok(None);
-                }
-                self.reachable(v6, ENTRY_CHAINS.iter().map(|c| c.to_string()).collect())
-                    .map(Some)
-            });
+        let result = self.conn.with(NftConn::open, |conn| {
+            if !conn.table_exists(family(v6), TABLE)? {
+                return Ok(None);
+            }
+            reachable(conn, v6, ENTRY_CHAINS.iter().map(|c| c.to_string()).collect()).map(Some)
+        });
         result.map_err(|e| match e {
-            NftnlError::Io(source) => ReadError::Netlink {
+            NfTablesError::RequestFailed(source) if source.is_transport() => ReadError::ReadFailed {
                 what: format!(
                     "reading table {name} over nf_tables netlink (the agent needs CAP_NET_ADMIN and the host network namespace)"
                 ),
-                source,
+                source: source.into(),
             },
-            other => ReadError::Unparseable {
-                program: format!("nf_tables netlink dump of table {name}"),
+            other => ReadError::DecodeFailed {
+                what: format!("nf_tables netlink dump of table {name}"),
                 reason: other.to_string(),
             },
         })
@@ -207,59 +193,52 @@ impl NatReader {
 
     /// Whether kube-proxy's `KUBE-SERVICES` chain exists in this family's nat table.
     pub(super) fn has_kube_services(&mut self, v6: bool) -> bool {
-        let found = self
-            .conn()
-            .and_then(|c| c.chain_exists(family(v6), TABLE, ENTRY_CHAINS[0]));
-        if found.is_err() {
-            self.conn = None;
-        }
-        found.unwrap_or(false)
+        self.conn
+            .with(NftConn::open, |conn| {
+                conn.chain_exists(family(v6), TABLE, ENTRY_CHAINS[0])
+            })
+            .unwrap_or(false)
     }
 
     /// The per-port chains of the service ports with these hashes, and every chain they jump to
     /// (except the entry chains).
-    pub(super) fn chains_of(&mut self, v6: bool, ids: &BTreeSet<String>) -> Result<NatTable, NftnlError> {
+    pub(super) fn chains_of(&mut self, v6: bool, ids: &BTreeSet<String>) -> Result<NatTable, NfTablesError> {
         let roots = ids
             .iter()
             .flat_map(|id| GROUP_PREFIXES.iter().map(move |p| format!("{p}{id}")))
             .collect();
-        self.reachable(v6, roots)
+        self.conn.with(NftConn::open, |conn| reachable(conn, v6, roots))
     }
+}
 
-    /// Dumps `roots` and every chain reachable from them (entry chains only as roots), one
-    /// chain dump each.
-    fn reachable(&mut self, v6: bool, mut pending: Vec<String>) -> Result<NatTable, NftnlError> {
-        let mut table = NatTable::default();
-        let mut fetched = std::collections::HashSet::new();
-        let result = (|| {
-            let conn = self.conn()?;
-            while let Some(chain) = pending.pop() {
-                if !fetched.insert(chain.clone()) {
-                    continue;
-                }
-                let rules = conn.chain_rules(family(v6), TABLE, &chain)?;
-                add_rules(&mut table, &rules, v6);
-                for rule in table.chains.get(&chain).into_iter().flatten() {
-                    if let Verdict::Jump(t) = &rule.verdict {
-                        if !ENTRY_CHAINS.contains(&t.as_str()) && !fetched.contains(t) {
-                            pending.push(t.clone());
-                        }
-                    }
+/// Dumps `roots` and every chain reachable from them (entry chains only as roots), one chain
+/// dump each.
+fn reachable(conn: &mut NftConn, v6: bool, mut pending: Vec<String>) -> Result<NatTable, NfTablesError> {
+    let mut table = NatTable::default();
+    let mut fetched = std::collections::HashSet::new();
+    while let Some(chain) = pending.pop() {
+        if !fetched.insert(chain.clone()) {
+            continue;
+        }
+        let rules = conn.chain_rules(family(v6), TABLE, &chain)?;
+        add_rules(&mut table, &rules, v6);
+        for rule in table.chains.get(&chain).into_iter().flatten() {
+            if let Verdict::Jump(t) = &rule.verdict {
+                if !ENTRY_CHAINS.contains(&t.as_str()) && !fetched.contains(t) {
+                    pending.push(t.clone());
                 }
             }
-            Ok(())
-        })();
-        if result.is_err() {
-            self.conn = None;
         }
-        result.map(|()| table)
     }
+    Ok(table)
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::xt::builders;
     use super::*;
+    use crate::dataplane::nf_dnat::builders::dnat_to;
+    use crate::model::Protocol;
 
     fn rule(chain: &str, exprs: Vec<Expr>) -> NftRule {
         NftRule {
@@ -377,26 +356,7 @@ mod tests {
 
     #[test]
     fn comments_in_user_data_and_native_dnat() {
-        let mut r = rule(
-            "KUBE-SEP-X",
-            vec![
-                Expr::Immediate {
-                    dreg: 1,
-                    data: vec![10, 180, 0, 1],
-                },
-                Expr::Immediate {
-                    dreg: 2,
-                    data: 80u16.to_be_bytes().to_vec(),
-                },
-                Expr::Nat {
-                    kind: NFT_NAT_DNAT,
-                    addr_reg: Some(1),
-                    addr_max_reg: Some(1),
-                    proto_reg: Some(2),
-                    proto_max_reg: Some(2),
-                },
-            ],
-        );
+        let mut r = rule("KUBE-SEP-X", dnat_to(&[10, 180, 0, 1], 80));
         r.userdata = Some([&[UDATA_TYPE_COMMENT, 13][..], b"ns1/svc1:p80\0"].concat());
         let d = rule_from_nft(&r, false);
         assert_eq!(d.comment.as_deref(), Some("ns1/svc1:p80"));
@@ -405,6 +365,24 @@ mod tests {
             userdata_comment(&[UDATA_TYPE_COMMENT, 200, b'x']),
             None,
             "truncated TLV"
+        );
+    }
+
+    /// Found while unifying the DNAT decoders: the iptables-nft reader kept an immediate
+    /// after something else overwrote its register, so a DNAT whose address comes from the
+    /// packet read as a DNAT to the stale immediate (a wrong endpoint, not "unknown").
+    #[test]
+    fn a_register_overwritten_before_the_dnat_is_not_read_as_its_immediate() {
+        let mut exprs = dnat_to(&[10, 180, 0, 9], 80);
+        exprs.insert(2, load_daddr_v4());
+        let stale = rule("KUBE-SEP-X", exprs);
+        assert!(
+            matches!(
+                rule_from_nft(&stale, false).verdict,
+                Verdict::Dnat(Dnat::NotUnderstood(_))
+            ),
+            "{:?}",
+            rule_from_nft(&stale, false)
         );
     }
 

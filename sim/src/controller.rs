@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use crate::model::Timestamp;
+use kube_converge::model::Timestamp;
 
 pub enum SliceChange {
     Upsert(Value),

@@ -1,4 +1,4 @@
-//! `kube-converge sim`: a whole cluster on one machine. It starts the fake API server, N nodes
+//! `kube-converge-sim`: a whole cluster on one machine. It starts the fake API server, N nodes
 //! as network namespaces with kube-proxy emulators, and one real agent per node; deletes one
 //! pod and isolates another by relabelling it, as operators do; and prints each node's lag as
 //! the agents measured it next to the emulators' ground truth. Everything it creates is removed
@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -14,12 +15,12 @@ use tokio::sync::{mpsc, watch};
 
 use super::apiserver::FakeApiServer;
 use super::node::{Delay, GroundTruth, KubeProxyEmulator, NetnsGuard, ProxyMode};
-use crate::agent::{self, AgentConfig};
-use crate::k8s::WatchScope;
-use crate::model::{ChangeKind, EndpointKey};
-use crate::netns::NetNs;
-use crate::telemetry::Metrics;
-use crate::tracker::LagSample;
+use kube_converge::agent::{self, AgentConfig};
+use kube_converge::k8s::WatchScope;
+use kube_converge::model::{ChangeKind, EndpointKey};
+use kube_converge::netns::NetNs;
+use kube_converge::telemetry::Metrics;
+use kube_converge::tracker::LagSample;
 
 #[derive(Clone, Debug)]
 pub struct SimOptions {
@@ -34,6 +35,11 @@ pub struct SimOptions {
     pub metrics_port: u16,
     /// Keep everything running after the table, until interrupted.
     pub keep: bool,
+    /// New connections per second each node's client opens to the demo Service (0: none).
+    pub traffic_rate: u32,
+    /// Test-only: agents that report removals converged early (see
+    /// `AgentConfig::fault_report_removals_early`), to prove the live-traffic check fails them.
+    pub faulty_agents: bool,
 }
 
 /// Checks root and tools; says exactly what is missing.
@@ -140,6 +146,9 @@ pub struct Row {
     pub kind: ChangeKind,
     pub sample: Option<LagSample>,
     pub truth: Option<GroundTruth>,
+    /// New connections the node still sent to the endpoint after its removal: (before the
+    /// node converged, after), from its agent's published status.
+    pub connections: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -162,6 +171,7 @@ impl SimReport {
             "AGENT LAG".into(),
             "AGENT E2E".into(),
             "KERNEL E2E (TRUTH)".into(),
+            "CONNS BEFORE/AFTER".into(),
             "AGENT - TRUTH".into(),
         ]];
         for r in &self.rows {
@@ -183,18 +193,59 @@ impl SimReport {
                 secs(s.map(|s| s.lag)),
                 secs(s.and_then(|s| s.end_to_end.map(|e| e.0))),
                 secs(truth_e2e),
+                r.connections.map_or("-".into(), |(b, a)| format!("{b}/{a}")),
                 diff.map_or("-".into(), |d| format!("{d:+.3}s")),
             ]);
         }
-        crate::table::render(&rows)
+        kube_converge::table::render(&rows)
     }
 }
 
 struct SimNode {
     name: String,
+    /// Held for its drop, which comes before the namespace's: the client stops first.
+    _client: Option<TrafficClient>,
     guard: NetnsGuard,
     metrics: SocketAddr,
     stop: Option<watch::Sender<bool>>,
+}
+
+/// The demo Service's VIP, where every node's client sends its new connections.
+pub const DEMO_VIP: &str = "10.96.0.10:80";
+
+/// A client in a node's namespace that opens new TCP connections to `target` at a steady
+/// rate, as the node's workloads would: each SYN goes through the node's kube-proxy rules, and
+/// conntrack records where the DNAT sent it. The connections need not succeed (the pods are
+/// not real); only their translation matters. Stops when dropped.
+pub struct TrafficClient {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TrafficClient {
+    pub fn start(netns_path: &str, target: &str, per_second: u32) -> anyhow::Result<Self> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let netns = NetNs::open(std::path::Path::new(netns_path))?;
+        let target: SocketAddr = target.parse()?;
+        let every = Duration::from_secs(1) / per_second.max(1);
+        let flag = stop.clone();
+        std::thread::Builder::new().name("sim-traffic".into()).spawn(move || {
+            let _ = netns.run(move || {
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    // The SYN leaves (and is tracked) before connect returns; the timeout only
+                    // bounds the wait for an answer that never comes.
+                    let _ = std::net::TcpStream::connect_timeout(&target, Duration::from_millis(2));
+                    std::thread::sleep(every);
+                }
+            });
+        })?;
+        Ok(Self { stop })
+    }
+}
+
+impl Drop for TrafficClient {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A running simulated cluster: API server, nodes with kube-proxy emulators, and agents.
@@ -207,6 +258,7 @@ pub struct SimCluster {
     sample_tx: mpsc::UnboundedSender<(String, LagSample)>,
     sample_rx: mpsc::UnboundedReceiver<(String, LagSample)>,
     timeout: Duration,
+    faulty_agents: bool,
 }
 
 impl SimCluster {
@@ -226,10 +278,12 @@ impl SimCluster {
             sample_tx,
             sample_rx,
             timeout: opts.timeout,
+            faulty_agents: opts.faulty_agents,
         };
         for i in 0..opts.nodes {
             let name = format!("node-{}", i + 1);
             let guard = NetnsGuard::create(&NetnsGuard::unique_name(&name))?;
+            guard.routes_for_traffic()?;
             cluster.apply(
                 json!({"kind": "Node", "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
                 "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
@@ -248,8 +302,12 @@ impl SimCluster {
                 truth: truth_tx.clone(),
             };
             sim.tasks.spawn(emulator.run());
+            let client = (opts.traffic_rate > 0)
+                .then(|| TrafficClient::start(&guard.path(), DEMO_VIP, opts.traffic_rate))
+                .transpose()?;
             sim.nodes.push(SimNode {
                 name,
+                _client: client,
                 guard,
                 metrics: pick_port(opts.metrics_port, i)?,
                 stop: None,
@@ -305,14 +363,9 @@ impl SimCluster {
         let client =
             kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?)?;
         let node = &mut self.nodes[i];
-        let (tx, mut rx) = mpsc::unbounded_channel::<LagSample>();
-        let forward = self.sample_tx.clone();
-        let name = node.name.clone();
-        self.tasks.spawn(async move {
-            while let Some(s) = rx.recv().await {
-                let _ = forward.send((name.clone(), s));
-            }
-            Ok(())
+        let observer = Arc::new(NodeSamples {
+            node: node.name.clone(),
+            tx: self.sample_tx.clone(),
         });
         let config = AgentConfig {
             node_name: node.name.clone(),
@@ -324,14 +377,16 @@ impl SimCluster {
             resync_interval: Duration::from_secs(30),
             change_timeout: Duration::from_secs(300),
             listen: node.metrics,
-            samples: Some(tx),
-            status: Some(crate::agent::StatusConfig {
+            observer: Some(observer),
+            status: Some(kube_converge::agent::StatusConfig {
                 status_interval: Duration::from_secs(1),
                 heartbeat_interval: Duration::from_secs(30),
                 budget_interval: Duration::from_secs(10),
                 burst: 10,
             }),
             max_holds: 64,
+            traffic_window: Duration::from_secs(60),
+            fault_report_removals_early: self.faulty_agents,
         };
         let (stop_tx, mut stop_rx) = watch::channel(false);
         node.stop = Some(stop_tx);
@@ -385,6 +440,30 @@ impl SimCluster {
         out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
     }
 
+    /// Fills each row's connection counts from its node's published NodeConvergence status
+    /// (the agents publish about once a second: call it a moment after the changes settled).
+    pub fn fill_connections(&self, rows: &mut [Row]) {
+        let statuses: BTreeMap<String, Value> = self
+            .cluster()
+            .list("NodeConvergence")
+            .into_iter()
+            .filter_map(|n| Some((n["metadata"]["name"].as_str()?.to_string(), n["status"].clone())))
+            .collect();
+        for r in rows.iter_mut() {
+            let endpoint = r.key.endpoint.to_string();
+            r.connections = statuses.get(&r.node).and_then(|st| {
+                st["traffic"].as_array()?.iter().find_map(|t| {
+                    (t["endpoint"] == endpoint.as_str()).then(|| {
+                        (
+                            t["beforeConverged"].as_u64().unwrap_or(0),
+                            t["afterConverged"].as_u64().unwrap_or(0),
+                        )
+                    })
+                })
+            });
+        }
+    }
+
     /// Collects, per node, the agent's sample and the emulator's truth for changes of `kind`
     /// to endpoints matching `watched`, until every node has `per_node` of both or the timeout.
     pub async fn collect(
@@ -415,6 +494,7 @@ impl SimCluster {
                 kind,
                 sample: None,
                 truth: None,
+                connections: None,
             };
             tokio::select! {
                 Some(t) = self.truth_rx.recv() => {
@@ -453,6 +533,7 @@ impl SimCluster {
                     kind,
                     sample: None,
                     truth: None,
+                    connections: None,
                 });
             }
         }
@@ -524,15 +605,22 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<SimReport> {
     sim.cluster()
         .patch("Pod", "demo", "web-1", false, &relabel, super::store::Part::Main)?;
     let watched = |key: &EndpointKey| ["10.244.1.10", "10.244.2.11"].contains(&key.endpoint.ip().to_string().as_str());
-    let rows = sim.collect(ChangeKind::Removed, watched, 2).await?;
+    let mut rows = sim.collect(ChangeKind::Removed, watched, 2).await?;
+    // Let every agent publish its last counts (they write about once a second).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sim.fill_connections(&mut rows);
     let report = SimReport { rows, metrics };
     if opts.keep {
         print!("{}", report.table());
         let kc = std::env::temp_dir().join(format!("kube-converge-sim-{}.kubeconfig", std::process::id()));
         std::fs::write(&kc, sim.api.kubeconfig())?;
+        // The agent's CLI, built beside this binary by the same cargo (or `cargo run` it).
         let exe = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("kube-converge")))
+            .filter(|p| p.is_file())
             .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| "kube-converge".into());
+            .unwrap_or_else(|| "cargo run --release -p kube-converge --".into());
         let first = by_node.first().map(|(_, a)| a.to_string()).unwrap_or_default();
         println!("\nThe simulated cluster stays up. Try, in another shell:");
         println!("  export KUBECONFIG={}", kc.display());
@@ -542,9 +630,23 @@ pub async fn run(opts: SimOptions) -> anyhow::Result<SimReport> {
         println!("  curl 'http://{first}/v1/hold?namespace=demo&pod=web-2&timeout=30s'");
         println!("  kubectl get nodeconvergences");
         eprintln!("sim: keeping the cluster running for dashboards; Ctrl-C (or SIGTERM) to stop");
-        crate::telemetry::stop_signal().await;
+        kube_converge::telemetry::stop_signal().await;
         let _ = std::fs::remove_file(&kc);
     }
     drop(sim);
     Ok(report)
+}
+
+/// The agent observer of one simulated node: its lag measurements, tagged with the node, go to
+/// the simulation's table.
+#[derive(Debug)]
+struct NodeSamples {
+    node: String,
+    tx: mpsc::UnboundedSender<(String, LagSample)>,
+}
+
+impl kube_converge::agent::LagObserver for NodeSamples {
+    fn lag_measured(&self, sample: &LagSample) {
+        let _ = self.tx.send((self.node.clone(), sample.clone()));
+    }
 }

@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use kube_converge::sim::node::{Delay, ProxyMode};
-use kube_converge::sim::scenario::{SimCluster, SimOptions};
+use kc_sim::node::{Delay, ProxyMode};
+use kc_sim::scenario::{SimCluster, SimOptions};
 use serde_json::json;
 
 async fn count_writes(sim: &SimCluster, window: Duration, mut during: impl FnMut(u64)) -> u64 {
@@ -48,6 +48,8 @@ async fn main() -> anyhow::Result<()> {
         timeout: Duration::from_secs(120),
         metrics_port: 0,
         keep: false,
+        traffic_rate: 0,
+        faulty_agents: false,
     };
     let started = Instant::now();
     let sim = SimCluster::start(&opts).await?;
@@ -69,7 +71,7 @@ async fn main() -> anyhow::Result<()> {
                 "web-2",
                 false,
                 &json!({"metadata": {"labels": {"app": app}}}),
-                kube_converge::sim::store::Part::Main,
+                kc_sim::store::Part::Main,
             );
         }
     })

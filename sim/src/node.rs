@@ -2,13 +2,11 @@
 //! simulated cluster and rewrites that node's rules in kube-proxy's exact format, after a
 //! configurable delay. It records the ground truth: when each change reached the kernel.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::sync::mpsc;
 
 use super::store::Cluster;
@@ -16,10 +14,8 @@ use crate::emulate::{
     nft_endpoint_chain, nft_service_chains, render_nat, render_nft_as, sep_chain, service_chains, EmulatedServicePort,
     NftStyle,
 };
-use crate::expected::{expect_service, SliceRecord};
-use crate::k8s;
-use crate::model::{ChangeKind, EndpointKey, ServiceRef, Timestamp};
-use crate::netns::NetNs;
+use kube_converge::model::{ChangeKind, EndpointKey, Timestamp};
+use kube_converge::netns::NetNs;
 
 /// The kube-proxy mode a simulated node runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -83,6 +79,27 @@ impl NetnsGuard {
 
     pub fn path(&self) -> String {
         format!("/run/netns/{}", self.name)
+    }
+
+    /// Loopback up, and routes to the Service and pod ranges through it: the node's own
+    /// connections to a Service then reach kube-proxy's nat hooks, and after the DNAT leave
+    /// (tracked by conntrack) towards the pod.
+    pub fn routes_for_traffic(&self) -> anyhow::Result<()> {
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["route", "add", "10.96.0.0/16", "dev", "lo"],
+            &["route", "add", "10.244.0.0/16", "dev", "lo"],
+        ] {
+            let out = Command::new("ip").args(["-n", &self.name]).args(args).output()?;
+            if !out.status.success() {
+                anyhow::bail!(
+                    "ip -n {} {args:?}: {}",
+                    self.name,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -154,53 +171,7 @@ fn run_in(netns: &NetNs, program: &str, args: &[&str], input: &str) -> Result<()
     }
 }
 
-/// The service ports this node's kube-proxy programs, with kube-proxy's semantics.
-pub fn desired_ports(cluster: &Cluster, node: &str) -> Vec<EmulatedServicePort> {
-    let mut slices: BTreeMap<ServiceRef, Vec<SliceRecord>> = BTreeMap::new();
-    for v in cluster.list("EndpointSlice") {
-        let Ok(s) = serde_json::from_value::<EndpointSlice>(v) else {
-            continue;
-        };
-        if let Ok((record, _)) = k8s::slice_record(&s) {
-            slices.entry(record.service.clone()).or_default().push(record);
-        }
-    }
-    let mut out = Vec::new();
-    for v in cluster.list("Service") {
-        let Ok(svc) = serde_json::from_value::<Service>(v) else {
-            continue;
-        };
-        let Some(spec) = k8s::service_spec(&svc) else { continue };
-        let meta = &svc.metadata;
-        let r = ServiceRef::new(
-            meta.namespace.clone().unwrap_or_default(),
-            meta.name.clone().unwrap_or_default(),
-        );
-        let recs: Vec<&SliceRecord> = slices.get(&r).into_iter().flatten().collect();
-        let exp = expect_service(&r, Some(&spec), &recs, node);
-        let Some(cluster_ip) = spec.cluster_ips.iter().find(|ip| ip.is_ipv4()) else {
-            continue;
-        };
-        for port in &spec.ports {
-            let spn = crate::model::ServicePortName::new(&r.namespace, &r.name, &port.name);
-            let endpoints = exp
-                .expected
-                .iter()
-                .filter(|k| *k.port_name == spn && k.protocol == port.protocol && k.endpoint.is_ipv4())
-                .map(|k| k.endpoint)
-                .collect();
-            out.push(EmulatedServicePort {
-                name: spn,
-                protocol: port.protocol,
-                cluster_ip: *cluster_ip,
-                port: port.port,
-                node_port: port.node_port,
-                endpoints,
-            });
-        }
-    }
-    out
-}
+pub use crate::desired::desired_ports;
 
 fn keys(ports: &[EmulatedServicePort]) -> BTreeSet<EndpointKey> {
     ports

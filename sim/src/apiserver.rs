@@ -18,7 +18,7 @@ use futures::SinkExt;
 use serde_json::{json, Value};
 
 use super::store::{resource_by_plural, Cluster, Part, StoreError, StoredEvent, RESOURCES};
-use crate::selector::LabelSelector;
+use kube_converge::selector::LabelSelector;
 
 /// One kind of request a client made: (user, verb, API group, resource[/subresource]), the
 /// user being the bearer token. Used to check RBAC rules against what the code really calls.
@@ -714,7 +714,7 @@ mod tests {
             .iter()
             .map(|g| g["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["converge.kube-converge.io", "discovery.k8s.io"]);
+        assert_eq!(names, ["apps", "converge.kube-converge.io", "discovery.k8s.io"]);
         let core = discovery("/api/v1/").unwrap();
         let core: Vec<&str> = core["resources"]
             .as_array()
@@ -736,7 +736,10 @@ mod tests {
         let nc = discovery("/apis/converge.kube-converge.io/v1alpha1").unwrap();
         assert_eq!(nc["resources"][0]["name"], "nodeconvergences");
         assert_eq!(nc["resources"][0]["namespaced"], false);
-        assert!(discovery("/apis/apps/v1").is_none());
+        let apps = discovery("/apis/apps/v1").unwrap();
+        assert_eq!(apps["resources"][0]["name"], "deployments");
+        assert_eq!(apps["resources"][0]["namespaced"], true);
+        assert!(discovery("/apis/batch/v1").is_none());
         assert!(discovery("/api/v1/namespaces/ns1/pods").is_none());
     }
 

@@ -10,11 +10,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kube_converge::emulate::{load_ruleset, render_nat, render_nft, EmulatedServicePort};
+use kc_sim::apiserver::FakeApiServer;
+use kc_sim::emulate::{load_ruleset, render_nat, render_nft, EmulatedServicePort};
+use kc_sim::node::NetnsGuard;
 use kube_converge::model::{Protocol, ServicePortName};
 use kube_converge::netns::NetNs;
-use kube_converge::sim::apiserver::FakeApiServer;
-use kube_converge::sim::node::NetnsGuard;
 use serde_json::json;
 
 fn cpu_seconds(pid: u32) -> f64 {
