@@ -14,7 +14,6 @@ use kube::ResourceExt;
 use crate::dataplane::iptables::{self, legacy, nft_backend, xt, NatTable};
 use crate::dataplane::netlink::{self, RecvBuf};
 use crate::dataplane::nf_tables_ffi::{self, NftRule, NftTable};
-use crate::dataplane::nf_tables_shape::{libnftnl_survives, Parse};
 use crate::dataplane::{ipvs, nfnotify, nftables};
 use crate::expected::{self, Semantics, SliceRecord};
 use crate::k8s;
@@ -89,8 +88,9 @@ const NFT_MSG_NEWSET: u16 = 9;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 
 /// Splits `data` into netlink messages as `NftConn` splits a datagram it received (in an
-/// aligned receive buffer) and hands each to the FFI layer's decoder for its type, when
-/// libnftnl would survive it (`nf_tables_shape`).
+/// aligned receive buffer) and hands each to the FFI layer's decoder for its type. The
+/// decoders check first that libnftnl would survive the message (`nf_tables_shape`): what the
+/// fuzzer reaches in libnftnl is what the agent would hand it.
 fn nf_tables_stream(data: &[u8]) -> NfTablesStream {
     let buf = RecvBuf::holding(data);
     let mut out = NfTablesStream {
@@ -98,15 +98,6 @@ fn nf_tables_stream(data: &[u8]) -> NfTablesStream {
         table: NftTable::default(),
     };
     for msg in netlink::messages(&buf.as_bytes()[..data.len()]).map_while(Result::ok) {
-        let parse = match msg.kind & 0xff {
-            NFT_MSG_NEWRULE => Parse::Rule,
-            NFT_MSG_NEWSET => Parse::Set,
-            NFT_MSG_NEWSETELEM => Parse::SetElems,
-            _ => continue,
-        };
-        if !libnftnl_survives(msg.bytes(), parse) {
-            continue;
-        }
         match msg.kind & 0xff {
             NFT_MSG_NEWRULE => {
                 if let Ok(rule) = nf_tables_ffi::decode_rule(msg) {

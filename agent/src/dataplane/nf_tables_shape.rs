@@ -1,8 +1,9 @@
 //! The shapes of nf_tables messages libnftnl 1.2 survives. libnftnl trusts the kernel: it ends
 //! the process (`exit(1)`, "nf_tables kernel ABI is broken") when an attribute it knows has the
 //! wrong size for its type, and dereferences NULL for an expression without a name, a jump or
-//! goto verdict without its chain, or set data with neither a value nor a verdict. The fuzz
-//! targets check every message here before handing it to libnftnl (`crate::fuzzing`).
+//! goto verdict without its chain, or set data with neither a value nor a verdict. Every
+//! message is checked here before libnftnl parses it (`nf_tables_ffi`), so such a message is a
+//! decode error (the read fails, its endpoints stay unknown) and never the end of the agent.
 //!
 //! The checks are stricter than libnftnl where that is simpler (an attribute kind or an
 //! expression not listed here is refused), and pass everything the kernel sends for the tables
@@ -211,7 +212,7 @@ fn verdict_has_its_chain(v: &[u8]) -> bool {
 
 #[cfg(test)]
 pub(crate) mod captured {
-    //! Messages the kernel really sent, for the tests of this module.
+    //! Messages the kernel really sent, for the tests of this module and of the FFI layer.
     use super::Parse;
     use crate::dataplane::netlink;
 
