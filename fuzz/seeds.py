@@ -4,9 +4,10 @@
 The dataplane seeds are what the kernel really hands the readers: the kube-proxy fixtures
 (agent/tests/fixtures/kube-proxy) are loaded into a throw-away network namespace with nft,
 iptables-nft-restore and iptables-legacy-restore, and the nf_tables dumps, the legacy nat
-blob and the notifications they cause are captured raw. The xt, IPVS and JSON seeds are
-encoded here the way the agent's unit-test builders encode them. Needs root (a network
-namespace); run from anywhere: `sudo python3 fuzz/seeds.py`.
+blob and the notifications they cause are captured raw. The xt, IPVS, conntrack and JSON
+seeds are encoded here the way the agent's unit-test builders encode them. Needs root (a
+network namespace); run from anywhere: `sudo python3 fuzz/seeds.py`. `python3 fuzz/seeds.py
+conntrack` writes only the conntrack seeds, without root.
 """
 
 import ctypes
@@ -267,6 +268,59 @@ def ipvs_seeds():
     write("ipvs_attributes", "service-fwmark", fwmark + dest(bytes([10, 180, 0, 2]), 80, 1, 0))
 
 
+def conntrack_seeds():
+    """ctnetlink new-connection events, encoded as conntrack.rs's test builder `ct_new` encodes
+    them, plus the attributes a kernel event also carries (which the parser skips)."""
+    NESTED = 0x8000
+    NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_DELETE = 1, 0, 2
+    NLM_F_CREATE, NLM_F_EXCL = 0x400, 0x200
+
+    def sockaddr(text):
+        host, port = text.rsplit(":", 1)
+        if host.startswith("["):
+            return socket.inet_pton(socket.AF_INET6, host[1:-1]), int(port), True
+        return socket.inet_pton(socket.AF_INET, host), int(port), False
+
+    def tuple_attr(kind, src, dst, proto):
+        (sip, sport, v6), (dip, dport, _) = sockaddr(src), sockaddr(dst)
+        s, d = (3, 4) if v6 else (1, 2)
+        ip = nla(1 | NESTED, nla(s, sip) + nla(d, dip))
+        ports = nla(1, bytes([proto])) + nla(2, struct.pack(">H", sport)) + nla(3, struct.pack(">H", dport))
+        return nla(kind | NESTED, ip + nla(2 | NESTED, ports))
+
+    def ct(client, dst, target, proto=6, start_ns=None, extra=b"", kind=IPCTNL_MSG_CT_NEW):
+        family = socket.AF_INET6 if client.startswith("[") else socket.AF_INET
+        payload = struct.pack("=BBH", family, 0, 0)
+        payload += tuple_attr(1, client, dst, proto) + tuple_attr(2, target, client, proto)
+        if start_ns is not None:
+            payload += nla(20 | NESTED, nla(1, struct.pack(">Q", start_ns)))
+        payload += extra
+        hdr = struct.pack("=IHHII", 16 + len(payload), (NFNL_SUBSYS_CTNETLINK << 8) | kind, NLM_F_CREATE | NLM_F_EXCL, 0, 0)
+        return hdr + payload
+
+    # CTA_STATUS, CTA_TIMEOUT, CTA_PROTOINFO (TCP state), CTA_ID, CTA_USE, CTA_MARK.
+    kernel_extra = nla(3, struct.pack(">I", 0x188)) + nla(7, struct.pack(">I", 120))
+    kernel_extra += nla(4 | NESTED, nla(1 | NESTED, nla(1, bytes([3]))))
+    kernel_extra += nla(12, struct.pack(">I", 0xDEADBEEF)) + nla(11, struct.pack(">I", 1)) + nla(8, struct.pack(">I", 0))
+    write("conntrack_events", "translated", ct("10.0.0.9:40000", "172.30.0.41:80", "10.244.1.10:8080"))
+    write("conntrack_events", "untranslated", ct("10.0.0.1:40001", "10.244.1.10:8080", "10.244.1.10:8080"))
+    write(
+        "conntrack_events",
+        "v6-started",
+        ct("[fd00::9]:40000", "[fd00:172:30::41]:80", "[fd00:10:244::10]:8080", start_ns=1_700_000_000_000_000_000),
+    )
+    write(
+        "conntrack_events",
+        "kernel-like",
+        ct("10.0.0.9:40002", "10.0.0.2:30080", "10.244.2.7:8080", start_ns=1_700_000_000_000_000_001, extra=kernel_extra),
+    )
+    batch = ct("10.0.0.9:40003", "172.30.0.10:53", "10.244.0.5:53", proto=17)
+    batch += ct("10.0.0.9:40004", "172.30.0.12:9", "10.244.0.6:9", proto=132)
+    batch += ct("10.0.0.9:40005", "172.30.0.41:80", "10.244.1.10:8080", kind=IPCTNL_MSG_CT_DELETE)
+    batch += ct("10.0.0.9:40006", "172.30.0.41:80", "10.244.1.11:8080")[:40]
+    write("conntrack_events", "batch", batch)
+
+
 def json_seeds():
     svc = {
         "metadata": {"namespace": "ns1", "name": "svc1"},
@@ -335,10 +389,14 @@ def json_seeds():
 
 
 def main():
+    if sys.argv[1:] == ["conntrack"]:
+        conntrack_seeds()  # encoded only: no root, no capture
+        return
     if os.geteuid() != 0:
         sys.exit("seeds.py needs root: it captures from a throw-away network namespace")
     xt_seeds()
     ipvs_seeds()
+    conntrack_seeds()
     json_seeds()
     for name in ["iptables-save_nat_TestOverallIPTablesRules.txt", "constructed_ipt_3ep_local_iptables-save.txt"]:
         with open(fixture(name), "rb") as f:

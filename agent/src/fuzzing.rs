@@ -14,10 +14,10 @@ use kube::ResourceExt;
 use crate::dataplane::iptables::{self, legacy, nft_backend, xt, NatTable};
 use crate::dataplane::netlink::{self, RecvBuf};
 use crate::dataplane::nf_tables_ffi::{self, NftRule, NftTable};
-use crate::dataplane::{ipvs, nfnotify, nftables};
+use crate::dataplane::{conntrack, ipvs, nfnotify, nftables};
 use crate::expected::{self, Semantics, SliceRecord};
 use crate::k8s;
-use crate::model::ServiceRef;
+use crate::model::{ServiceRef, Timestamp};
 
 /// The first bytes of the legacy target's input stand for `ipt_getinfo`: a flags byte (bit 0:
 /// IPv6; bits 1..=5: which of the five hooks are valid), then five `u16` hook offsets.
@@ -156,6 +156,15 @@ pub fn ipvs_attributes(data: &[u8]) {
 /// One datagram of the nf_tables notification stream.
 pub fn nf_notifications(data: &[u8]) {
     let _ = nfnotify::parse_generations(data);
+}
+
+/// One datagram of ctnetlink's new-connection events, and the time each connection is
+/// counted at.
+pub fn conntrack_events(data: &[u8]) {
+    let received = Timestamp::from_millis(1_700_000_000_000);
+    for c in conntrack::parse_new_connections(data, received) {
+        let _ = c.at.seconds_since(received);
+    }
 }
 
 /// What the EndpointSlice target reads: a Service, its slices, and the node's view.
