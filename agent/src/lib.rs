@@ -12,6 +12,8 @@ pub mod config;
 pub mod crd;
 pub mod dataplane;
 pub mod expected;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hold;
 pub mod inspect;
 pub mod isolate;

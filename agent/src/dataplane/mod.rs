@@ -10,6 +10,7 @@ pub mod nf_dnat;
 // The libnftnl FFI: raw pointers throughout, each use under a SAFETY line.
 #[allow(unsafe_code)]
 pub mod nf_tables_ffi;
+mod nf_tables_shape;
 pub mod nfnotify;
 pub mod nftables;
 pub mod wire;

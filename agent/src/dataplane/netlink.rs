@@ -187,7 +187,7 @@ pub fn header(len: usize, kind: u16, flags: u16, seq: u32) -> Vec<u8> {
 
 /// A receive buffer whose messages start 8-byte aligned, as C code reading them through
 /// `struct nlmsghdr *` expects (libnftnl).
-struct RecvBuf(Vec<u64>);
+pub(crate) struct RecvBuf(Vec<u64>);
 
 #[allow(unsafe_code)]
 impl RecvBuf {
@@ -195,7 +195,15 @@ impl RecvBuf {
         Self(vec![0u64; bytes.div_ceil(8)])
     }
 
-    fn as_bytes(&self) -> &[u8] {
+    /// A buffer holding a copy of `datagram`, as if received (for decoders fed from elsewhere:
+    /// tests, fuzzing). Its bytes run on to the next multiple of 8, zeroed.
+    pub(crate) fn holding(datagram: &[u8]) -> Self {
+        let mut buf = Self::new(datagram.len());
+        buf.as_bytes_mut()[..datagram.len()].copy_from_slice(datagram);
+        buf
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         // SAFETY: u64 has no padding and every byte pattern is a valid u8; the length is the
         // vector's size in bytes, and the borrow ties the slice to the vector.
         unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), self.0.len() * 8) }

@@ -4,7 +4,9 @@
 //!
 //! Every libnftnl object is owned by a guard that frees it when dropped; a request buffer is
 //! sized from what the request carries before libnftnl (which checks no bounds) writes into
-//! it; an allocation that fails is an error, never a request without its filter.
+//! it; an allocation that fails is an error, never a request without its filter. A reply is
+//! handed to libnftnl only in a shape it survives (`nf_tables_shape`): libnftnl ends the
+//! process on some malformed messages, and the agent must fail the read instead.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
@@ -15,6 +17,7 @@ use netlink_sys::protocols::NETLINK_NETFILTER;
 use nftnl_sys as sys;
 
 use super::netlink::{Ending, Message, NetlinkError, NetlinkSocket, NLM_F_ACK, NLM_F_DUMP};
+use super::nf_tables_shape::{libnftnl_survives, Parse};
 
 use crate::netns::NetNs;
 
@@ -122,6 +125,10 @@ pub enum NfTablesError {
     BuildFailed(String),
     #[error("libnftnl could not parse a {0} message")]
     DecodeFailed(&'static str),
+    /// A message libnftnl would end the process on (`nf_tables_shape`): the kernel never
+    /// sends one, so the reading confirms nothing.
+    #[error("an nf_tables {0} message is malformed (an attribute of the wrong size or a missing name); not handed to libnftnl")]
+    ShapeRefused(&'static str),
 }
 
 /// Defines the owner of one libnftnl object: allocated by `$alloc`, freed by `$free` when the
@@ -755,20 +762,24 @@ pub fn numgen_keys(rules: &[NftRule]) -> HashMap<&str, Vec<Vec<u8>>> {
     out
 }
 
-/// The header of `msg` as libnftnl reads it: a `struct nlmsghdr *`, so it must be aligned.
-fn header_of(msg: &Message<'_>, what: &'static str) -> Result<*const libc::nlmsghdr, NfTablesError> {
+/// The header of `msg` as libnftnl reads it to parse it as `parse`: a `struct nlmsghdr *`,
+/// so it must be aligned, and the message must have a shape libnftnl survives.
+fn header_of(msg: &Message<'_>, parse: Parse, what: &'static str) -> Result<*const libc::nlmsghdr, NfTablesError> {
     let p = msg.bytes().as_ptr();
     if p.align_offset(std::mem::align_of::<libc::nlmsghdr>()) != 0 {
         return Err(NfTablesError::DecodeFailed(what));
     }
+    if !libnftnl_survives(msg.bytes(), parse) {
+        return Err(NfTablesError::ShapeRefused(what));
+    }
     Ok(p.cast())
 }
 
-fn decode_rule(msg: Message<'_>) -> Result<NftRule, NfTablesError> {
-    let nlh = header_of(&msg, "rule")?;
+pub(crate) fn decode_rule(msg: Message<'_>) -> Result<NftRule, NfTablesError> {
+    let nlh = header_of(&msg, Parse::Rule, "rule")?;
     let r = Rule::new()?;
-    // SAFETY: nlh is an aligned, complete message (its bytes are exactly its nlmsg_len),
-    // borrowed for the call; the rule is live and copies what it keeps.
+    // SAFETY: nlh is an aligned, complete message (its bytes are exactly its nlmsg_len) of a
+    // shape libnftnl survives, borrowed for the call; the rule is live and copies what it keeps.
     if unsafe { sys::nftnl_rule_nlmsg_parse(nlh, r.as_ptr()) } < 0 {
         return Err(NfTablesError::DecodeFailed("rule"));
     }
@@ -884,10 +895,11 @@ unsafe fn decode_expr(e: std::ptr::NonNull<sys::nftnl_expr>) -> Expr {
     }
 }
 
-fn decode_set_header(msg: Message<'_>) -> Result<NftSet, NfTablesError> {
-    let nlh = header_of(&msg, "set")?;
+pub(crate) fn decode_set_header(msg: Message<'_>) -> Result<NftSet, NfTablesError> {
+    let nlh = header_of(&msg, Parse::Set, "set")?;
     let s = Set::new()?;
-    // SAFETY: nlh is an aligned, complete message borrowed for the call; the set is live.
+    // SAFETY: nlh is an aligned, complete message of a shape libnftnl survives, borrowed for
+    // the call; the set is live.
     if unsafe { sys::nftnl_set_nlmsg_parse(nlh, s.as_ptr()) } < 0 {
         return Err(NfTablesError::DecodeFailed("set"));
     }
@@ -905,11 +917,11 @@ fn decode_set_header(msg: Message<'_>) -> Result<NftSet, NfTablesError> {
     })
 }
 
-fn decode_elems(msg: Message<'_>) -> Result<Vec<NftElem>, NfTablesError> {
-    let nlh = header_of(&msg, "set element")?;
+pub(crate) fn decode_elems(msg: Message<'_>) -> Result<Vec<NftElem>, NfTablesError> {
+    let nlh = header_of(&msg, Parse::SetElems, "set element")?;
     let s = Set::new()?;
-    // SAFETY: nlh is an aligned, complete message borrowed for the call; the set is live and
-    // owns the elements it parses.
+    // SAFETY: nlh is an aligned, complete message of a shape libnftnl survives, borrowed for
+    // the call; the set is live and owns the elements it parses.
     if unsafe { sys::nftnl_set_elems_nlmsg_parse(nlh, s.as_ptr()) } < 0 {
         return Err(NfTablesError::DecodeFailed("set element"));
     }
@@ -954,6 +966,7 @@ unsafe fn decode_elem(e: std::ptr::NonNull<sys::nftnl_set_elem>) -> NftElem {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::netlink;
 
     fn rule(exprs: Vec<Expr>) -> NftRule {
         NftRule {
@@ -1035,6 +1048,39 @@ mod tests {
             let header = crate::dataplane::netlink::messages(msg).next().unwrap().unwrap();
             assert_eq!(header.bytes().len(), msg.len());
             assert!(msg.len() > 20_000, "the long name is in the request");
+        }
+    }
+
+    /// libnftnl ends the process on an attribute of the wrong size ("kernel ABI is broken"):
+    /// the decoder refuses such a message first, and this test lives to see the error.
+    #[test]
+    fn a_message_libnftnl_would_exit_on_is_a_decode_error() {
+        let mut body = vec![NFPROTO_IPV4 as u8, 0, 0, 0];
+        netlink::put_attribute(&mut body, 1, b"nat\0");
+        // NFTA_RULE_HANDLE is a u64; four bytes of it make libnftnl call exit(1).
+        netlink::put_attribute(&mut body, 3, &7u32.to_be_bytes());
+        let mut msg = netlink::header(netlink::NLMSG_HDRLEN + body.len(), (10 << 8) | 6, 0, 1);
+        msg.extend(body);
+        let buf = netlink::RecvBuf::holding(&msg);
+        let msg = netlink::messages(&buf.as_bytes()[..msg.len()]).next().unwrap().unwrap();
+        let err = decode_rule(msg).unwrap_err();
+        assert!(matches!(err, NfTablesError::ShapeRefused("rule")), "{err}");
+    }
+
+    /// Every message the kernel really sent (captured for the fuzz seeds) passes the checks
+    /// and decodes.
+    #[test]
+    fn captured_kernel_messages_decode() {
+        let messages = crate::dataplane::nf_tables_shape::captured::messages();
+        for (i, (msg, what)) in messages.iter().enumerate() {
+            let buf = netlink::RecvBuf::holding(msg);
+            let msg = netlink::messages(&buf.as_bytes()[..msg.len()]).next().unwrap().unwrap();
+            let decoded = match what {
+                Parse::Rule => decode_rule(msg).map(drop),
+                Parse::Set => decode_set_header(msg).map(drop),
+                Parse::SetElems => decode_elems(msg).map(drop),
+            };
+            assert!(decoded.is_ok(), "message {i} ({what:?}): {decoded:?}");
         }
     }
 

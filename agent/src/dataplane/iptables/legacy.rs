@@ -120,7 +120,7 @@ fn entries<'a>(blob: &'a [u8], l: &EntryLayout) -> Option<Vec<Entry<'a>>> {
 }
 
 /// Decodes a nat table blob. `hook_entry` holds the offsets where the built-in chains begin.
-fn decode(blob: &[u8], hook_entry: &[(usize, &str)], v6: bool) -> NatTable {
+pub(crate) fn decode(blob: &[u8], hook_entry: &[(usize, &str)], v6: bool) -> NatTable {
     let l = if v6 { &IPV6 } else { &IPV4 };
     let mut table = NatTable::default();
     let Some(entries) = entries(blob, l) else {

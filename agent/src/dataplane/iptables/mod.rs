@@ -9,8 +9,8 @@
 //! endpoints); names then come from the entry rules or chain hashes. A DNAT the reader does not
 //! understand makes its service port `unknown`, never "not routed".
 
-mod legacy;
-mod nft_backend;
+pub(crate) mod legacy;
+pub(crate) mod nft_backend;
 mod save;
 pub mod xt;
 
@@ -67,7 +67,7 @@ struct Rule {
 }
 
 #[derive(Debug, Default)]
-struct NatTable {
+pub(crate) struct NatTable {
     /// foldhash: a full read at 30k Services spent ~6% of its time in SipHash on chain names.
     chains: HashMap<String, Vec<Rule>, foldhash::fast::RandomState>,
     /// Chains with a rule that could not be read.
@@ -119,7 +119,7 @@ impl NatTable {
 
 /// Follows the chain graph from the entry chains and returns the routed service ports, the
 /// warnings, and whether an entry chain itself could not be read.
-fn walk(table: &NatTable) -> (Vec<ServiceRoutes>, Vec<String>, bool) {
+pub(crate) fn walk(table: &NatTable) -> (Vec<ServiceRoutes>, Vec<String>, bool) {
     let mut groups: BTreeMap<String, ServiceRoutes> = BTreeMap::new();
     let mut warnings = table.warnings.clone();
     let mut entry_broken = false;

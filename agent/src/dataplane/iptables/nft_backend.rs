@@ -138,7 +138,7 @@ fn rule_from_nft(r: &NftRule, v6: bool) -> Rule {
 
 /// Adds decoded rules to `table`; every chain a rule jumps to exists (the kernel refuses jumps
 /// to missing chains), so it is added too.
-fn add_rules(table: &mut NatTable, rules: &[NftRule], v6: bool) {
+pub(crate) fn add_rules(table: &mut NatTable, rules: &[NftRule], v6: bool) {
     for r in rules {
         let rule = rule_from_nft(r, v6);
         if let Verdict::Jump(target) = &rule.verdict {
