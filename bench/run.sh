@@ -6,7 +6,8 @@
 #   sudo bench/run.sh                 # everything, 10k Services
 #   sudo SERVICES=1000 bench/run.sh   # quicker
 #   sudo bench/run.sh read_cost       # one harness (read_cost, detection, footprint,
-#                                     # api_write_load, hold_api_load, sim-accuracy)
+#                                     # api_write_load, hold_api_load, sim-accuracy,
+#                                     # traffic_cpu)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SERVICES="${SERVICES:-10000}"
@@ -51,4 +52,8 @@ fi
 if want sim-accuracy; then
   echo "## sim-accuracy 5 5"
   bench/sim-accuracy.sh 5 5
+fi
+if want traffic_cpu; then
+  echo "## traffic_cpu 10000 10"
+  "$ex/traffic_cpu" 10000 10
 fi
