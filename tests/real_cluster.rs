@@ -16,8 +16,9 @@ use std::io::{Read, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use kube_converge::model::Timestamp;
 
 use kc_real_cluster::missing_prerequisites;
@@ -109,6 +110,7 @@ async fn run_all(filter: &[String]) -> (usize, usize) {
         ("apiserver_restart", |e| Box::pin(apiserver_restart(e))),
         ("agent_restart_mid_hold", |e| Box::pin(agent_restart_mid_hold(e))),
         ("fake_api_server_agrees_with_the_real_one", |e| Box::pin(fake_agrees(e))),
+        ("advise_beside_the_real_agents_lags", |e| Box::pin(advise_real(e))),
         ("rbac_role_equals_what_is_used", |e| Box::pin(rbac_audit(e))),
     ];
     let started = Instant::now();
@@ -452,7 +454,9 @@ async fn blue_green(env: &mut Env) -> anyhow::Result<()> {
             .as_array()
             .and_then(|ns| ns.iter().find(|n| n["node"] == node.name.as_str()))
             .ok_or_else(|| anyhow::anyhow!("{} missing from {report:#}", node.name))?;
-        anyhow::ensure!(n["state"] == "converged" && n["connectionsToOldSet"].is_null(), "{n:#}");
+        // No client sends traffic in this tier; the agents' live-traffic check runs in the real
+        // namespaces, so each node reports a count for the old set, and it is 0.
+        anyhow::ensure!(n["state"] == "converged" && n["connectionsToOldSet"] == 0, "{n:#}");
         let confirmed = time(&n["confirmed"]).ok_or_else(|| anyhow::anyhow!("no confirmed time: {n:#}"))?;
         anyhow::ensure!(t1 <= confirmed && confirmed <= returned, "{n:#}");
         for (what, set) in [("oldStopped", &n["oldStopped"]), ("newComplete", &n["newComplete"])] {
@@ -496,6 +500,65 @@ async fn blue_green(env: &mut Env) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// `advise`, as the operator, against a real API server (apps/v1 workloads) and the real agents'
+/// NodeConvergence objects: a Deployment behind a Service of its own with `preStop: sleep 5` is
+/// listed with its hook, its grace period and the lag the agents measured in the scenarios
+/// before this one.
+async fn advise_real(env: &mut Env) -> anyhow::Result<()> {
+    create_service(env, "advised", serde_json::json!({"app": "advised"})).await?;
+    let deployment: Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "advised", "namespace": NS},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": {"app": "advised"}},
+            "template": {
+                "metadata": {"labels": {"app": "advised"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [{
+                        "name": "web",
+                        "image": "registry.example/web:1",
+                        "ports": [{"containerPort": 8080}],
+                        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}}
+                    }]
+                }
+            }
+        }
+    }))?;
+    Api::<Deployment>::namespaced(env.cluster.admin.clone(), NS)
+        .create(&PostParams::default(), &deployment)
+        .await?;
+    let out = run_cli(env, &["advise", "-n", NS, "-o", "json"]).await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "advise failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    anyhow::ensure!(!report["measurement"].is_null(), "the agents measured removals before: {report:#}");
+    let workloads = report["workloads"].as_array().cloned().unwrap_or_default();
+    anyhow::ensure!(workloads.len() == 1, "one workload backs a Service: {report:#}");
+    let w = &workloads[0];
+    anyhow::ensure!(
+        w["kind"] == "Deployment"
+            && w["name"] == "advised"
+            && w["services"].to_string().contains("advised")
+            && w["preStop"]["kind"] == "sleep"
+            && w["preStop"]["seconds"] == 5.0
+            && w["terminationGracePeriodSeconds"] == 30.0,
+        "{w:#}"
+    );
+    let p99 = w["p99Seconds"].as_f64().ok_or_else(|| anyhow::anyhow!("no p99: {w:#}"))?;
+    anyhow::ensure!(p99 > 0.0 && p99 < 60.0, "p99 {p99}: {w:#}");
+    anyhow::ensure!(
+        ["too-short", "fine", "wasteful"].contains(&w["verdict"].as_str().unwrap_or_default())
+            && w["snippet"].is_string(),
+        "a measured verdict and the hold snippet: {w:#}"
+    );
     Ok(())
 }
 
