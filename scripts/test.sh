@@ -15,7 +15,7 @@ if [ "$(id -u)" = 0 ] || [ "${CI:-}" = true ]; then
 else
   echo "not root: the tests that need root are reported ignored (run as root to include them)" >&2
 fi
-cargo test --workspace --all-targets --locked -- "${ignored[@]}" 2>&1 | tee target/test-output.txt
+cargo test --workspace --all-targets --locked --no-fail-fast -- "${ignored[@]}" 2>&1 | tee target/test-output.txt
 # One closing line for the whole run.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i; if ($(i+1) ~ /^ignored;?$/) g += $i } }
      END { printf "tests: %d passed, %d failed, %d ignored\n", p, f, g }' target/test-output.txt | tee target/test-summary.txt
