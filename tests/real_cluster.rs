@@ -539,7 +539,10 @@ async fn advise_real(env: &mut Env) -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    anyhow::ensure!(!report["measurement"].is_null(), "the agents measured removals before: {report:#}");
+    anyhow::ensure!(
+        !report["measurement"].is_null(),
+        "the agents measured removals before: {report:#}"
+    );
     let workloads = report["workloads"].as_array().cloned().unwrap_or_default();
     anyhow::ensure!(workloads.len() == 1, "one workload backs a Service: {report:#}");
     let w = &workloads[0];
@@ -552,7 +555,9 @@ async fn advise_real(env: &mut Env) -> anyhow::Result<()> {
             && w["terminationGracePeriodSeconds"] == 30.0,
         "{w:#}"
     );
-    let p99 = w["p99Seconds"].as_f64().ok_or_else(|| anyhow::anyhow!("no p99: {w:#}"))?;
+    let p99 = w["p99Seconds"]
+        .as_f64()
+        .ok_or_else(|| anyhow::anyhow!("no p99: {w:#}"))?;
     anyhow::ensure!(p99 > 0.0 && p99 < 60.0, "p99 {p99}: {w:#}");
     anyhow::ensure!(
         ["too-short", "fine", "wasteful"].contains(&w["verdict"].as_str().unwrap_or_default())
