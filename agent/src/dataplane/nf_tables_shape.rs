@@ -7,7 +7,11 @@
 //!
 //! The checks are stricter than libnftnl where that is simpler (an attribute kind or an
 //! expression not listed here is refused), and pass everything the kernel sends for the tables
-//! the readers dump (tested on captured kernel messages). This module only looks at bytes.
+//! the readers dump (tested on captured kernel messages). Every expression libnftnl 1.2 parses
+//! is listed, with the attribute types its parser validates (the kernel's own types, from
+//! `linux/netfilter/nf_tables.h`): a rule with an expression the readers do not model (a `dup`
+//! someone added, a `log`) must reach them, so that they report its Service uncertain, rather
+//! than fail the whole table's read. This module only looks at bytes.
 
 use super::netlink::NLMSG_HDRLEN;
 use super::nf_tables_ffi::{NFT_GOTO, NFT_JUMP};
@@ -41,6 +45,7 @@ enum Attr {
     /// A NUL-terminated string.
     Str,
     U8,
+    U16,
     U32,
     U64,
     Binary,
@@ -101,8 +106,10 @@ const ELEM_ATTRS: &[Attr] = &[Data, Data, U32, U64, U64, Binary, Refused, Ignore
 const SET_ELEM_LIST_ATTRS: &[Attr] = &[Str, Str, List(ELEM_ATTRS), U32];
 const VERDICT_ATTRS: &[Attr] = &[U32, Str, U32];
 
-/// The data attributes of the expressions the readers understand and of the others kube-proxy
-/// and iptables-nft write; other expressions are refused.
+/// The data attributes (by type number, from 1) of every expression libnftnl 1.2 parses: those
+/// the readers understand, those kube-proxy and iptables-nft write, and the rest, which the
+/// readers report as not understood. Other names are refused (libnftnl would not parse them
+/// either).
 fn expression_attrs(name: &[u8]) -> Option<&'static [Attr]> {
     Some(match name {
         b"payload\0" => &[U32; 8],
@@ -114,12 +121,57 @@ fn expression_attrs(name: &[u8]) -> Option<&'static [Attr]> {
         b"numgen\0" => &[U32, U32, U32, U32, Str, U32],
         b"nat\0" => &[U32; 7],
         b"match\0" | b"target\0" => &[Str, U32, Binary],
-        b"counter\0" => &[U64, U64],
+        // bytes, packets, pad
+        b"counter\0" => &[U64, U64, Ignored],
         b"ct\0" => &[U32, U32, U8, U32],
         b"fib\0" => &[U32; 3],
         b"masq\0" => &[U32; 3],
         b"reject\0" => &[U32, U8],
         b"dynset\0" => &[Str, U32, U32, U32, U32, U64, Refused, Ignored, U32, Exprs],
+        // sreg addr, sreg dev
+        b"dup\0" => &[U32, U32],
+        // sreg dev, sreg addr, nfproto
+        b"fwd\0" => &[U32; 3],
+        // group, prefix, snaplen, qthreshold, level, flags
+        b"log\0" => &[U16, Str, U32, U16, U32, U32],
+        // rate, unit, burst, type, flags, pad
+        b"limit\0" => &[U64, U64, U32, U32, U32, Ignored],
+        // bytes, flags, pad, consumed
+        b"quota\0" => &[U64, U32, Ignored, U64],
+        // sreg, op, from, to
+        b"range\0" => &[U32, U32, Data, Data],
+        // key, dreg, level
+        b"socket\0" => &[U32; 3],
+        // sreg, dreg, len, modulus, seed, offset, type, set name, set id
+        b"hash\0" => &[U32, U32, U32, U32, U32, U32, U32, Str, U32],
+        // proto min, proto max, flags
+        b"redir\0" => &[U32; 3],
+        // num, total, flags, sreg qnum
+        b"queue\0" => &[U16, U16, U16, U32],
+        // family, reg addr, reg port
+        b"tproxy\0" => &[U32; 3],
+        // imm type, imm name, set sreg, set name, set id
+        b"objref\0" => &[U32, Str, U32, Str, U32],
+        // dreg, type, offset, len, flags, op, sreg
+        b"exthdr\0" => &[U32, U8, U32, U32, U32, U32, U32],
+        // dreg, key
+        b"rt\0" => &[U32, U32],
+        // sreg, dreg, op, len, size
+        b"byteorder\0" => &[U32; 5],
+        // count, flags
+        b"connlimit\0" => &[U32, U32],
+        // set, msecs, pad
+        b"last\0" => &[U32, U64, Ignored],
+        // mss, wscale, flags
+        b"synproxy\0" => &[U16, U8, U32],
+        // dreg, ttl, flags
+        b"osf\0" => &[U32, U8, U32],
+        // dreg, key, dir, spnum
+        b"xfrm\0" => &[U32, U32, U8, U32],
+        // key, dreg, mode
+        b"tunnel\0" => &[U32; 3],
+        // table name
+        b"flow_offload\0" => &[Str],
         _ => return None,
     })
 }
@@ -162,6 +214,7 @@ fn attr_fits(a: Attr, p: &[u8]) -> bool {
     match a {
         Str => p.last() == Some(&0),
         U8 => p.len() == 1,
+        U16 => p.len() == 2,
         U32 => p.len() == 4,
         U64 => p.len() == 8,
         Binary | Ignored => true,
@@ -331,5 +384,26 @@ mod tests {
         for (i, msg) in refused.iter().enumerate() {
             assert!(!libnftnl_survives(msg, Parse::Rule), "case {i} passed");
         }
+    }
+
+    /// An expression the readers do not model reaches them (they report its Service
+    /// uncertain) instead of failing the table's read; its attributes are still checked.
+    #[test]
+    fn expressions_the_readers_do_not_model_pass_with_their_attributes_checked() {
+        let table = attr(1, b"kube-proxy\0");
+        let rule = |name: &[u8], data: Vec<u8>| {
+            let expr = attr(1, &[attr(1, name), attr(2 | netlink::NLA_F_NESTED, &data)].concat());
+            message(&[table.clone(), attr(4 | netlink::NLA_F_NESTED, &expr)])
+        };
+        let u16_ = |k: u16, v: u16| attr(k, &v.to_be_bytes());
+        let u32_ = |k: u16, v: u32| attr(k, &v.to_be_bytes());
+        // `dup to 10.0.0.9` as the kernel sends it; `log prefix "x" group 2`.
+        assert!(libnftnl_survives(&rule(b"dup\0", u32_(1, 1)), Parse::Rule));
+        let log = [attr(2, b"x\0"), u16_(1, 2)].concat();
+        assert!(libnftnl_survives(&rule(b"log\0", log), Parse::Rule));
+        // The group is a u16: in 4 bytes libnftnl exits.
+        assert!(!libnftnl_survives(&rule(b"log\0", u32_(1, 2)), Parse::Rule));
+        // An attribute past the ones listed: refused (libnftnl might check it some other way).
+        assert!(!libnftnl_survives(&rule(b"dup\0", u32_(3, 1)), Parse::Rule));
     }
 }
