@@ -135,7 +135,13 @@ async fn a_cutover_reports_per_node_times_that_agree_with_the_kernel() {
     for n in nodes {
         let name = n["node"].as_str().unwrap();
         assert_eq!(n["state"], "converged", "{n:#}");
-        assert!(n["connectionsToOldSet"].is_null(), "not measured yet: {n:#}");
+        // Every node's client sends traffic to the Service: each agent counts what still
+        // reached the old pods, and the slow node's 1.5 s cost some.
+        let conns = n["connectionsToOldSet"].as_u64();
+        assert!(conns.is_some(), "no count of connections to the old set: {n:#}");
+        if name == "node-3" {
+            assert!(conns > Some(0), "the slow node's lag cost no connection? {n:#}");
+        }
         let last_removal = last_on(&removed, name, &WEB);
         let last_addition = last_on(&added, name, &API);
         // What the command reports as done never precedes the kernel's last write.
@@ -203,7 +209,10 @@ async fn a_cutover_reports_per_node_times_that_agree_with_the_kernel() {
             .find(|l| l.starts_with(node))
             .unwrap_or_else(|| panic!("{node} missing:\n{}", run.stdout));
         let cells: Vec<&str> = row.split_whitespace().collect();
-        assert_eq!((cells[1], cells.last().copied()), ("converged", Some("-")), "{row}");
+        // The last column counts the connections that still reached the old set (a number
+        // from the agents' live-traffic check, "-" only when no agent reports one).
+        assert_eq!(cells[1], "converged", "{row}");
+        assert!(cells.last().is_some_and(|c| c.parse::<u64>().is_ok()), "{row}");
     }
     assert!(run.stdout.contains("complete on every node"), "{}", run.stdout);
 }
