@@ -303,3 +303,42 @@ mod tests {
         assert_eq!(cat.view(&broken).routes(&key()), Routed::Unknown);
     }
 }
+
+#[cfg(test)]
+mod review_tests {
+    use super::*;
+    use crate::dataplane::ServiceRoutes;
+    use crate::expected::builders::{slice, svc};
+    use crate::expected::expect_service;
+    use crate::model::EndpointKey;
+    use crate::tracker::Routed;
+
+    /// Review: IPVS. Service ns1/a (port 30080, ClusterIP 172.30.9.9) was deleted; its removal
+    /// of 10.180.0.9:80 is pending while kube-proxy still has the virtual server
+    /// 172.30.9.9:30080 -> 10.180.0.9:80. Another Service ns1/b has NodePort 30080. The
+    /// NodePort fallback attributes the stale virtual server to ns1/b, so ns1/a's key reads
+    /// "not routed" although the kernel still routes it.
+    #[test]
+    fn review_a_stale_vip_is_not_attributed_to_a_nodeport_of_the_same_number() {
+        let (b, mut spec) = svc("ns1/b");
+        spec.ports[0].node_port = Some(30080);
+        let s = slice("ns1/b").endpoint("10.180.0.1").build();
+        let exp = expect_service(&b, Some(&spec), &[&s], "n");
+        let cat = ServiceCatalog::build([(&b, &exp)].into_iter());
+        let snap = DataplaneSnapshot {
+            services: vec![ServiceRoutes {
+                protocol: Some(Protocol::Tcp),
+                frontends: ["172.30.9.9:30080".to_string()].into(),
+                endpoints: ["10.180.0.9:80".parse().unwrap()].into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let a_key = EndpointKey::new(
+            ServicePortName::new("ns1", "a", "p80"),
+            Protocol::Tcp,
+            "10.180.0.9:80".parse().unwrap(),
+        );
+        assert_ne!(cat.view(&snap).routes(&a_key), Routed::No);
+    }
+}

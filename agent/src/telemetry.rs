@@ -164,6 +164,7 @@ impl Metrics {
         }
         for kind in [
             "generation_changed",
+            "generation_unreadable",
             "unparseable",
             "netns",
             "netlink",

@@ -43,17 +43,27 @@ const TORN_READ_RETRIES: u32 = 3;
 enum Consistency {
     /// One generation (or no generation to compare: polled readers): apply it.
     Apply,
-    /// The ruleset moved during the read: read again at once.
+    /// The ruleset moved during the read, or a generation could not be read: read again at
+    /// once.
     Retry,
     /// It kept moving: report the reading as failed.
     Fail { before: u32, after: u32 },
+    /// A generation kept being unreadable: report the reading as failed.
+    Unchecked,
 }
 
-fn consistency(g1: Option<u32>, g2: Option<u32>, torn_in_a_row: u32) -> Consistency {
+/// `checked`: the reader's reads are many nf_tables requests (nftables, iptables-nft), so a
+/// reading counts only with the same generation read before and after it; a missing one (the
+/// probe failed or could not be opened) is no proof that nothing changed.
+fn consistency(g1: Option<u32>, g2: Option<u32>, torn_in_a_row: u32, checked: bool) -> Consistency {
+    let retry = torn_in_a_row + 1 < TORN_READ_RETRIES;
     match (g1, g2) {
-        (Some(a), Some(b)) if a != b && torn_in_a_row + 1 < TORN_READ_RETRIES => Consistency::Retry,
-        (Some(before), Some(after)) if before != after => Consistency::Fail { before, after },
-        _ => Consistency::Apply,
+        (Some(a), Some(b)) if a == b => Consistency::Apply,
+        (Some(_), Some(_)) if retry => Consistency::Retry,
+        (Some(before), Some(after)) => Consistency::Fail { before, after },
+        _ if !checked => Consistency::Apply,
+        _ if retry => Consistency::Retry,
+        _ => Consistency::Unchecked,
     }
 }
 
@@ -267,7 +277,8 @@ impl ReadScheduler {
             moved_on |= !matches!(n, Notification::Generation(g) if Some(g.generation) == g2 && g1 == g2);
             note(&mut self.seen, &mut self.overrun, n);
         }
-        let result = match consistency(g1, g2, self.torn_in_a_row) {
+        let checked = r_back.change_source() == ChangeSource::NfTablesEvents;
+        let result = match consistency(g1, g2, self.torn_in_a_row, checked) {
             Consistency::Apply => {
                 self.torn_in_a_row = 0;
                 result
@@ -283,6 +294,10 @@ impl ReadScheduler {
             Consistency::Fail { before, after } => {
                 self.torn_in_a_row = 0;
                 Err(ReadError::GenerationChanged { before, after })
+            }
+            Consistency::Unchecked => {
+                self.torn_in_a_row = 0;
+                Err(ReadError::GenerationUnreadable)
             }
         };
         let window = self.prev_started.map_or(Duration::ZERO, |p| {
@@ -465,18 +480,33 @@ mod tests {
     /// TORN_READ_RETRIES in a row, reported failed (unknown), never "not routed".
     #[test]
     fn a_reading_across_two_generations_is_never_applied() {
-        assert_eq!(consistency(Some(7), Some(7), 0), Consistency::Apply);
+        assert_eq!(consistency(Some(7), Some(7), 0, true), Consistency::Apply);
         assert_eq!(
-            consistency(None, None, 0),
+            consistency(None, None, 0, false),
             Consistency::Apply,
             "polled readers have no generation"
         );
-        assert_eq!(consistency(Some(7), Some(8), 0), Consistency::Retry);
-        assert_eq!(consistency(Some(7), Some(8), 1), Consistency::Retry);
+        assert_eq!(consistency(Some(7), Some(8), 0, true), Consistency::Retry);
+        assert_eq!(consistency(Some(7), Some(8), 1, true), Consistency::Retry);
         assert_eq!(
-            consistency(Some(7), Some(8), TORN_READ_RETRIES - 1),
+            consistency(Some(7), Some(8), TORN_READ_RETRIES - 1, true),
             Consistency::Fail { before: 7, after: 8 }
         );
+    }
+
+    /// An nf_tables reading whose generation could not be read before or after it (the probe
+    /// failed, or never opened) cannot be checked for a concurrent change: read again, then
+    /// reported failed (unknown), never applied. (Found by review: it was applied.)
+    #[test]
+    fn a_reading_without_both_generations_is_not_applied() {
+        for (g1, g2) in [(Some(7), None), (None, Some(8)), (None, None)] {
+            assert_eq!(consistency(g1, g2, 0, true), Consistency::Retry, "{g1:?} {g2:?}");
+            assert_eq!(
+                consistency(g1, g2, TORN_READ_RETRIES - 1, true),
+                Consistency::Unchecked,
+                "{g1:?} {g2:?}"
+            );
+        }
     }
 
     /// Supervision: a notification thread that stops is noticed (the loop polls meanwhile) and

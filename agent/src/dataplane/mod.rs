@@ -155,6 +155,11 @@ pub enum ReadError {
     /// rulesets, so it confirms nothing.
     #[error("the nf_tables ruleset kept changing during the read (generation {before} -> {after})")]
     GenerationChanged { before: u32, after: u32 },
+    /// The nf_tables generation could not be read before or after the read (the probe failed
+    /// or is not open): a change during the read could not be ruled out, so it confirms
+    /// nothing.
+    #[error("the nf_tables generation could not be read around the read, so a change during it cannot be ruled out")]
+    GenerationUnreadable,
 }
 
 impl ReadError {
@@ -166,6 +171,7 @@ impl ReadError {
             ReadError::ReadFailed { .. } => "netlink",
             ReadError::RulesNotFound { .. } => "not_found",
             ReadError::GenerationChanged { .. } => "generation_changed",
+            ReadError::GenerationUnreadable => "generation_unreadable",
         }
     }
 }

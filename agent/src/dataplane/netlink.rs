@@ -568,3 +568,19 @@ mod tests {
         assert_eq!(failing.with(|_| Err(()), |c| Ok(*c)), Err(()));
     }
 }
+
+#[cfg(test)]
+mod review_tests {
+    use super::*;
+
+    /// Review: when a dump callback fails part-way, the kernel ends the dump with an
+    /// NLMSG_DONE whose payload is the negative errno (netlink_dump_done). That is not a
+    /// complete dump.
+    #[test]
+    fn review_a_done_carrying_an_errno_is_not_a_complete_dump() {
+        let mut done = header(NLMSG_HDRLEN + 4, NLMSG_DONE, 0, 7);
+        done.extend_from_slice(&(-libc::ENOMEM).to_ne_bytes());
+        let step = replies::<NetlinkError>(&done, 7, &mut false, |_| Ok(()));
+        assert!(step.is_err(), "a dump that failed with ENOMEM read as complete: {step:?}");
+    }
+}
