@@ -305,7 +305,21 @@ fn replies<E: From<NetlinkError>>(
         *interrupted |= msg.flags & NLM_F_DUMP_INTR != 0;
         match msg.kind {
             NLMSG_DONE if *interrupted => return Err(NetlinkError::DumpInterrupted.into()),
-            NLMSG_DONE => return Ok(Some(Ending::Done)),
+            // A dump whose callback failed part-way ends with a DONE carrying the negative
+            // errno (netlink_dump_done): what came before it is not the whole table.
+            NLMSG_DONE => {
+                return match msg
+                    .payload()
+                    .get(..4)
+                    .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                {
+                    Some(e) if e < 0 => Err(NetlinkError::RequestRefused(io::Error::from_raw_os_error(
+                        e.checked_neg().unwrap_or(i32::MAX),
+                    ))
+                    .into()),
+                    _ => Ok(Some(Ending::Done)),
+                }
+            }
             NLMSG_ERROR => {
                 return match msg.error()? {
                     None => Ok(Some(Ending::Ack)),
@@ -567,20 +581,25 @@ mod tests {
         let mut failing = LazyConnection::<u32>::new(NetNs::current());
         assert_eq!(failing.with(|_| Err(()), |c| Ok(*c)), Err(()));
     }
-}
 
-#[cfg(test)]
-mod review_tests {
-    use super::*;
-
-    /// Review: when a dump callback fails part-way, the kernel ends the dump with an
-    /// NLMSG_DONE whose payload is the negative errno (netlink_dump_done). That is not a
-    /// complete dump.
+    /// A dump whose callback failed part-way ends with a DONE carrying the negative errno: it
+    /// is an error, not a complete dump (found by review: it read as complete). A DONE with 0
+    /// or no payload ends a whole dump.
     #[test]
-    fn review_a_done_carrying_an_errno_is_not_a_complete_dump() {
-        let mut done = header(NLMSG_HDRLEN + 4, NLMSG_DONE, 0, 7);
-        done.extend_from_slice(&(-libc::ENOMEM).to_ne_bytes());
-        let step = replies::<NetlinkError>(&done, 7, &mut false, |_| Ok(()));
-        assert!(step.is_err(), "a dump that failed with ENOMEM read as complete: {step:?}");
+    fn a_done_carrying_an_errno_is_not_a_complete_dump() {
+        let done = |payload: &[u8]| {
+            let mut m = header(NLMSG_HDRLEN + payload.len(), NLMSG_DONE, 0, 7);
+            m.extend_from_slice(payload);
+            m
+        };
+        let step = replies::<NetlinkError>(&done(&(-libc::ENOMEM).to_ne_bytes()), 7, &mut false, |_| Ok(()));
+        assert!(
+            matches!(step, Err(NetlinkError::RequestRefused(ref e)) if e.raw_os_error() == Some(libc::ENOMEM)),
+            "{step:?}"
+        );
+        for payload in [&0i32.to_ne_bytes()[..], &[]] {
+            let step = replies::<NetlinkError>(&done(payload), 7, &mut false, |_| Ok(()));
+            assert!(matches!(step, Ok(Some(Ending::Done))), "{payload:?}: {step:?}");
+        }
     }
 }
