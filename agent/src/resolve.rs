@@ -78,23 +78,23 @@ impl ServiceCatalog {
         cat
     }
 
-    /// The one service port serving a frontend (`ip:port`, else as a NodePort on a node
-    /// address: IPVS has one virtual server per node IP and NodePort) with the rules'
+    /// The one service port serving exactly this frontend (`ip:port`) with the rules'
     /// protocol. With the protocol unknown, only a frontend one port serves is attributed.
-    fn frontend(&self, f: &str, protocol: Option<Protocol>) -> Option<&(Arc<ServicePortName>, Protocol)> {
-        let pick = |key: &str| {
-            let mut matching = self
-                .by_frontend
-                .get(key)?
-                .iter()
-                .filter(|(_, p)| protocol.is_none_or(|want| *p == want));
-            let first = matching.next()?;
-            matching.next().is_none().then_some(first)
-        };
-        pick(f).or_else(|| {
-            let (_, port) = f.rsplit_once(':')?;
-            pick(&format!("*:{port}"))
-        })
+    fn frontend(&self, key: &str, protocol: Option<Protocol>) -> Option<&(Arc<ServicePortName>, Protocol)> {
+        let mut matching = self
+            .by_frontend
+            .get(key)?
+            .iter()
+            .filter(|(_, p)| protocol.is_none_or(|want| *p == want));
+        let first = matching.next()?;
+        matching.next().is_none().then_some(first)
+    }
+
+    /// The service port whose NodePort is this frontend's port (IPVS has one virtual server
+    /// per node IP and NodePort; the node's addresses are not listed, so any address matches).
+    fn node_port(&self, f: &str, protocol: Option<Protocol>) -> Option<&(Arc<ServicePortName>, Protocol)> {
+        let (_, port) = f.rsplit_once(':')?;
+        self.frontend(&format!("*:{port}"), protocol)
     }
 
     pub fn view(&self, snap: &DataplaneSnapshot) -> RoutedView {
@@ -106,12 +106,17 @@ impl ServiceCatalog {
             ..Default::default()
         };
         for svc in &snap.services {
-            let from_catalog = || {
-                svc.chain_id
-                    .as_ref()
-                    .and_then(|h| self.by_hash.get(h))
-                    .or_else(|| svc.frontends.iter().find_map(|f| self.frontend(f, svc.protocol)))
-            };
+            let exact = svc
+                .chain_id
+                .as_ref()
+                .and_then(|h| self.by_hash.get(h))
+                .or_else(|| svc.frontends.iter().find_map(|f| self.frontend(f, svc.protocol)));
+            // Matched by port alone, the rules may also be another Service's stale virtual
+            // server on the same port number (a deleted Service's VIP): attributed to the
+            // NodePort's Service, and also counted as routing their endpoints for any Service,
+            // so that no removal of them converges while they exist.
+            let by_port_only = exact.is_none() && svc.name.is_none();
+            let from_catalog = || exact.or_else(|| svc.frontends.iter().find_map(|f| self.node_port(f, svc.protocol)));
             let resolved = match (&svc.name, svc.protocol) {
                 (Some(n), Some(p)) => Some((Arc::new(n.clone()), p)),
                 (Some(n), None) => from_catalog().filter(|(cn, _)| **cn == *n).cloned(),
@@ -124,6 +129,9 @@ impl ServiceCatalog {
                     }
                     view.named
                         .extend(svc.endpoints.iter().map(|e| (spn.clone(), proto, *e)));
+                    if by_port_only {
+                        view.unattributed.extend(svc.endpoints.iter().map(|e| (proto, *e)));
+                    }
                 }
                 None => {
                     if svc.uncertain {
@@ -218,7 +226,12 @@ mod tests {
             r.frontends.insert("192.168.0.2:30080".into());
         });
         assert_eq!(cat.view(&vs).routes(&key()), Routed::Yes);
-        assert!(cat.view(&vs).unattributed.is_empty());
+        // Matched by port number alone: its endpoint also counts as routed for any Service
+        // (the virtual server may be a deleted Service's stale VIP on the same port).
+        assert_eq!(
+            cat.view(&vs).unattributed,
+            [(Protocol::Tcp, "10.180.0.1:80".parse().unwrap())].into()
+        );
     }
 
     /// Issue 15 item 4: kube-dns in IPVS mode has TCP and UDP virtual servers on the same
@@ -305,7 +318,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod review_tests {
+mod stale_vip_tests {
     use super::*;
     use crate::dataplane::ServiceRoutes;
     use crate::expected::builders::{slice, svc};
@@ -313,13 +326,13 @@ mod review_tests {
     use crate::model::EndpointKey;
     use crate::tracker::Routed;
 
-    /// Review: IPVS. Service ns1/a (port 30080, ClusterIP 172.30.9.9) was deleted; its removal
-    /// of 10.180.0.9:80 is pending while kube-proxy still has the virtual server
+    /// IPVS. Service ns1/a (port 30080, ClusterIP 172.30.9.9) was deleted; its removal of
+    /// 10.180.0.9:80 is pending while kube-proxy still has the virtual server
     /// 172.30.9.9:30080 -> 10.180.0.9:80. Another Service ns1/b has NodePort 30080. The
-    /// NodePort fallback attributes the stale virtual server to ns1/b, so ns1/a's key reads
-    /// "not routed" although the kernel still routes it.
+    /// NodePort match attributes the stale virtual server to ns1/b; ns1/a's key must still read
+    /// routed, as the kernel still routes it (found by review: it read "not routed").
     #[test]
-    fn review_a_stale_vip_is_not_attributed_to_a_nodeport_of_the_same_number() {
+    fn a_stale_vip_matched_only_by_a_nodeport_number_still_routes_its_endpoints() {
         let (b, mut spec) = svc("ns1/b");
         spec.ports[0].node_port = Some(30080);
         let s = slice("ns1/b").endpoint("10.180.0.1").build();
