@@ -206,12 +206,26 @@ fn check_kernel(env: &mut Env, ip: &str, removed: bool, t0: Timestamp, at: &[Tim
             let upto = Timestamp::from_nanos(t.as_nanos() + LISTENER_SKEW.as_nanos() as i64);
             let commits = node.commits_between(t0, upto);
             let Some(last) = commits.last() else {
+                // Where the harness's own listener put the next commit: a few ms after the
+                // report is a late listener thread; none at all, or long after, is an agent
+                // that reported before its kernel.
+                let next = node
+                    .commits_between(upto, Timestamp::from_nanos(i64::MAX))
+                    .first()
+                    .map(|c| {
+                        format!(
+                            "{} ({:.1} ms after the report)",
+                            c.to_rfc3339(),
+                            c.seconds_since(*t) * 1e3
+                        )
+                    });
                 anyhow::bail!(
-                    "{} ({}): agent reported {ip} changed at {} but the kernel committed nothing between the API change ({}) and then",
+                    "{} ({}): agent reported {ip} changed at {} but the kernel committed nothing between the API change ({}) and then; the next commit the harness saw: {}",
                     node.name,
                     node.mode.name(),
                     t.to_rfc3339(),
-                    t0.to_rfc3339()
+                    t0.to_rfc3339(),
+                    next.as_deref().unwrap_or("none")
                 );
             };
             if removed {
