@@ -193,7 +193,7 @@ impl IpvsConn {
         stable_dump(
             || {
                 let replies = self.request(self.family, IPVS_CMD_GET_SERVICE, NLM_F_DUMP, &attrs)?;
-                Ok(replies.iter().filter_map(|r| decode_service(r)).collect())
+                decode_all(&replies, decode_service, "virtual server")
             },
             |vs: &VirtualServer| (vs.af, vs.protocol, vs.addr, vs.port, vs.fwmark),
         )
@@ -235,11 +235,24 @@ impl IpvsConn {
         stable_dump(
             || {
                 let replies = self.request(self.family, IPVS_CMD_GET_DEST, NLM_F_DUMP, &attrs)?;
-                Ok(replies.iter().filter_map(|r| decode_dest(r, vs.af)).collect())
+                decode_all(&replies, |r| decode_dest(r, vs.af), "destination")
             },
             |d: &Destination| (d.addr, d.weight),
         )
     }
+}
+
+/// Every reply decoded, or an error: a reply dropped because it cannot be decoded would leave
+/// its virtual server or destination reading as routing nothing.
+fn decode_all<T>(
+    replies: &[Vec<Nla>],
+    decode: impl Fn(&[Nla]) -> Option<T>,
+    what: &str,
+) -> Result<Vec<T>, NetlinkError> {
+    replies
+        .iter()
+        .map(|r| decode(r).ok_or_else(|| NetlinkError::DecodeFailed(format!("an IPVS {what} that cannot be decoded"))))
+        .collect()
 }
 
 /// Dumps at most this many times looking for two in a row that agree.
@@ -498,6 +511,30 @@ mod tests {
         let mut top = Vec::new();
         encode_nla(&mut top, IPVS_CMD_ATTR_DEST | NLA_F_NESTED, &nested);
         parse_nlas(&top)
+    }
+
+    /// A destination the agent cannot decode (here: no weight) fails the read; dropped, it
+    /// would read as not routed (found by review).
+    #[test]
+    fn a_reply_that_cannot_be_decoded_fails_the_dump() {
+        let good = dest_msg([10, 180, 0, 1], 8080, 1, 0);
+        let mut nested = Vec::new();
+        let mut a = [10, 180, 0, 2].to_vec();
+        a.resize(16, 0);
+        encode_nla(&mut nested, DEST_ADDR, &a);
+        encode_nla(&mut nested, DEST_PORT, &8080u16.to_be_bytes());
+        let mut top = Vec::new();
+        encode_nla(&mut top, IPVS_CMD_ATTR_DEST | NLA_F_NESTED, &nested);
+        let no_weight = parse_nlas(&top);
+        let af = libc::AF_INET as u16;
+        assert_eq!(
+            decode_all(std::slice::from_ref(&good), |r| decode_dest(r, af), "destination")
+                .unwrap()
+                .len(),
+            1
+        );
+        let err = decode_all(&[good, no_weight], |r| decode_dest(r, af), "destination").unwrap_err();
+        assert!(err.to_string().contains("destination"), "{err}");
     }
 
     #[test]
