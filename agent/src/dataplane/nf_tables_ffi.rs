@@ -624,8 +624,9 @@ impl NftConn {
     /// The element of set `name` with exactly `key` (the kernel looks it up: no dump of the
     /// set); `None` when the set has no such element.
     pub fn elem(&mut self, family: u16, table: &str, name: &str, key: &[u8]) -> Result<Option<NftElem>, NfTablesError> {
-        let found = self.elems_by_key(family, table, name, &[key.to_vec()])?;
-        Ok(found.into_iter().flatten().find(|e| e.key == key))
+        let (ct, cs) = (c_string("table", table)?, c_string("set", name)?);
+        let found = self.elems(family, &ct, &cs, &[key.to_vec()], NLM_F_ACK)?;
+        only_the_key_asked_for(key, found)
     }
 
     fn set_header_c(&mut self, family: u16, table: &CStr, set: &CStr) -> Result<Option<NftSet>, NfTablesError> {
@@ -703,6 +704,19 @@ impl NftConn {
 }
 
 /// Whether `elems` hold exactly one element for each of `keys`, and nothing else.
+/// The answer to a lookup of one key: the kernel's "no such element" is `None`; an answer
+/// that is not exactly that key's element is an error, never "no element" (which would read
+/// as not routed).
+fn only_the_key_asked_for(key: &[u8], found: Option<Vec<NftElem>>) -> Result<Option<NftElem>, NfTablesError> {
+    match found {
+        None => Ok(None),
+        Some(mut elems) if elems.len() == 1 && elems[0].key == key => Ok(elems.pop()),
+        Some(_) => Err(NfTablesError::DecodeFailed(
+            "an element lookup answered with other elements",
+        )),
+    }
+}
+
 fn answers_every_key(keys: &[Vec<u8>], elems: &[NftElem]) -> bool {
     let mut got: Vec<&[u8]> = elems.iter().map(|e| e.key.as_slice()).collect();
     let mut asked: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
@@ -1106,6 +1120,29 @@ mod tests {
         );
         assert!(!answers_every_key(&keys, &[elem(0), elem(1), elem(1)]));
         assert!(!answers_every_key(&keys, &[elem(0), elem(1), elem(2), elem(3)]));
+    }
+
+    /// A single-key lookup (the targeted nftables read of a frontend) answered with anything
+    /// but that key's element fails the read instead of reading as "no element", which would
+    /// make the frontend's endpoints not routed (found by review).
+    #[test]
+    fn a_one_key_lookup_answered_with_another_element_is_an_error() {
+        let elem = |k: u8| NftElem {
+            key: vec![k; 4],
+            verdict: Some((NFT_GOTO, Some("service-x".into()))),
+            data: None,
+        };
+        assert_eq!(only_the_key_asked_for(&[1; 4], None).unwrap(), None, "no such element");
+        assert_eq!(
+            only_the_key_asked_for(&[1; 4], Some(vec![elem(1)])).unwrap(),
+            Some(elem(1))
+        );
+        for answer in [vec![], vec![elem(2)], vec![elem(1), elem(1)], vec![elem(2), elem(1)]] {
+            assert!(
+                only_the_key_asked_for(&[1; 4], Some(answer.clone())).is_err(),
+                "{answer:?}"
+            );
+        }
     }
 
     #[test]
