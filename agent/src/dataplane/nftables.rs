@@ -397,7 +397,8 @@ fn targeted(
                     .into_iter()
                     .filter(|e| frontend(map, &e.key, v6).is_some_and(|(f, _)| frontends.contains(&f)))
                     .collect(),
-                None => continue,
+                // Its header was there a moment ago: the ruleset changed under the read.
+                None => return Err(NfTablesError::DumpInterrupted),
             },
             Err(e) => return Err(e),
         };
@@ -415,10 +416,11 @@ fn targeted(
                     Expr::Verdict { chain: Some(next), .. } => pending.push(next.clone()),
                     // Verdict maps and data maps (DNAT targets) alike.
                     Expr::Lookup { set, dreg: Some(_), .. } if seen.insert(format!("set:{set}")) => {
-                        if let Some(s) = conn.set(family, TABLE, set)? {
-                            pending.extend(s.elems.iter().filter_map(|e| e.verdict.as_ref()?.1.clone()));
-                            table.sets.push(s);
-                        }
+                        // A rule looks it up, so the kernel had it: gone now, the ruleset
+                        // changed under the read (its chains would go unread: not routed).
+                        let s = conn.set(family, TABLE, set)?.ok_or(NfTablesError::DumpInterrupted)?;
+                        pending.extend(s.elems.iter().filter_map(|e| e.verdict.as_ref()?.1.clone()));
+                        table.sets.push(s);
                     }
                     _ => {}
                 }
