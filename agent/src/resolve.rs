@@ -315,16 +315,6 @@ mod tests {
         let broken = routes(|r| r.uncertain = true);
         assert_eq!(cat.view(&broken).routes(&key()), Routed::Unknown);
     }
-}
-
-#[cfg(test)]
-mod stale_vip_tests {
-    use super::*;
-    use crate::dataplane::ServiceRoutes;
-    use crate::expected::builders::{slice, svc};
-    use crate::expected::expect_service;
-    use crate::model::EndpointKey;
-    use crate::tracker::Routed;
 
     /// IPVS. Service ns1/a (port 30080, ClusterIP 172.30.9.9) was deleted; its removal of
     /// 10.180.0.9:80 is pending while kube-proxy still has the virtual server

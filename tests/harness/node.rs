@@ -331,7 +331,8 @@ impl Drop for Node {
 }
 
 /// Gives the calling thread (and the threads it starts) the FIFO real-time policy at a low
-/// priority; as root this cannot fail, and without it the listener only wakes as the others do.
+/// priority. It needs CAP_SYS_NICE (root has it); without it the listener only wakes as the
+/// others do, and the failure is printed.
 fn realtime_priority() {
     #[repr(C)]
     struct SchedParam {

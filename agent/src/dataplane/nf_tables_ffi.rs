@@ -703,7 +703,6 @@ impl NftConn {
     }
 }
 
-/// Whether `elems` hold exactly one element for each of `keys`, and nothing else.
 /// The answer to a lookup of one key: the kernel's "no such element" is `None`; an answer
 /// that is not exactly that key's element is an error, never "no element" (which would read
 /// as not routed).
@@ -717,6 +716,7 @@ fn only_the_key_asked_for(key: &[u8], found: Option<Vec<NftElem>>) -> Result<Opt
     }
 }
 
+/// Whether `elems` hold exactly one element for each of `keys`, and nothing else.
 fn answers_every_key(keys: &[Vec<u8>], elems: &[NftElem]) -> bool {
     let mut got: Vec<&[u8]> = elems.iter().map(|e| e.key.as_slice()).collect();
     let mut asked: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
