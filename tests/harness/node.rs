@@ -143,18 +143,7 @@ impl Node {
     fn record_commits(&self) -> anyhow::Result<()> {
         let ns = NetNs::open(&self.netns_path())?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        // The listener is the ground truth the agents are held to (their report must not come
-        // before a commit): on this loaded 2-core machine its thread must not wake later than
-        // the agents' own. It is started from a thread with a real-time policy, which the
-        // listener thread inherits; it blocks in recv, so the policy only speeds its wake-ups.
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                realtime_priority();
-                spawn_listener(&ns, tx)
-            })
-            .join()
-            .expect("the listener's starter thread panicked")
-        })?;
+        spawn_listener(&ns, tx)?;
         let commits = self.commits.clone();
         tokio::spawn(async move {
             while let Some(n) = rx.recv().await {
@@ -327,27 +316,5 @@ impl Drop for Node {
         self.agent = None;
         self.kube_proxy = None;
         let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
-    }
-}
-
-/// Gives the calling thread (and the threads it starts) the FIFO real-time policy at a low
-/// priority. It needs CAP_SYS_NICE (root has it); without it the listener only wakes as the
-/// others do, and the failure is printed.
-fn realtime_priority() {
-    #[repr(C)]
-    struct SchedParam {
-        sched_priority: i32,
-    }
-    extern "C" {
-        fn sched_setscheduler(pid: i32, policy: i32, param: *const SchedParam) -> i32;
-    }
-    const SCHED_FIFO: i32 = 1;
-    let param = SchedParam { sched_priority: 10 };
-    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for the call.
-    if unsafe { sched_setscheduler(0, SCHED_FIFO, &param) } != 0 {
-        eprintln!(
-            "harness: no real-time priority for the commit listener: {}",
-            std::io::Error::last_os_error()
-        );
     }
 }
